@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One-step environment setup for a fresh machine: system tools, a virtualenv in .venv, and every
+# Python dependency. Idempotent: re-running it only installs what is missing.
+#
+#   bash local/setup.sh            # CPU machine (installs the torch 2.13.0 CPU wheel)
+#   TORCH_SPEC=skip bash local/setup.sh   # keep the torch already in the venv (e.g. your CUDA build)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+PYTHON=${PYTHON:-python3}
+TORCH_SPEC=${TORCH_SPEC:-torch==2.13.0}
+
+log() { echo "$(date '+%Y-%m-%d %H:%M:%S') (setup) $*"; }
+
+# espeak-ng + sox synthesise the demo/test corpora; only needed there, so a failure is a warning.
+if ! command -v espeak-ng >/dev/null || ! command -v sox >/dev/null; then
+  if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    log "installing espeak-ng and sox with apt-get"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq espeak-ng sox >/dev/null
+  else
+    log "WARNING: espeak-ng/sox missing and cannot apt-get install them; demo corpora will not build"
+  fi
+fi
+
+if [ ! -x "$VENV/bin/python" ]; then
+  log "creating virtualenv $VENV"
+  "$PYTHON" -m venv "$VENV"
+fi
+. "$VENV/bin/activate"
+if [ -f "$VENV/.requirements.sha" ] && sha256sum -c --status "$VENV/.requirements.sha" 2>/dev/null; then
+  log "dependencies already installed ($VENV)"
+  exit 0
+fi
+log "upgrading pip/setuptools/wheel"
+pip install -q -U pip setuptools wheel
+if [ "$TORCH_SPEC" != skip ]; then
+  log "installing $TORCH_SPEC"
+  pip install -q "$TORCH_SPEC"
+fi
+# --no-build-isolation: deepspeed (and openai-whisper) build against the torch installed above
+# instead of pulling a multi-GB CUDA torch into an isolated build environment.
+log "installing requirements.txt"
+pip install -q --no-build-isolation -r requirements.txt
+sha256sum requirements.txt local/setup.sh > "$VENV/.requirements.sha"
+log "done: activate with '. $VENV/bin/activate'"
