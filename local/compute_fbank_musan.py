@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""Optional MUSAN stage of local/prepare.sh: <dl-dir>/musan -> <fbank-dir>/musan_cuts.jsonl.gz
+(lhotse recipe manifests, recordings cut into 10 s windows, windows > 5 s kept, stored features)."""
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from lhotse import CutSet, combine  # noqa: E402
+from lhotse.recipes import prepare_musan  # noqa: E402
+
+from llmasr.data.features import default_storage_type, make_feature_extractor  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--musan-dir", type=Path, required=True)
+    p.add_argument("--manifest-dir", type=Path, default=Path("data/manifests"))
+    p.add_argument("--fbank-dir", type=Path, default=Path("data/fbank"))
+    p.add_argument("--feature-type", default="fbank", choices=["fbank", "whisper"])
+    p.add_argument("--num-mel-bins", type=int, default=80)
+    p.add_argument("--nj", type=int, default=1)
+    args = p.parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
+                        level=logging.INFO)
+    out = args.fbank_dir / "musan_cuts.jsonl.gz"
+    if out.is_file():
+        logging.info(f"{out} exists - skipping")
+        return
+    if not args.musan_dir.is_dir():
+        logging.error(f"MUSAN not found: {args.musan_dir}")
+        sys.exit(1)
+    manifests = prepare_musan(args.musan_dir, args.manifest_dir)
+    recordings = combine(m["recordings"] for m in manifests.values())
+    cuts = (CutSet.from_manifests(recordings=recordings).cut_into_windows(10.0)
+            .filter(lambda c: c.duration > 5).to_eager())
+    args.fbank_dir.mkdir(parents=True, exist_ok=True)
+    cuts = cuts.compute_and_store_features(
+        extractor=make_feature_extractor(args.feature_type, args.num_mel_bins),
+        storage_path=args.fbank_dir / "musan_feats",
+        num_jobs=args.nj if args.nj > 1 else None,
+        storage_type=default_storage_type(),
+        progress_bar=False,
+    )
+    tmp = args.fbank_dir / ".musan_cuts.tmp.jsonl.gz"
+    cuts.to_file(tmp)
+    os.replace(tmp, out)
+    logging.info(f"{out}: {len(cuts)} noise cuts")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,33 @@
+#!/usr/bin/env python3
+"""Last stage of local/prepare.sh: check cut manifests (features present, readable, finite, shapes
+and durations consistent, transcripts non-empty). Exits 1 listing every problem."""
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from llmasr.data.corpus import validate_cuts_file  # noqa: E402
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("manifests", nargs="+", type=Path)
+    p.add_argument("--nj", type=int, default=1)
+    p.add_argument("--read-features", type=int, default=1, help="0: metadata checks only (fast)")
+    args = p.parse_args()
+    logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
+                        level=logging.INFO)
+    bad = 0
+    for m in args.manifests:
+        problems = validate_cuts_file(m, read_features=bool(args.read_features), num_jobs=args.nj)
+        for msg in problems:
+            logging.error(msg)
+        bad += len(problems)
+        logging.info(f"{m}: {'OK' if not problems else f'{len(problems)} problem(s)'}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()

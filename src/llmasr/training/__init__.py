@@ -1,0 +1,11 @@
+"""Training: optimisers (ScaledAdam, AdamW), LR schedulers, DDP/DeepSpeed set-up, the training loop
+and the recipe behind ``src/train.py`` / ``src/train_mose.py``.
+
+- :mod:`llmasr.training.optim`      ScaledAdam, AdamW, parameter groups
+- :mod:`llmasr.training.schedulers` FixedLRScheduler, WarmupCosine, Eden
+- :mod:`llmasr.training.dist`       process launch (``--world-size``/torchrun), NCCL/gloo set-up
+- :mod:`llmasr.training.logs`       per-rank log files, metrics, progress/ETA, tensorboard
+- :mod:`llmasr.training.loop`       train_step, train_one_epoch, compute_validation_loss, fault handling
+- :mod:`llmasr.training.deepspeed`  DeepSpeed engine, ZeRO checkpoints -> epoch-N.pt
+- :mod:`llmasr.training.recipe`     argument parser, checkpointing/resume, ``run``/``main``
+"""

@@ -1,0 +1,322 @@
+"""The training loop: one step, one epoch, validation loss, fault handling.
+
+Works with a plain module, a DDP-wrapped module or a DeepSpeed engine. The model contract
+(:class:`llmasr.model.SpeechLLM`) is ``loss, stats = model(features, feature_lens, texts)`` with
+``loss`` the mean over label tokens and ``stats`` holding the number of label tokens and of correctly
+predicted ones.
+
+Faults: a batch whose forward/backward/step raises is saved to ``exp-dir/batch-<hash>.pt`` (cut ids +
+tensors) before the exception propagates; a non-finite loss raises :class:`NonFiniteLossError`
+naming the cut ids (batch saved too). With fp16 the GradScaler skips steps whose gradients overflow
+and lowers the scale; a scale that keeps collapsing is reported as an error.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Optional
+
+import torch
+import torch.nn as nn
+
+from llmasr.training.logs import MetricsTracker, Progress
+
+__all__ = [
+    "NonFiniteLossError",
+    "compute_loss",
+    "compute_validation_loss",
+    "train_step",
+    "train_one_epoch",
+    "save_bad_batch",
+    "register_inf_check_hooks",
+    "unwrap_model",
+]
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The SpeechLLM inside DDP / a DeepSpeed engine."""
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):
+        model = model.module
+    return model
+
+
+def is_deepspeed(model) -> bool:
+    return hasattr(model, "backward") and hasattr(model, "save_checkpoint") and hasattr(model, "module")
+
+
+def autocast_ctx(params, device: torch.device):
+    if not params.use_autocast:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=params.dtype)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def batch_cut_ids(batch: Dict[str, Any]) -> list:
+    return list(batch.get("cut_ids", []))
+
+
+def save_bad_batch(batch: Dict[str, Any], exp_dir: Path) -> Path:
+    """Save ``batch`` (cut ids + CPU tensors) as ``exp_dir/batch-<sha1 of cut ids>.pt``, atomically."""
+    ids = batch_cut_ids(batch)
+    digest = hashlib.sha1("\n".join(map(str, ids)).encode()).hexdigest()[:16]
+    path = Path(exp_dir) / f"batch-{digest}.pt"
+    payload = {
+        k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in batch.items()
+    }
+    payload["cut_ids"] = ids
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def _stats_to_metrics(loss: torch.Tensor, stats: Dict[str, Any], batch: Dict[str, Any]) -> MetricsTracker:
+    tokens = float(_num(stats, ("num_tokens", "tokens", "num_label_tokens")))
+    correct = float(_num(stats, ("num_correct", "correct", "correct_tokens"), default=0.0))
+    info = MetricsTracker()
+    info["loss"] = loss.detach().float().item() * tokens
+    info["tokens"] = tokens
+    info["correct"] = correct
+    info["utterances"] = float(len(batch["texts"]))
+    info["frames"] = float(batch["feature_lens"].sum().item())
+    return info
+
+
+def _num(stats: Dict[str, Any], keys, default=None):
+    for k in keys:
+        if k in stats:
+            v = stats[k]
+            return v.item() if torch.is_tensor(v) else v
+    if default is not None:
+        return default
+    raise KeyError(f"model stats have none of {keys}; got {sorted(stats)}")
+
+
+def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_training: bool):
+    """Forward one batch. Returns (loss tensor, MetricsTracker)."""
+    features = batch["features"].to(device, non_blocking=True)
+    feature_lens = batch["feature_lens"].to(device, non_blocking=True)
+    with torch.set_grad_enabled(is_training), autocast_ctx(params, device):
+        loss, stats = model(features, feature_lens, batch["texts"])
+    if not torch.isfinite(loss).all():
+        path = save_bad_batch(batch, params.exp_dir)
+        raise NonFiniteLossError(
+            f"non-finite loss {loss.item()} at global batch {params.batch_idx_train} "
+            f"(epoch {params.cur_epoch}); cut ids: {', '.join(map(str, batch_cut_ids(batch)))}; "
+            f"batch saved to {path}. Re-run with --inf-check true to find the module producing it."
+        )
+    return loss, _stats_to_metrics(loss, stats, batch)
+
+
+# --------------------------------------------------------------------------- one step
+
+
+def train_step(params, model, batch, optimizer, scheduler, scaler, device: torch.device) -> MetricsTracker:
+    """Forward, backward and optimizer step on one batch; saves the batch if anything raises.
+
+    The scheduler is stepped with the global batch index *before* the optimizer step, as in the
+    recipe. With an enabled GradScaler, a step whose gradients are not finite is skipped and the
+    scale lowered (GradScaler semantics).
+    """
+    try:
+        loss, info = compute_loss(model, batch, device, params, is_training=True)
+        if is_deepspeed(model):
+            model.backward(loss)
+            scheduler.step_batch(params.batch_idx_train)
+            model.step()
+            return info
+        scaler.scale(loss).backward()
+        scheduler.step_batch(params.batch_idx_train)
+        if params.grad_clip > 0 and params.optimizer_type != "scaled_adam":
+            # ScaledAdam clips by itself (relative to the median norm); AdamW gets a global norm clip.
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for g in optimizer.param_groups for p in g["params"]], params.grad_clip
+            )
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+    except NonFiniteLossError:
+        raise
+    except Exception:
+        path = save_bad_batch(batch, params.exp_dir)
+        logging.error(
+            "exception on batch with cut ids %s; batch saved to %s", batch_cut_ids(batch), path
+        )
+        raise
+    return info
+
+
+def manage_grad_scale(params, scaler, batch_idx: int) -> float:
+    """Warn/raise on a collapsing fp16 scale and grow small scales faster than GradScaler would."""
+    if not scaler.is_enabled():
+        return 1.0
+    scale = scaler.get_scale()
+    if scale < 0.01:
+        logging.warning("grad scale is small: %s", scale)
+    if scale < 1.0e-5:
+        raise RuntimeError(
+            f"grad scale {scale} is too small: the fp16 gradients keep overflowing (global batch "
+            f"{params.batch_idx_train}). Try --use-bf16 true, a smaller --base-lr, or --inf-check true."
+        )
+    # GradScaler's growth interval is fixed; recover faster from a low scale (icefall practice).
+    if (batch_idx % 25 == 0 and scale < 2.0) or (batch_idx % 100 == 0 and scale < 8.0) or (
+        batch_idx % 400 == 0 and scale < 32.0
+    ):
+        scaler.update(scale * 2.0)
+    return scale
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def compute_validation_loss(params, model, valid_dl: Iterable, device: torch.device) -> MetricsTracker:
+    was_training = model.training
+    model.eval()
+    tot = MetricsTracker()
+    with torch.no_grad():
+        for batch in valid_dl:
+            _, info = compute_loss(model, batch, device, params, is_training=False)
+            tot = tot + info
+    tot.reduce(device)
+    if was_training:
+        model.train()
+    value = tot.normalized().get("loss", math.inf)
+    if value < params.best_valid_loss:
+        params.best_valid_loss = value
+        params.best_valid_epoch = params.cur_epoch
+    return tot
+
+
+# --------------------------------------------------------------------------- one epoch
+
+
+def train_one_epoch(
+    params,
+    model,
+    optimizer,
+    scheduler,
+    train_iter: Iterable,
+    valid_dl: Optional[Iterable],
+    scaler,
+    device: torch.device,
+    tb_writer=None,
+    rank: int = 0,
+    world_size: int = 1,
+    progress: Optional[Progress] = None,
+    save_batch_checkpoint: Optional[Callable[[], None]] = None,
+) -> None:
+    """Train over ``train_iter`` (the rest of the epoch when resuming). Updates ``params``:
+    ``batch_idx_train`` (global), ``cur_batch_idx`` (within the epoch), ``train_loss``, best losses."""
+    model.train()
+    tot = MetricsTracker()
+    decay = 1.0 - 1.0 / params.reset_interval
+    t_last = time.time()
+    for batch in train_iter:
+        params.batch_idx_train += 1
+        params.cur_batch_idx += 1
+        batch_idx = params.cur_batch_idx
+
+        info = train_step(params, model, batch, optimizer, scheduler, scaler, device)
+        tot = tot.scaled(decay) + info
+        params.epoch_loss_sum = params.get("epoch_loss_sum", 0.0) + info["loss"]
+        params.epoch_tokens = params.get("epoch_tokens", 0.0) + info["tokens"]
+        params.epoch_cuts = params.get("epoch_cuts", 0) + len(batch["texts"]) * world_size
+        if progress is not None:
+            progress.update(len(batch["texts"]))
+        grad_scale = manage_grad_scale(params, scaler, batch_idx) if not is_deepspeed(model) else None
+
+        if batch_idx % params.log_interval == 0 or batch_idx == 1:
+            lr = max(scheduler.get_last_lr())
+            dt = time.time() - t_last
+            t_last = time.time()
+            logging.info(
+                "Epoch %d, batch %d (global %d), loss[%s], tot_loss[%s], batch size %d, lr %.2e%s, %s%s",
+                params.cur_epoch, batch_idx, params.batch_idx_train, info, tot, len(batch["texts"]), lr,
+                f", grad_scale {grad_scale}" if scaler is not None and scaler.is_enabled() else "",
+                progress if progress is not None else "",
+                f", {dt / max(1, min(batch_idx, params.log_interval)):.3f}s/batch",
+            )
+            if tb_writer is not None:
+                step = params.batch_idx_train
+                tb_writer.add_scalar("train/learning_rate", lr, step)
+                info.write_summary(tb_writer, "train/current_", step)
+                tot.write_summary(tb_writer, "train/tot_", step)
+                if scaler is not None and scaler.is_enabled():
+                    tb_writer.add_scalar("train/grad_scale", grad_scale, step)
+
+        if valid_dl is not None and params.valid_interval > 0 and params.batch_idx_train % params.valid_interval == 0:
+            run_validation(params, model, valid_dl, device, tb_writer)
+
+        if save_batch_checkpoint is not None and params.save_every_n > 0 and params.batch_idx_train % params.save_every_n == 0:
+            save_batch_checkpoint()
+
+    if params.cur_batch_idx == 0:
+        raise RuntimeError(
+            f"epoch {params.cur_epoch} produced no training batch on rank {rank}: check --max-duration "
+            "(larger than the longest cut?), --drop-last and the cut filters (--min-duration/--max-cut-duration)"
+        )
+    tokens = params.get("epoch_tokens", 0.0)
+    params.train_loss = params.get("epoch_loss_sum", 0.0) / tokens if tokens > 0 else math.inf
+    if params.train_loss < params.best_train_loss:
+        params.best_train_loss = params.train_loss
+        params.best_train_epoch = params.cur_epoch
+
+
+def run_validation(params, model, valid_dl, device, tb_writer=None) -> MetricsTracker:
+    t0 = time.time()
+    info = compute_validation_loss(params, model, valid_dl, device)
+    logging.info(
+        "Epoch %d, global batch %d, validation: %s (%.1fs)%s",
+        params.cur_epoch, params.batch_idx_train, info, time.time() - t0,
+        f", max memory {torch.cuda.max_memory_allocated() // 2**20} MB" if torch.cuda.is_available() else "",
+    )
+    if tb_writer is not None:
+        info.write_summary(tb_writer, "train/valid_", params.batch_idx_train)
+    return info
+
+
+# --------------------------------------------------------------------------- debugging
+
+
+def register_inf_check_hooks(model: nn.Module) -> None:
+    """Log every module whose output, and every parameter whose gradient, is not finite (--inf-check)."""
+
+    def check(name: str, what: str, value) -> None:
+        tensors = [value] if torch.is_tensor(value) else [v for v in _flatten(value) if torch.is_tensor(v)]
+        for i, t in enumerate(tensors):
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                logging.warning("inf-check: %s %s[%d] is not finite", name, what, i)
+
+    for name, module in model.named_modules():
+        name = name or "<model>"
+        module.register_forward_hook(lambda m, i, o, _n=name: check(_n, "output", o))
+        module.register_full_backward_hook(lambda m, gi, go, _n=name: check(_n, "grad_output", go))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            p.register_hook(lambda g, _n=name: check(_n, "param grad", g))
+
+
+def _flatten(x):
+    if isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _flatten(v)
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _flatten(v)
+    elif hasattr(x, "to_tuple"):
+        yield from _flatten(x.to_tuple())
+    else:
+        yield x

@@ -1,0 +1,517 @@
+"""The training recipe behind ``src/train.py`` (one encoder) and ``src/train_mose.py`` (MoSE).
+
+icefall conventions: ``--world-size N`` spawns N processes (or run under torchrun/deepspeed),
+``--exp-dir`` receives ``epoch-N.pt`` (trainable parameters + optimizer, scheduler, sampler and
+grad-scaler state + every option), ``checkpoint-<batch>.pt`` every ``--save-every-n`` batches (the
+newest ``--keep-last-k`` kept), ``best-train-loss.pt`` / ``best-valid-loss.pt``, ``log/log-train-*``
+and ``tensorboard/``. ``--start-epoch E`` resumes from ``epoch-(E-1).pt``; ``--start-batch B`` from
+``checkpoint-B.pt`` in the middle of its epoch (sampler position and RNG states of every rank are
+restored, so the resumed run matches an uninterrupted one).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from llmasr.training import dist as dist_utils
+from llmasr.training.logs import Progress, make_tb_writer, setup_logger
+from llmasr.training.loop import (
+    register_inf_check_hooks,
+    run_validation,
+    train_one_epoch,
+    unwrap_model,
+)
+from llmasr.training.optim import build_optimizer
+from llmasr.training.schedulers import build_scheduler
+
+
+class AttributeDict(dict):
+    def __getattr__(self, key):
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __setattr__(self, key, value):
+        self[key] = value
+
+
+def _str2bool(v):
+    from llmasr.model import str2bool
+
+    return str2bool(v)
+
+
+def _optional_bool(v):
+    """``--deepspeed`` alone means true; ``--deepspeed false`` works too."""
+    return _str2bool(v)
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("training")
+    g.add_argument("--world-size", type=int, default=1,
+                   help="Number of processes (GPUs) for DDP; ignored under torchrun/deepspeed launchers.")
+    g.add_argument("--master-port", type=int, default=12354, help="Master port for DDP rendezvous.")
+    g.add_argument("--tensorboard", type=_str2bool, default=True, help="Write tensorboard logs (rank 0).")
+    g.add_argument("--num-epochs", type=int, default=10, help="Train up to and including this epoch.")
+    g.add_argument("--start-epoch", type=int, default=1,
+                   help="Resume from exp-dir/epoch-(start_epoch-1).pt when > 1.")
+    g.add_argument("--start-batch", type=int, default=0,
+                   help="Resume from exp-dir/checkpoint-<start_batch>.pt (overrides --start-epoch).")
+    g.add_argument("--exp-dir", type=Path, default=Path("exp/speechllm"),
+                   help="Experiment directory: checkpoints, log/, tensorboard/.")
+    g.add_argument("--pretrained-model-path", type=str, default=None,
+                   help="Initialise the trainable weights from this checkpoint (e.g. epoch-4-avg-3.pt); "
+                   "optimizer state is not loaded.")
+    g.add_argument("--base-lr", type=float, default=0.01, help="Base learning rate (ScaledAdam: 0.01).")
+    g.add_argument("--optimizer", dest="optimizer_type", type=str, default="scaled_adam",
+                   choices=["scaled_adam", "adamw"], help="ScaledAdam (the recipe's, lr 0.01) or AdamW.")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only).")
+    g.add_argument("--lr-scheduler", type=str, default="fixed", choices=["fixed", "cosine", "eden"],
+                   help="fixed (the recipe's), cosine (needs --lr-decay-steps) or eden.")
+    g.add_argument("--warmup-steps", type=int, default=0, help="Linear learning-rate warm-up, in batches.")
+    g.add_argument("--lr-decay-steps", type=int, default=0, help="Total batches of the cosine schedule.")
+    g.add_argument("--grad-clip", type=float, default=5.0,
+                   help="Max gradient norm for AdamW / DeepSpeed (ScaledAdam clips relative to the "
+                   "median norm itself); 0 disables.")
+    g.add_argument("--seed", type=int, default=42, help="Random seed.")
+    g.add_argument("--use-fp16", type=_str2bool, default=False, help="fp16 autocast + GradScaler.")
+    g.add_argument("--use-bf16", type=_str2bool, default=False, help="bf16 autocast.")
+    g.add_argument("--inf-check", type=_str2bool, default=False,
+                   help="Hooks that log modules producing non-finite outputs/gradients (slow).")
+    g.add_argument("--save-every-n", type=int, default=4000,
+                   help="Save exp-dir/checkpoint-<global batch>.pt every this many batches (0: never).")
+    g.add_argument("--keep-last-k", type=int, default=30, help="Keep only the newest k checkpoint-*.pt.")
+    g.add_argument("--valid-interval", type=int, default=5000,
+                   help="Compute the validation loss every this many batches (and after every epoch).")
+    g.add_argument("--log-interval", type=int, default=50, help="Log training stats every this many batches.")
+    g.add_argument("--reset-interval", type=int, default=200,
+                   help="Time constant (batches) of the running training loss in the log.")
+    g.add_argument("--find-unused-parameters", type=_str2bool, default=False,
+                   help="DDP find_unused_parameters (only needed for custom models with unused trainable parameters).")
+    g.add_argument("--deepspeed", type=_optional_bool, nargs="?", const=True, default=False,
+                   help="Train with DeepSpeed (launch with torchrun or deepspeed).")
+    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", type=str, default=None,
+                   help="DeepSpeed JSON config, e.g. local/conf/ds_zero2.json.")
+    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+                   help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is used
+
+
+def get_parser(mose: bool = False) -> argparse.ArgumentParser:
+    from llmasr.data import AsrDataModule
+    from llmasr.model import add_model_arguments
+
+    parser = argparse.ArgumentParser(
+        description=("Train SpeechLLM-MoSE (several speech encoders)" if mose else "Train SpeechLLM")
+        + " - Zipformer/Whisper encoder(s) + projector + LLM with LoRA.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_training_arguments(parser)
+    add_model_arguments(parser, mose=mose)
+    AsrDataModule.add_arguments(parser)
+    return parser
+
+
+def get_params() -> AttributeDict:
+    """Training state that is not a command-line option (saved in every checkpoint)."""
+    return AttributeDict(
+        best_train_loss=float("inf"),
+        best_valid_loss=float("inf"),
+        best_train_epoch=-1,
+        best_valid_epoch=-1,
+        batch_idx_train=0,
+        cur_epoch=0,
+        cur_batch_idx=0,
+        epoch_loss_sum=0.0,
+        epoch_tokens=0.0,
+        epoch_cuts=0,
+        env_info=get_env_info(),
+    )
+
+
+def get_env_info() -> Dict[str, Any]:
+    import platform
+    import socket
+
+    import transformers
+
+    return {
+        "torch-version": torch.__version__,
+        "torch-cuda-available": torch.cuda.is_available(),
+        "transformers-version": transformers.__version__,
+        "python-version": platform.python_version(),
+        "hostname": socket.gethostname(),
+    }
+
+
+# --------------------------------------------------------------------------- RNG state
+
+
+def get_rng_state() -> Dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fix_random_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+
+
+def gather_rng_states() -> List[Dict[str, Any]]:
+    """RNG state of every rank (collective when distributed)."""
+    mine = get_rng_state()
+    if not (dist.is_available() and dist.is_initialized()):
+        return [mine]
+    out: List[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, mine)
+    return out
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+_KEEP_OUT_OF_PARAMS = {"local_rank"}
+
+
+def _params_to_save(params: AttributeDict, **extra) -> Dict[str, Any]:
+    out = {k: v for k, v in params.items() if k not in _KEEP_OUT_OF_PARAMS}
+    out.update(extra)
+    return out
+
+
+def _atomic_copy(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, dst)
+
+
+class Checkpointer:
+    """Writes epoch/batch checkpoints (plain or DeepSpeed) and prunes old ones."""
+
+    def __init__(self, params, model, optimizer, scheduler, scaler, rank: int, world_size: int):
+        self.params = params
+        self.model = model
+        self.optimizer = optimizer
+        self.scheduler = scheduler
+        self.scaler = scaler
+        self.rank = rank
+        self.world_size = world_size
+        self.sampler = None
+        self.exp_dir = Path(params.exp_dir)
+
+    def _write(self, path: Path, ds_tag: str, rng_states) -> None:
+        from llmasr.checkpoint import save_checkpoint
+
+        params = _params_to_save(self.params, rng_states=rng_states)
+        sampler = self.sampler
+        if self.params.deepspeed:
+            from llmasr.training.deepspeed import save_ds_checkpoint, zero_to_state_dict
+
+            client = {"params": params, "sampler": sampler.state_dict() if sampler is not None else None,
+                      "scheduler": self.scheduler.state_dict()}
+            save_ds_checkpoint(self.model, self.exp_dir, ds_tag, client)
+            dist_utils.barrier()
+            if self.rank == 0:
+                # The plain checkpoint (what decoding and --avg read) from the ZeRO shards.
+                sd = zero_to_state_dict(self.exp_dir, ds_tag)
+                save_checkpoint(path, model=unwrap_model(self.model), params=params, scheduler=self.scheduler,
+                                sampler=sampler, model_state=sd)
+            dist_utils.barrier()
+            return
+        if self.rank != 0:
+            return
+        save_checkpoint(
+            path,
+            model=unwrap_model(self.model),
+            params=params,
+            optimizer=self.optimizer,
+            scheduler=self.scheduler,
+            sampler=sampler,
+            grad_scaler=self.scaler,
+        )
+
+    def save_epoch(self) -> None:
+        p = self.params
+        path = self.exp_dir / f"epoch-{p.cur_epoch}.pt"
+        self._write(path, f"zero-epoch-{p.cur_epoch}", gather_rng_states())
+        if self.rank == 0:
+            logging.info("saved %s", path)
+            if p.best_train_epoch == p.cur_epoch:
+                _atomic_copy(path, self.exp_dir / "best-train-loss.pt")
+            if p.best_valid_epoch == p.cur_epoch:
+                _atomic_copy(path, self.exp_dir / "best-valid-loss.pt")
+
+    def save_batch(self) -> None:
+        p = self.params
+        path = self.exp_dir / f"checkpoint-{p.batch_idx_train}.pt"
+        self._write(path, f"zero-checkpoint-{p.batch_idx_train}", gather_rng_states())
+        if self.rank == 0:
+            logging.info("saved %s", path)
+            self._prune()
+        dist_utils.barrier()
+
+    def _prune(self) -> None:
+        k = self.params.keep_last_k
+        if k <= 0:
+            return
+        found = []
+        for f in self.exp_dir.glob("checkpoint-*.pt"):
+            m = re.fullmatch(r"checkpoint-(\d+)\.pt", f.name)
+            if m:
+                found.append((int(m.group(1)), f))
+        for n, f in sorted(found)[:-k]:
+            f.unlink(missing_ok=True)
+            shutil.rmtree(self.exp_dir / f"zero-checkpoint-{n}", ignore_errors=True)
+
+
+def resume_path(params) -> Optional[Path]:
+    if params.start_batch > 0:
+        return Path(params.exp_dir) / f"checkpoint-{params.start_batch}.pt"
+    if params.start_epoch > 1:
+        return Path(params.exp_dir) / f"epoch-{params.start_epoch - 1}.pt"
+    return None
+
+
+_RESTORED_KEYS = ("best_train_epoch", "best_valid_epoch", "batch_idx_train", "best_train_loss", "best_valid_loss")
+_MID_EPOCH_KEYS = ("cur_epoch", "cur_batch_idx", "epoch_loss_sum", "epoch_tokens", "epoch_cuts")
+
+
+# --------------------------------------------------------------------------- run
+
+
+def _set_precision(params) -> None:
+    if params.use_fp16 and params.use_bf16:
+        raise ValueError("--use-fp16 and --use-bf16 are exclusive")
+    if params.use_bf16:
+        if torch.cuda.is_available() and not torch.cuda.is_bf16_supported():
+            raise ValueError("--use-bf16 true but this GPU does not support bfloat16")
+        params.dtype, params.use_autocast = torch.bfloat16, True
+    elif params.use_fp16:
+        params.dtype, params.use_autocast = torch.float16, True
+    else:
+        params.dtype, params.use_autocast = torch.float32, False
+
+
+def _llm_dtype(params) -> Any:
+    """The recipe loads the (frozen) LLM in the AMP dtype; its LoRA weights stay float32 (peft).
+    Full fine-tuning keeps float32 master weights (GradScaler cannot unscale fp16 gradients)."""
+    if getattr(params, "llm_dtype", "auto") not in (None, "auto"):
+        return params.llm_dtype
+    if params.use_autocast and (params.use_lora or not params.unfreeze_llm):
+        return params.dtype
+    return torch.float32
+
+
+def _count(model: nn.Module) -> str:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return f"{total} parameters, {trainable} trainable ({100.0 * trainable / max(total, 1):.2f}%)"
+
+
+def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False) -> None:
+    """One training process."""
+    from llmasr.checkpoint import load_checkpoint, load_model_state
+    from llmasr.data import AsrDataModule
+    from llmasr.llm import check_llm_dir
+    from llmasr.model import build_model_from_args
+
+    params = get_params()
+    params.update(vars(args))
+    params.exp_dir = Path(params.exp_dir)
+    params.mose = mose
+
+    if params.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist_utils.backend())
+        if torch.cuda.is_available():
+            torch.cuda.set_device(dist_utils.local_rank_from_env(rank))
+    else:
+        dist_utils.setup_dist(rank, world_size, params.master_port)
+    try:
+        setup_logger(params.exp_dir / "log" / "log-train", rank, world_size)
+        _set_precision(params)
+        device = dist_utils.get_device(rank)
+        logging.info("Training started: rank %d of %d on %s, dtype %s, autocast %s",
+                     rank, world_size, device, params.dtype, params.use_autocast)
+        logging.info("command: %s", " ".join(sys.argv))
+
+        # ---- fail fast on bad inputs, before loading any weights
+        check_llm_dir(params.llm_path, getattr(params, "llm_gguf_file", None))
+        ckpt_path = resume_path(params)
+        resumed: Optional[Dict[str, Any]] = None
+        if ckpt_path is not None:
+            if not ckpt_path.is_file():
+                raise FileNotFoundError(
+                    f"cannot resume: {ckpt_path} does not exist "
+                    f"(--start-epoch {params.start_epoch} / --start-batch {params.start_batch})"
+                )
+            resumed = load_checkpoint(ckpt_path)
+        pretrained = load_checkpoint(params.pretrained_model_path) if params.pretrained_model_path else None
+
+        fix_random_seed(params.seed)
+        model = build_model_from_args(args, mose=mose, dtype=_llm_dtype(params))
+        logging.info("Model: %s", _count(model))
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                logging.debug("trainable %s %s", name, tuple(p.shape))
+        if pretrained is not None:
+            load_model_state(model, pretrained["model"], source=params.pretrained_model_path)
+            logging.info("initialised trainable weights from %s", params.pretrained_model_path)
+        if resumed is not None:
+            load_model_state(model, resumed["model"], source=str(ckpt_path))
+            for k in _RESTORED_KEYS:
+                if k in resumed:
+                    params[k] = resumed[k]
+            logging.info("resuming from %s (global batch %d)", ckpt_path, params.batch_idx_train)
+        mid_epoch = params.start_batch > 0
+        if mid_epoch:
+            for k in _MID_EPOCH_KEYS:
+                params[k] = resumed[k]
+            params.start_epoch = params.cur_epoch
+
+        model.to(device)
+        if params.inf_check:
+            register_inf_check_hooks(model)
+
+        def make_optimizer(m):
+            return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
+
+        def make_scheduler(opt):
+            return build_scheduler(params.lr_scheduler, opt, params.warmup_steps, params.lr_decay_steps)
+
+        scaler = torch.amp.GradScaler(device.type, enabled=params.use_fp16 and not params.deepspeed, init_scale=1.0)
+        if params.deepspeed:
+            from llmasr.training.deepspeed import init_engine, load_ds_checkpoint, load_ds_config
+
+            cfg = load_ds_config(params.deepspeed_config, params.use_fp16, params.use_bf16, params.grad_clip)
+            model, optimizer, scheduler = init_engine(
+                model, cfg, params.optimizer_type, params.base_lr, make_optimizer, make_scheduler
+            )
+            if resumed is not None:
+                tag = f"zero-checkpoint-{params.start_batch}" if mid_epoch else f"zero-epoch-{params.start_epoch - 1}"
+                load_ds_checkpoint(model, params.exp_dir, tag)
+                scheduler.load_state_dict(resumed["scheduler"])
+        else:
+            optimizer = make_optimizer(model)
+            scheduler = make_scheduler(optimizer)
+            if resumed is not None:
+                optimizer.load_state_dict(resumed["optimizer"])
+                if resumed.get("scheduler"):
+                    scheduler.load_state_dict(resumed["scheduler"])
+                if resumed.get("grad_scaler") and scaler.is_enabled():
+                    scaler.load_state_dict(resumed["grad_scaler"])
+            if world_size > 1:
+                from torch.nn.parallel import DistributedDataParallel as DDP
+
+                model = DDP(
+                    model,
+                    device_ids=[device.index] if device.type == "cuda" else None,
+                    find_unused_parameters=params.find_unused_parameters,
+                )
+
+        # ---- data
+        data = AsrDataModule(args)
+        train_cuts = data.train_cuts()
+        valid_cuts = data.dev_cuts()
+        sampler_state = resumed.get("sampler") if (mid_epoch and resumed is not None) else None
+        if mid_epoch and sampler_state is None:
+            raise ValueError(f"{ckpt_path} has no sampler state; cannot resume in the middle of an epoch")
+        train_dl = data.train_dataloader(train_cuts, sampler_state_dict=sampler_state)
+        valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
+        total_cuts = None if getattr(train_cuts, "is_lazy", True) else len(train_cuts)
+
+        tb_writer = make_tb_writer(params.exp_dir, params.tensorboard, rank)
+        ckpt = Checkpointer(params, model, optimizer, scheduler, scaler, rank, world_size)
+        ckpt.sampler = train_dl.sampler
+
+        logging.info("start training from epoch %d%s", params.start_epoch,
+                     f", batch {params.cur_batch_idx} of it" if mid_epoch else "")
+        for epoch in range(params.start_epoch, params.num_epochs + 1):
+            params.cur_epoch = epoch
+            scheduler.step_epoch(epoch - 1)
+            resuming_here = mid_epoch and epoch == params.start_epoch
+            if not resuming_here:
+                fix_random_seed(params.seed + epoch - 1)
+                train_dl.sampler.set_epoch(epoch - 1)
+                params.cur_batch_idx = 0
+                params.epoch_loss_sum = 0.0
+                params.epoch_tokens = 0.0
+                params.epoch_cuts = 0
+            # Creating the iterator draws from the torch RNG; restore the RNG after it.
+            train_iter = iter(train_dl)
+            if resuming_here:
+                states = resumed.get("rng_states")
+                if not states or len(states) != world_size:
+                    raise ValueError(
+                        f"{ckpt_path} holds RNG states of {len(states or [])} ranks, this run has {world_size}"
+                    )
+                set_rng_state(states[rank])
+            if tb_writer is not None:
+                tb_writer.add_scalar("train/epoch", epoch, params.batch_idx_train)
+            progress = Progress(total_cuts, world_size, done_cuts=int(params.epoch_cuts))
+
+            train_one_epoch(
+                params, model, optimizer, scheduler, train_iter, valid_dl, scaler, device,
+                tb_writer=tb_writer, rank=rank, world_size=world_size, progress=progress,
+                save_batch_checkpoint=ckpt.save_batch,
+            )
+            logging.info("Epoch %d done: train loss %.4f", epoch, params.train_loss)
+            if world_size > 1:
+                dist_utils.check_replicas_in_sync(unwrap_model(model))
+            if valid_dl is not None:
+                run_validation(params, model, valid_dl, device, tb_writer)
+            ckpt.save_epoch()
+
+        if tb_writer is not None:
+            tb_writer.close()
+        logging.info("Done!")
+    finally:
+        dist_utils.cleanup_dist()
+
+
+def main(mose: bool = False, argv: Optional[List[str]] = None) -> None:
+    parser = get_parser(mose)
+    args = parser.parse_args(argv)
+    args.exp_dir = Path(args.exp_dir)
+    if args.start_epoch < 1:
+        parser.error(f"--start-epoch must be >= 1, got {args.start_epoch}")
+    if args.deepspeed and not dist_utils.launched_externally():
+        parser.error("--deepspeed needs a launcher: torchrun --nproc_per_node N src/train.py ... or deepspeed src/train.py ...")
+    dist_utils.launch(_Runner(mose), args)
+
+
+class _Runner:
+    """Picklable ``run`` with the MoSE switch bound (mp.spawn needs a picklable callable)."""
+
+    def __init__(self, mose: bool):
+        self.mose = mose
+
+    def __call__(self, rank: int, world_size: int, args) -> None:
+        run(rank, world_size, args, mose=self.mose)

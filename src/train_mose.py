@@ -1,0 +1,15 @@
+#!/usr/bin/env python3
+"""Train SpeechLLM-MoSE: several speech encoders, one projector each, one LLM (zhu-han/SpeechLLM
+train_mose.py). Same options as train.py; the encoder flags take comma-separated lists:
+
+    python src/train_mose.py --world-size 4 --max-duration 200 --num-epochs 10 \
+      --exp-dir exp/speechllm_mose --manifest-dir data/fbank \
+      --speech-encoder-type large,large,large,large \
+      --speech-encoder-path a/pretrained.pt,b/pretrained.pt,c/pretrained.pt,d/pretrained.pt
+
+During training each encoder's <speech> group is dropped from a prompt with probability 1/N.
+"""
+from llmasr.training.recipe import main
+
+if __name__ == "__main__":
+    main(mose=True)

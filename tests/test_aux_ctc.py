@@ -1,0 +1,185 @@
+"""The projector-alignment CTC loss (llmasr.aux_ctc): logits, loss value, edge cases, warm-up."""
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+import torch.nn as nn
+
+from llmasr.aux_ctc import (
+    AuxCtc,
+    AuxCtcConfig,
+    aux_ctc_loss,
+    embedding_logits,
+    greedy_ctc_ids,
+    min_ctc_frames,
+    projector_warmup,
+    resolve_blank_id,
+)
+from llmasr.projector import Projector
+
+
+def test_distance_logits_are_negative_squared_distances_up_to_a_per_frame_constant():
+    g = torch.Generator().manual_seed(0)
+    frames = torch.randn(2, 5, 8, generator=g)
+    emb = torch.randn(11, 8, generator=g)
+    logits = embedding_logits(frames, emb, "distance", temperature=2.0)
+    ref = -torch.cdist(frames, emb.expand(2, 11, 8)) ** 2 / 2.0
+    diff = logits - ref  # must not depend on the class
+    assert torch.allclose(diff, diff[..., :1].expand_as(diff), atol=1e-4)
+    # A frame equal to an embedding row scores that row highest.
+    at_rows = embedding_logits(emb[[3, 7]].unsqueeze(0), emb, "distance")
+    assert at_rows.argmax(-1).tolist() == [[3, 7]]
+
+
+def test_cosine_and_dot_logits():
+    frames = torch.tensor([[[3.0, 4.0]]])
+    emb = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    assert torch.allclose(embedding_logits(frames, emb, "dot", 1.0), torch.tensor([[[3.0, 8.0]]]))
+    assert torch.allclose(embedding_logits(frames, emb, "cosine", 0.5), torch.tensor([[[1.2, 1.6]]]))
+    with pytest.raises(ValueError, match="mode"):
+        embedding_logits(frames, emb, "euclid")
+
+
+def test_loss_matches_hand_computed_ctc_probability():
+    # Vocabulary {0: blank, 1, 2}; 2 frames, target [1]. Paths: (1,1), (b,1), (1,b).
+    emb = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    frames = torch.tensor([[[0.9, 0.1], [0.2, -0.3]]], requires_grad=True)
+    loss, stats = aux_ctc_loss(frames, torch.tensor([2]), [[1]], emb, blank_id=0)
+    d2 = ((frames.detach()[0, :, None, :] - emb[None]) ** 2).sum(-1)  # (2 frames, 3 classes)
+    p = torch.softmax(-d2, -1)
+    prob = p[0, 1] * p[1, 1] + p[0, 0] * p[1, 1] + p[0, 1] * p[1, 0]
+    assert loss.item() == pytest.approx(-math.log(prob.item()), rel=1e-5)
+    assert stats == {"aux_ctc_loss_sum": pytest.approx(loss.item()), "aux_ctc_tokens": 1, "aux_ctc_infeasible": 0}
+    # Gradient reaches the frames, never the embedding.
+    emb_param = nn.Parameter(emb.clone())
+    loss2, _ = aux_ctc_loss(frames, torch.tensor([2]), [[1]], emb_param, blank_id=0)
+    loss2.backward()
+    assert frames.grad is not None and frames.grad.abs().sum() > 0
+    assert emb_param.grad is None
+
+
+def test_loss_is_per_target_token_and_infeasible_utterances_are_counted_not_hidden():
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(6, 4, generator=g)
+    frames = torch.randn(2, 4, 4, generator=g)
+    one, s1 = aux_ctc_loss(frames[:1], torch.tensor([4]), [[1, 2, 3]], emb, blank_id=0)
+    # second utterance: [4, 4, 5] needs 4 frames (a blank between the repeats) but has 3
+    assert min_ctc_frames([[4, 4, 5]]).tolist() == [4]
+    both, s2 = aux_ctc_loss(frames, torch.tensor([4, 3]), [[1, 2, 3], [4, 4, 5]], emb, blank_id=0)
+    assert s2["aux_ctc_infeasible"] == 1 and s2["aux_ctc_tokens"] == 3
+    assert both.item() == pytest.approx(one.item(), rel=1e-5)
+    assert torch.isfinite(both)
+    # per-token normalisation: two copies of an utterance give the same loss as one
+    two, s3 = aux_ctc_loss(frames[[0, 0]], torch.tensor([4, 4]), [[1, 2, 3]] * 2, emb, blank_id=0)
+    assert two.item() == pytest.approx(one.item(), rel=1e-5) and s3["aux_ctc_tokens"] == 6
+
+
+def test_bad_targets_are_named():
+    emb = torch.randn(5, 3)
+    frames = torch.randn(1, 4, 3)
+    with pytest.raises(ValueError, match="cut-7.*blank"):
+        aux_ctc_loss(frames, torch.tensor([4]), [[1, 0]], emb, blank_id=0, cut_ids=["cut-7"])
+    with pytest.raises(ValueError, match="cut-7.*empty"):
+        aux_ctc_loss(frames, torch.tensor([4]), [[]], emb, blank_id=0, cut_ids=["cut-7"])
+    with pytest.raises(ValueError, match="outside"):
+        aux_ctc_loss(frames, torch.tensor([4]), [[9]], emb, blank_id=0)
+
+
+# ------------------------------------------------------------------------------- warm-up
+
+
+class WordTokenizer:
+    """Whitespace tokenizer over a fixed word list; id 0 is the pad/blank token."""
+
+    def __init__(self, words):
+        self.vocab = {"<|endoftext|>": 0, **{w: i + 1 for i, w in enumerate(words)}}
+        self.inv = {i: w for w, i in self.vocab.items()}
+
+    def get_vocab(self):
+        return dict(self.vocab)
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[self.vocab[w] for w in t.split()] for t in texts]}
+
+    def batch_decode(self, ids):
+        return [" ".join(self.inv[i] for i in row) for row in ids]
+
+
+class ToyModel(nn.Module):
+    """SpeechLLM-shaped: identity encoder (frozen), a Projector, an LLM embedding."""
+
+    def __init__(self, feat_dim, emb):
+        super().__init__()
+        self.encoder_projector = Projector(feat_dim, emb.shape[1], downsample_rate=2, activation="gelu", dropout=0.0)
+        self.embedding = nn.Embedding.from_pretrained(emb, freeze=True)
+
+    @property
+    def projectors(self):
+        return [self.encoder_projector]
+
+    def encode(self, features, feature_lens):
+        return [self.encoder_projector(features, feature_lens)]
+
+
+def _toy_batches(words, protos, n_batches, seed):
+    rng = random.Random(seed)
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n_batches):
+        texts, feats = [], []
+        for _ in range(4):
+            ws = [rng.choice(words) for _ in range(rng.randint(2, 5))]
+            frames = []
+            for w in ws:
+                frames += [protos[w]] * rng.randint(4, 6) + [torch.zeros_like(protos[w])] * 2
+            x = torch.stack(frames) + 0.1 * torch.randn(len(frames), protos[w].shape[0], generator=g)
+            texts.append(" ".join(ws))
+            feats.append(x)
+        lens = torch.tensor([f.shape[0] for f in feats])
+        padded = nn.utils.rnn.pad_sequence(feats, batch_first=True)
+        out.append({"features": padded, "feature_lens": lens, "texts": texts})
+    return out
+
+
+def test_projector_warmup_learns_to_spell_the_transcript_in_llm_tokens():
+    torch.manual_seed(0)
+    words = ["one", "two", "three", "four", "five", "six"]
+    tok = WordTokenizer(words)
+    emb = torch.randn(len(words) + 1, 16)
+    protos = {w: torch.randn(12) for w in words}
+    model = ToyModel(12, emb)
+    cfg = AuxCtcConfig(weight=1.0, warmup_steps=150, warmup_lr=3e-3)
+    aux = AuxCtc(cfg, tok, model.embedding, prompt_format="speechllm")
+    assert aux.blank_id == 0 == resolve_blank_id(tok, "pad", "speechllm")
+
+    test = _toy_batches(words, protos, 2, seed=99)
+
+    def eval_loss():
+        with torch.no_grad():
+            return sum(aux(model.encode(b["features"], b["feature_lens"]), b["texts"])[0].item() for b in test) / 2
+
+    before = eval_loss()
+    logged = []
+    out = projector_warmup(model, _toy_batches(words, protos, 30, seed=1), aux, num_steps=150, lr=3e-3,
+                           log_interval=50, on_log=lambda s, l, t: logged.append(s))
+    after = eval_loss()
+    assert out["steps"] == 150 and logged == [50, 100, 150]
+    assert after < 0.1 * before
+    hyps, refs = [], []
+    for b in test:
+        frames, lens = model.encode(b["features"], b["feature_lens"])[0]
+        hyps += aux.greedy(frames, lens)
+        refs += b["texts"]
+    assert sum(h == r for h, r in zip(hyps, refs)) >= len(refs) - 1
+    # The embedding was not trained.
+    assert torch.equal(model.embedding.weight, emb)
+
+
+def test_greedy_ctc_merges_repeats_and_drops_blanks():
+    emb = torch.eye(4)
+    # frames nearest to rows: 1 1 0 1 2 2 0(pad beyond length)
+    seq = torch.stack([emb[i] for i in [1, 1, 0, 1, 2, 2, 3]]).unsqueeze(0)
+    assert greedy_ctc_ids(seq, torch.tensor([6]), emb, blank_id=0) == [[1, 1, 2]]

@@ -1,0 +1,220 @@
+"""AsrDataModule: batch layout, samplers (max duration, DDP ranks, exact resume), filters, mux,
+on-the-fly features, and the decode batching of the SpeechLLM golden fixtures."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from test_prepare import NUM_DEV, NUM_TEST, NUM_TRAIN, prepared_en_for
+
+LOG_EPS = math.log(1e-10)
+
+
+@pytest.fixture(scope="session")
+def prepared_en(tmp_path_factory):
+    return prepared_en_for(tmp_path_factory)
+
+
+@pytest.fixture
+def work(prepared_en, monkeypatch):
+    monkeypatch.chdir(prepared_en["work"])  # manifests/feature paths are relative to it
+    return prepared_en
+
+
+def make_dm(*argv, **kw):
+    from llmasr.data import AsrDataModule
+
+    p = argparse.ArgumentParser()
+    AsrDataModule.add_arguments(p)
+    args = p.parse_args(["--num-workers", "0", "--enable-spec-aug", "false", *argv])
+    return AsrDataModule(args, **kw)
+
+
+def durations(cuts) -> dict:
+    return {c.id: c.duration for c in cuts}
+
+
+def test_batch_layout(work):
+    dm = make_dm("--max-duration", "12")
+    cuts = dm.test_cuts("test-clean").to_eager()
+    dur = durations(cuts)
+    texts = {c.id: c.supervisions[0].text for c in cuts}
+    seen = []
+    for batch in dm.test_dataloader(cuts):
+        feats, lens = batch["features"], batch["feature_lens"]
+        assert feats.dtype == torch.float32 and lens.dtype == torch.int64 and feats.shape[2] == 80
+        assert feats.shape[0] == len(batch["cut_ids"]) == len(batch["texts"]) == lens.shape[0]
+        assert feats.shape[1] == int(lens.max())
+        ds = [dur[i] for i in batch["cut_ids"]]
+        assert ds == sorted(ds, reverse=True)  # longest first
+        assert batch["texts"] == [texts[i] for i in batch["cut_ids"]]
+        for k, cid in enumerate(batch["cut_ids"]):
+            stored = torch.from_numpy(cuts[cid].load_features())
+            assert torch.equal(feats[k, : lens[k]], stored)
+            assert (feats[k, lens[k]:] == torch.tensor(LOG_EPS, dtype=torch.float32)).all()
+        seen += batch["cut_ids"]
+    assert sorted(seen) == sorted(dur)  # test loader: every cut once, nothing filtered
+
+
+def test_sampler_max_duration_ranks_and_resume(work):
+    dm = make_dm("--max-duration", "9", "--drop-last", "false", "--num-buckets", "4", "--seed", "5")
+    cuts = dm.train_cuts()
+    dur = durations(cuts)
+    assert len(dur) == NUM_TRAIN
+
+    # Two ranks: same number of batches; together every cut exactly once (lhotse pads the last
+    # rank with copies named "<id>_dup<k>" so that DDP ranks stay in step).
+    per_rank = []
+    for rank in range(2):
+        batches = [b["cut_ids"] for b in dm.train_dataloader(cuts, world_size=2, rank=rank)]
+        for ids in batches:
+            assert sum(dur[i.split("_dup")[0]] for i in ids) <= 9.0
+        per_rank.append(batches)
+    assert len(per_rank[0]) == len(per_rank[1])
+    ids = [i for batches in per_rank for b in batches for i in b]
+    originals = [i for i in ids if "_dup" not in i]
+    assert sorted(originals) == sorted(dur)
+    assert all(i.split("_dup")[0] in dur for i in ids if "_dup" in i)
+
+    # Resume: state after 3 batches -> a new loader continues with exactly the remaining batches.
+    dl = dm.train_dataloader(cuts, world_size=1, rank=0)
+    full = [b["cut_ids"] for b in dl]
+    dl = dm.train_dataloader(cuts, world_size=1, rank=0)
+    it = iter(dl)
+    head = [next(it)["cut_ids"] for _ in range(3)]
+    state = dl.sampler.state_dict()
+    resumed = [b["cut_ids"] for b in dm.train_dataloader(cuts, sampler_state_dict=state, world_size=1, rank=0)]
+    assert head == full[:3]
+    assert resumed == full[3:]
+    # A different epoch reshuffles.
+    dl = dm.train_dataloader(cuts, world_size=1, rank=0)
+    dl.sampler.set_epoch(1)
+    assert [b["cut_ids"] for b in dl] != full
+
+
+def test_filters_are_logged_and_counted(work, caplog):
+    dev = make_dm().dev_cuts()  # default for librispeech: dev-clean (dev-other absent)
+    dur = sorted(durations(dev).items(), key=lambda kv: kv[1])
+    shortest, longest = dur[0], dur[-1]
+    # Token count = number of words; limit 7 words.
+    dm = make_dm("--min-duration", f"{shortest[1] + 1e-3}", "--max-cut-duration", f"{longest[1] - 1e-3}",
+                 "--max-duration", "100", text_len_fn=lambda t: len(t.split()), max_text_len=7)
+    long_text = {c.id for c in dev if len(c.supervisions[0].text.split()) > 7} - {shortest[0], longest[0]}
+    with caplog.at_level(logging.WARNING):
+        kept = [i for b in dm.valid_dataloader(dev) for i in b["cut_ids"]]
+    f = dm.filters["valid"]
+    assert sorted(kept) == sorted(set(dict(dur)) - {shortest[0], longest[0]} - long_text)
+    assert f.dropped[shortest[0]].startswith("too short")
+    assert f.dropped[longest[0]].startswith("too long")
+    for cid in long_text:
+        assert f.dropped[cid].startswith("transcript too long")
+    assert f.summary().get("too short") == 1 and f.summary().get("too long") == 1
+    assert f.summary().get("transcript too long", 0) == len(long_text)
+    assert f"valid: dropping cut {shortest[0]}: too short" in caplog.text
+
+
+def test_cut_names_and_errors(work):
+    dm = make_dm()
+    assert dm.cuts_path("test-clean") == Path("data/fbank/librispeech_cuts_test-clean.jsonl.gz")
+    assert len(dm.dev_cuts().to_eager()) == NUM_DEV
+    full = str(work["fbank"] / "librispeech_cuts_test-clean.jsonl.gz")
+    assert len(dm.test_cuts(full).to_eager()) == NUM_TEST
+    with pytest.raises(FileNotFoundError, match=r"data/fbank/librispeech_cuts_test-nope.jsonl.gz"):
+        dm.test_cuts("test-nope")
+
+
+def test_missing_feature_file_in_batch(work, tmp_path):
+    from lhotse import CutSet
+    from lhotse.utils import fastcopy
+
+    dm = make_dm("--max-duration", "1000")
+    cuts = dm.test_cuts("test-other").to_eager()
+    victim = sorted(cuts, key=lambda c: -c.duration)[0]
+    broken = CutSet.from_cuts(
+        fastcopy(c, features=fastcopy(c.features, storage_path=str(tmp_path / "gone.lca"))) if c.id == victim.id
+        else c for c in cuts)
+    with pytest.raises(RuntimeError, match=rf"cannot load features of cut {victim.id} from {tmp_path}/gone.lca"):
+        next(iter(dm.test_dataloader(broken)))
+
+
+def test_mux_weights():
+    from lhotse import CutSet
+    from lhotse.testing.dummies import dummy_cut
+
+    from llmasr.data import mux
+
+    a = CutSet.from_cuts(dummy_cut(i, duration=1.0).with_id(f"a{i}") for i in range(300))
+    b = CutSet.from_cuts(dummy_cut(i, duration=1.0).with_id(f"b{i}") for i in range(300))
+    mixed = [c.id for c in mux([a, b], weights=[3.0, 1.0], seed=1)]
+    assert sorted(mixed) == sorted(a.ids + b.ids)  # nothing lost or repeated
+    first = mixed[:200]
+    frac_a = sum(i.startswith("a") for i in first) / len(first)
+    assert 0.65 < frac_a < 0.85  # ~0.75 while both corpora last
+    early = [c.id for c in mux([a, b], weights=[3.0, 1.0], seed=1, stop_early=True)]
+    assert len(early) < 600
+    with pytest.raises(ValueError, match="2 cut sets but 1 weights"):
+        mux([a, b], weights=[1.0])
+
+
+def test_train_cuts_mux_spec(work):
+    dm = make_dm("--train-cuts", "train-clean-100:2,dev-clean:1")
+    ids = [c.id for c in dm.train_cuts()]
+    assert len(ids) == NUM_TRAIN + NUM_DEV and len(set(ids)) == len(ids)
+
+
+def test_on_the_fly_features_match_precomputed(work):
+    dm = make_dm("--max-duration", "1000", "--on-the-fly-feats", "true")
+    cuts = dm.test_cuts("test-other").to_eager()
+    batch = next(iter(dm.test_dataloader(cuts)))
+    for k, cid in enumerate(batch["cut_ids"]):
+        stored = cuts[cid].load_features()
+        n = min(stored.shape[0], int(batch["feature_lens"][k]))
+        assert abs(int(batch["feature_lens"][k]) - stored.shape[0]) <= 1
+        assert np.abs(batch["features"][k, :n].numpy() - stored[:n]).max() < 0.05  # lilcom precision
+
+
+@pytest.mark.parametrize("bins", [80, 128])
+def test_whisper_features(work, bins):
+    pytest.importorskip("librosa")  # lhotse's WhisperFbank builds its mel filters with librosa
+    import whisper
+
+    dm = make_dm("--max-duration", "1000", "--on-the-fly-feats", "true", "--feature-type", "whisper",
+                 "--num-mel-bins", str(bins))
+    cuts = dm.test_cuts("test-other").to_eager()
+    batch = next(iter(dm.test_dataloader(cuts)))
+    cid = batch["cut_ids"][0]
+    audio = torch.from_numpy(cuts[cid].load_audio()[0])
+    ref = whisper.log_mel_spectrogram(audio, n_mels=bins).T  # (T, bins) openai-whisper
+    ours = batch["features"][0, : batch["feature_lens"][0]]
+    assert ours.shape[1] == bins
+    n = min(ref.shape[0], ours.shape[0])
+    assert abs(ref.shape[0] - ours.shape[0]) <= 1
+    assert torch.allclose(ours[:n], ref[:n], atol=1e-3)
+
+
+def test_golden_decode_batches(golden_dir):
+    """test_dataloader reproduces the batches of the reference recipe's decode run."""
+    from lhotse import CutSet
+
+    root = golden_dir / "speechllm"
+    runs = json.loads((root / "expected" / "baseline.json").read_text())["runs"]
+    run = runs["epoch-2-avg-2-beam-1"]
+    assert run["batching"] == "recipe"
+    dm = make_dm("--max-duration", "300", "--manifest-dir", str(root / "data" / "fbank"))
+    got = []
+    for part in ("test-clean", "test-other"):
+        cuts = CutSet.from_cuts(c.with_features_path_prefix(str(root)) for c in dm.test_cuts(part)).to_eager()
+        for b in dm.test_dataloader(cuts):
+            got.append((part, b["cut_ids"], b["feature_lens"].tolist(), b["features"].shape[1]))
+            last = cuts[b["cut_ids"][-1]].features
+            npy = np.load(Path(last.storage_path) / last.storage_key)
+            assert torch.equal(b["features"][-1, : npy.shape[0]], torch.from_numpy(npy))
+    want = [(b["test_set"], b["cut_ids"], b["num_frames"], b["padded_num_frames"]) for b in run["batches"]]
+    assert got == want
