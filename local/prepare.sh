@@ -25,8 +25,8 @@ stop_stage=100
 nj=4
 dl_dir=$PWD/download
 corpus=librispeech       # librispeech | aishell | kaldi
-corpus_dir=              # default: <dl-dir>/LibriSpeech, <dl-dir>/aishell, <dl-dir>
-name=                    # manifest prefix; default: librispeech, aishell (required for kaldi)
+corpus_dir=              # default: <dl-dir>/LibriSpeech, <dl-dir>/aishell, <dl-dir> (alias: --kaldi-dir)
+name=                    # manifest prefix; default: librispeech, aishell (required for kaldi; alias: --corpus-name)
 part=                    # kaldi: part name when the corpus dir is a single data dir (default: its basename)
 language=                # kaldi: language stored in the supervisions
 data_dir=data
@@ -52,6 +52,10 @@ while [ $# -gt 0 ]; do
     *) echo "$0: unexpected argument '$1' (see --help)" >&2; exit 1 ;;
   esac
   var=${opt#--}; var=${var//-/_}
+  case "$var" in  # aliases
+    kaldi_dir) var=corpus_dir ;;
+    corpus_name) var=name ;;
+  esac
   known=false
   for o in "${options[@]}"; do [ "$o" = "$var" ] && known=true; done
   $known || { echo "$0: unknown option $opt (see --help)" >&2; exit 1; }

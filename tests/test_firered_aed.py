@@ -46,6 +46,20 @@ def test_features_match_reference(fr):
         assert (f - u["feats"]).abs().max() <= TOL, u["uttid"]
 
 
+def test_lhotse_extractor_matches_reference(fr):
+    from lhotse import CutSet, Recording
+    from lhotse.dataset import OnTheFlyFeatures
+
+    from llmasr.firered.features import lhotse_extractor
+
+    cuts = CutSet.from_cuts([Recording.from_file(fr.root / u["wav"], recording_id=u["uttid"]).to_cut()
+                             for u in fr.exp["utts"]])
+    feats, lens = OnTheFlyFeatures(lhotse_extractor(fr.root / "aed" / "cmvn.ark"))(cuts)[:2]
+    for i, u in enumerate(fr.exp["utts"]):
+        assert int(lens[i]) == u["feat_len"]
+        assert (feats[i, : lens[i]] - u["feats"]).abs().max() <= TOL
+
+
 def test_tokenizer_matches_reference(fr):
     for u in fr.exp["utts"]:
         tokens, ids = fr.tok.tokenize(u["ref_text"])

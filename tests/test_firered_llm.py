@@ -104,6 +104,29 @@ def test_unknown_llm_key_is_an_error(fr, tmp_path):
         load_firered_llm(d)
 
 
+def test_shared_speechllm_takes_firered_weights(fr):
+    """Training goes through llmasr.model.SpeechLLM: with FireRed's flags and our state dict it
+    computes the same loss as FireRedAsrLlm.forward (valid frames, masked)."""
+    from llmasr.encoders import build_speech_encoder
+    from llmasr.llm import load_llm
+    from llmasr.model import SpeechLLM
+
+    enc = build_speech_encoder("firered", str(fr.root / "llm" / "asr_encoder.pth.tar"))
+    llm, tok = load_llm(fr.root / "llm" / "Qwen2-7B-Instruct", dtype=torch.float32, attn_implementation="eager")
+    sl = SpeechLLM([enc], llm, tok, prompt_format="firered", downsample_rate=2, projector_activation="relu",
+                   projector_dropout=0.0, unfreeze_encoder=True)
+    res = sl.load_state_dict(fr.model.state_dict(), strict=False)
+    assert not res.unexpected_keys
+    assert all(not ("lora_" in k or k.startswith(("encoder", "encoder_projector"))) for k in res.missing_keys)
+    sl.eval()
+    x, lens = pad_features(fr.feats)
+    texts = [clean_text(u["ref_text"]) for u in fr.exp["utts"]]
+    with torch.no_grad():
+        ours = fr.model(x, lens, texts)
+        shared, _ = sl(x, lens, texts)
+    assert torch.allclose(ours, shared, rtol=1e-5, atol=1e-5)
+
+
 def test_clean_text():
     # as the released clean_text: the space between a Chinese character and English survives
     assert clean_text("今天 天气，很好！ Hello,  World.") == "今天天气很好 hello world"

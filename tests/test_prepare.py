@@ -7,10 +7,7 @@ with tests/test_datamodule.py and tests/test_espeak_corpus.py.
 from __future__ import annotations
 
 import functools
-import gzip
-import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -160,6 +157,11 @@ def test_stage_options_and_wrong_dl_dir(tmp_path):
     assert f"corpus directory {tmp_path / 'nowhere'}/LibriSpeech does not exist (wrong --dl-dir" in proc.stdout
     proc = run_prepare(tmp_path, "--no-such-option", "1", check=False)
     assert proc.returncode != 0 and "unknown option --no-such-option" in proc.stderr
+    # The Kaldi path with the --kaldi-dir/--corpus-name aliases.
+    proc = run_prepare(tmp_path, "--corpus", "kaldi", "--kaldi-dir", str(tmp_path / "kd"), "--corpus-name", "my",
+                       "--stop-stage", "0", check=False)
+    assert proc.returncode != 0 and f"corpus directory {tmp_path / 'kd'} does not exist" in proc.stdout
+    assert "name=my " in proc.stdout
     # --stage/--stop-stage select stages: nothing to do beyond the last stage.
     proc = run_prepare(tmp_path, "--dl-dir", str(tmp_path / "nowhere"), "--stage", "5")
     assert "Stage" not in proc.stdout and "Done" in proc.stdout

@@ -45,6 +45,7 @@ def _build_models(root: Path, golden_llm: Path) -> None:
     cfg = Qwen2Config(
         vocab_size=528, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=2,
         num_key_value_heads=1, tie_word_embeddings=True, max_position_embeddings=1024, rope_theta=10000.0,
+        initializer_range=0.3,  # large logits: a loss that can fall far below ln(vocab)
     )
     Qwen2ForCausalLM(cfg).save_pretrained(root / "llm")
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
@@ -296,10 +297,10 @@ def test_train_loss_falls_and_resume_is_exact(env, tmp_path):
     train(env, a, tensorboard="true", **common)
 
     ep = [load(a / f"epoch-{i}.pt") for i in (1, 2, 3)]
-    # Loss falls over the ~25 steps (per-token CE, starting near ln(528) = 6.27 for the random LLM).
-    assert ep[0]["train_loss"] < 6.3
-    assert ep[2]["train_loss"] < ep[0]["train_loss"] - 0.04, [e["train_loss"] for e in ep]
-    assert ep[2]["best_valid_loss"] < 6.2
+    # Loss falls over the ~25 steps (per-token cross-entropy of the transcript tokens).
+    losses = [e["train_loss"] for e in ep]
+    assert losses[2] < losses[1] < losses[0] and losses[2] < losses[0] - 0.5, losses
+    assert ep[2]["best_valid_loss"] < ep[0]["best_valid_loss"] - 0.3
     # Only trainable tensors are saved: projector, LoRA, prompt_embedding (+ the tied lm_head).
     keys = set(ep[0]["model"])
     assert any(".lora_A." in k for k in keys) and "encoder_projector.proj.1.weight" in keys
@@ -416,7 +417,8 @@ def test_nan_loss_and_failing_batch_are_saved_and_reported(env, tmp_path):
     sched = FixedLRScheduler(opt)
     scaler = torch.amp.GradScaler("cpu", enabled=False)
     params = make_params(tmp_path, optimizer_type="adamw")
-    batch = dict(first_batches(env)[0])
+    batches = first_batches(env, n=2)
+    batch = dict(batches[0])
     batch["features"] = batch["features"].clone()
     batch["features"][0, 5, 3] = float("nan")
     before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -433,7 +435,7 @@ def test_nan_loss_and_failing_batch_are_saved_and_reported(env, tmp_path):
     assert all(torch.equal(b, p) for b, p in zip(before, [p for p in model.parameters() if p.requires_grad]))
 
     # Any exception inside the step: batch saved, exception propagates unchanged.
-    bad = dict(first_batches(env)[0])
+    bad = dict(batches[1])
     bad["feature_lens"] = bad["feature_lens"].clone()
     bad["feature_lens"][0] = 3  # shorter than the Zipformer minimum
     with pytest.raises(ValueError, match="at least"):

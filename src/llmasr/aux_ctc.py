@@ -115,6 +115,8 @@ def aux_ctc_loss(
     mode: str = "distance",
     temperature: Optional[float] = None,
     cut_ids: Optional[Sequence[str]] = None,
+    num_negatives: int = 0,
+    generator: Optional[torch.Generator] = None,
 ) -> Tuple[torch.Tensor, Dict[str, float]]:
     """CTC loss of projected frames against LLM token ids, per target token.
 
@@ -124,6 +126,10 @@ def aux_ctc_loss(
             :func:`transcript_token_ids`).
         embedding: (V, H) the LLM input embedding matrix (detached here).
         blank_id: vocabulary row used as CTC blank; must not occur in any target.
+        num_negatives: 0 = the softmax runs over the whole vocabulary. > 0 = over the batch's
+            target tokens, the blank and this many other rows drawn uniformly at random (a
+            sampled softmax: the (N, T, V) logits are the cost of this loss, 49k-152k rows for
+            SmolLM2/Qwen2, and a few thousand negatives give the same alignment signal).
 
     Returns:
         (loss, stats): loss = summed CTC NLL / number of target tokens (0-dim float32 tensor);
@@ -160,6 +166,9 @@ def aux_ctc_loss(
             + " (lower --encoder-projector-ds-rate?)"
         )
 
+    if num_negatives > 0:
+        rows, target_ids, blank_id = _sample_rows(target_ids, blank_id, vocab, num_negatives, generator)
+        embedding = embedding.detach()[rows.to(embedding.device)]
     logits = embedding_logits(frames, embedding, mode, temperature)  # (N, T, V) float32
     log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, N, V)
     targets, target_lens = ctc_targets(target_ids, frames.device)
@@ -184,6 +193,24 @@ def aux_ctc_loss(
         "aux_ctc_infeasible": num_bad,
     }
     return loss, stats
+
+
+def _sample_rows(
+    target_ids: Sequence[Sequence[int]], blank_id: int, vocab: int, num_negatives: int,
+    generator: Optional[torch.Generator],
+) -> Tuple[torch.Tensor, List[List[int]], int]:
+    """Rows for a sampled softmax: blank first, then the batch's target tokens, then up to
+    ``num_negatives`` other random rows. Returns (rows, targets renumbered into rows, new blank = 0)."""
+    used = sorted({i for t in target_ids for i in t} - {blank_id})
+    taken = torch.zeros(vocab, dtype=torch.bool)
+    taken[blank_id] = True
+    taken[used] = True
+    free = (~taken).nonzero().flatten()
+    k = min(num_negatives, free.numel())
+    pick = free[torch.randperm(free.numel(), generator=generator)[:k]] if k > 0 else free[:0]
+    rows = torch.cat([torch.tensor([blank_id] + used, dtype=torch.long), pick])
+    index = {tok: j + 1 for j, tok in enumerate(used)}
+    return rows, [[index[i] for i in t] for t in target_ids], 0
 
 
 def greedy_ctc_ids(
@@ -246,6 +273,7 @@ class AuxCtcConfig:
     warmup_steps: int = 0  # projector-only warm-up steps before training
     warmup_lr: float = 1e-3
     warmup_max_seconds: float = 0.0  # 0: no time limit
+    num_negatives: int = 0  # 0: softmax over the whole vocabulary; > 0: sampled softmax
 
     def __post_init__(self):
         if self.mode not in MODES:
@@ -267,6 +295,7 @@ class AuxCtcConfig:
             warmup_steps=getattr(args, "projector_warmup_steps", 0),
             warmup_lr=getattr(args, "projector_warmup_lr", 1e-3),
             warmup_max_seconds=getattr(args, "projector_warmup_max_seconds", 0.0),
+            num_negatives=getattr(args, "aux_ctc_negatives", 0),
         )
 
 
@@ -281,6 +310,9 @@ def add_aux_ctc_arguments(parser: argparse.ArgumentParser) -> None:
                    help=f"Logits are divided by this (default {DEFAULT_TEMPERATURE}).")
     g.add_argument("--aux-ctc-blank", type=str, default="pad",
                    help="CTC blank: 'pad' (the prompt format's pad token, <|endoftext|>), a token or an id.")
+    g.add_argument("--aux-ctc-negatives", type=int, default=0,
+                   help="0: softmax over the whole LLM vocabulary; N > 0: over the batch's tokens, the blank "
+                   "and N random other rows (much cheaper for large vocabularies).")
     g.add_argument("--projector-warmup-steps", type=int, default=0,
                    help="Before training, train only the projector(s) with the aux CTC loss for this many "
                    "steps (no LLM forward; cheap). 0 = off.")
@@ -318,7 +350,7 @@ class AuxCtc:
         for frames, lens in speech:
             loss, s = aux_ctc_loss(
                 frames, lens, targets, self.embedding.weight, self.blank_id, self.cfg.mode, self.cfg.temperature,
-                cut_ids,
+                cut_ids, num_negatives=self.cfg.num_negatives,
             )
             total = loss if total is None else total + loss
             for k, v in s.items():
@@ -360,7 +392,8 @@ def projector_warmup(
     ``batches`` yields the training batches (dicts with ``features``, ``feature_lens``, ``texts``,
     optionally ``cut_ids``); it is cycled until ``num_steps`` steps (or ``max_seconds``) are done.
     The encoders run without gradient unless they are being fine-tuned; the LLM is not run at all.
-    Uses its own Adam optimizer (the main optimizer's state is untouched). Returns
+    Uses its own Adam optimizer (the main optimizer's state is untouched); run it before the model
+    is wrapped by DDP/DeepSpeed (with several processes the result of rank 0 is broadcast). Returns
     ``{"steps", "loss" (mean of the last log interval), "seconds"}``; ``on_log(step, loss, elapsed)``
     is called every ``log_interval`` steps (progress display).
     """
@@ -411,6 +444,12 @@ def projector_warmup(
         opt.zero_grad(set_to_none=True)
     if window_n:
         last = window / window_n
+    # Multi-process training: every rank warmed up on its own batches; start the real training
+    # from one set of projector weights (rank 0's), as DDP/DeepSpeed expect identical replicas.
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        with torch.no_grad():
+            for p in params:
+                torch.distributed.broadcast(p.data, src=0)
     return {"steps": step, "loss": last, "seconds": time.time() - start}
 
 

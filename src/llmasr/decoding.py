@@ -241,6 +241,8 @@ def get_decode_parser(mose: bool = False):
                         help="Text normalisation before scoring (default: en for WER, zh for CER). "
                         "'speechllm' scores like SpeechLLM: lower-cased references, hypotheses split on whitespace.")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--num-threads", type=int, default=1,
+                        help="torch CPU threads (SpeechLLM decodes with 1; 0 = torch default).")
     parser.add_argument("--log-level", type=str, default="info")
     add_model_arguments(parser, mose=mose)
     add_decoding_arguments(parser)
@@ -359,6 +361,8 @@ def run_decode(args, mose: bool = False) -> Dict[str, float]:
         )
 
     # 4. the model
+    if args.num_threads > 0:
+        torch.set_num_threads(args.num_threads)
     if args.device == "auto":
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     else:

@@ -25,8 +25,10 @@ def swoosh_r(x: torch.Tensor) -> torch.Tensor:
     exp would overflow, so it is finite for every finite input in every dtype.
     """
     x_offset = x - 1.0
-    # Beyond 20 (float32) log1p(exp(z)) == z to the last bit; clamping keeps exp finite in fp16 too.
-    softplus = torch.where(x_offset > 20.0, x_offset, torch.log1p(torch.exp(x_offset.clamp(max=20.0))))
+    # Beyond the threshold log1p(exp(z)) == z to the last bit (float64: 40, float32/bfloat16: 20,
+    # float16: 10, where exp(10) still fits); the clamp keeps exp finite.
+    limit = {torch.float64: 40.0, torch.float16: 10.0}.get(x.dtype, 20.0)
+    softplus = torch.where(x_offset > limit, x_offset, torch.log1p(torch.exp(x_offset.clamp(max=limit))))
     return softplus - 0.08 * x - 0.313261687
 
 

@@ -41,7 +41,6 @@ from lhotse import (
     validate_recordings_and_supervisions,
 )
 from lhotse.audio import AudioSource
-from lhotse.utils import compute_num_samples
 
 SAMPLING_RATE = 16000
 LIBRISPEECH_PARTS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other",

@@ -20,7 +20,7 @@ import logging
 import threading
 from collections import Counter
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Union
 
 import torch
 from lhotse import CutSet, load_manifest_lazy
@@ -311,7 +311,7 @@ class AsrDataModule:
             sampler = DynamicBucketingSampler(
                 cuts, max_duration=args.max_duration, shuffle=args.shuffle,
                 num_buckets=_num_buckets(cuts, args.num_buckets, "train"),
-                buffer_size=args.num_buckets * 2000, shuffle_buffer_size=args.num_buckets * 5000,
+                buffer_size=args.num_buckets * 2000,
                 drop_last=args.drop_last, world_size=world_size, rank=rank, seed=args.seed,
             )
         else:
@@ -323,7 +323,7 @@ class AsrDataModule:
             sampler.load_state_dict(sampler_state_dict)
         return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
                           persistent_workers=args.num_workers > 0,
-                          worker_init_fn=_SeedWorkers(args.seed + 1000 * (rank or 0)))
+                          worker_init_fn=_SeedWorkers(args.seed + 1000 * _rank(rank)))
 
     def valid_dataloader(self, cuts: CutSet, world_size: Optional[int] = None,
                          rank: Optional[int] = None) -> DataLoader:
@@ -343,6 +343,14 @@ class AsrDataModule:
                                           num_buckets=_num_buckets(cuts, 10, "test"), world_size=1, rank=0)
         return DataLoader(AsrDataset(self._input_strategy()), sampler=sampler, batch_size=None,
                           num_workers=self.args.num_workers)
+
+
+def _rank(rank: Optional[int]) -> int:
+    if rank is not None:
+        return rank
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return 0
 
 
 def _num_buckets(cuts: CutSet, wanted: int, name: str) -> int:

@@ -264,7 +264,9 @@ def read_checkpoint(path: str) -> Dict[str, Tensor]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Zipformer checkpoint not found: {path}")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        # mmap avoids holding a second full copy of a large model while its weights are copied in;
+        # only zip-format files (torch.save's default since 1.6) can be mapped.
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         if "weights_only" in str(e):
             raise ValueError(

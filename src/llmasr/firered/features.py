@@ -191,7 +191,72 @@ def num_frames(num_samples: int) -> int:
     return 0 if num_samples < 400 else 1 + (num_samples - 400) // 160
 
 
+# ---------------------------------------------------------------------------------------------
+# lhotse adapter (for lhotse OnTheFlyFeatures / compute_and_store_features)
+# ---------------------------------------------------------------------------------------------
+
+
+def _make_lhotse_extractor():
+    from dataclasses import asdict, dataclass
+
+    from lhotse.features.base import FeatureExtractor, register_extractor
+
+    @dataclass
+    class FireRedFbankConfig:
+        cmvn_path: str = ""  # "" = raw Kaldi fbank (apply CMVN later)
+        dither: float = 0.0
+
+        def to_dict(self):
+            return asdict(self)
+
+        @staticmethod
+        def from_dict(data):
+            return FireRedFbankConfig(**data)
+
+    @register_extractor
+    class FireRedFbank(FeatureExtractor):
+        """FireRedASR's front end as a lhotse extractor: lhotse's float samples in [-1, 1] are
+        scaled back to int16 values, then Kaldi fbank (+ CMVN when ``cmvn_path`` is set)."""
+
+        name = "firered-fbank"
+        config_type = FireRedFbankConfig
+
+        def __init__(self, config=None):
+            super().__init__(config)
+            self._fe = FireRedFeatureExtractor(self.config.cmvn_path or None, dither=self.config.dither)
+
+        @property
+        def frame_shift(self) -> float:
+            return 0.01
+
+        def feature_dim(self, sampling_rate: int) -> int:
+            return FEATURE_DIM
+
+        def extract(self, samples, sampling_rate: int) -> np.ndarray:
+            samples = np.asarray(samples)
+            if samples.ndim == 2:
+                if samples.shape[0] != 1:
+                    raise ValueError(f"FireRedFbank expects mono audio, got shape {samples.shape}")
+                samples = samples[0]
+            return self._fe.from_samples(np.round(samples * 32768.0), sampling_rate)
+
+    return FireRedFbankConfig, FireRedFbank
+
+
+_LHOTSE = None
+
+
+def lhotse_extractor(cmvn_path: Union[str, Path, None] = None, dither: float = 0.0):
+    """A lhotse ``FeatureExtractor`` computing FireRedASR features (registered as "firered-fbank")."""
+    global _LHOTSE
+    if _LHOTSE is None:
+        _LHOTSE = _make_lhotse_extractor()
+    config_cls, extractor_cls = _LHOTSE
+    return extractor_cls(config_cls(cmvn_path=str(cmvn_path or ""), dither=dither))
+
+
 __all__ = [
+    "lhotse_extractor",
     "CmvnError",
     "FireRedFeatureExtractor",
     "KaldiFbank",

@@ -16,7 +16,9 @@ Decoding (:meth:`FireRedAsrLlm.transcribe`), two modes:
   from padding, even at batch size 1), no attention mask is given to ``generate`` (every position is
   attended), and ``max_new_tokens`` is that padded adapter length.
 * default: each utterance contributes its valid ``L // 2`` adapter frames, sequences are left-padded
-  and the attention mask is passed; ``max_new_tokens`` is the longest valid adapter length.
+  and the attention mask is passed; each utterance may generate at most its own valid adapter length
+  (``max_new_tokens`` is the longest, longer rows are cut). Greedy results of a batch then equal those
+  of each utterance decoded alone; beam search can still differ slightly at the cut.
 
 Both call Hugging Face ``generate`` with the released options (greedy or beam search, repetition
 penalty on generated tokens only because no ``input_ids`` are given, ``<|im_end|>`` as eos).
@@ -95,6 +97,27 @@ def splice_speech(
     return out, mask, out_labels
 
 
+class GeneratedTokensRepetitionPenalty:
+    """Hugging Face's repetition penalty (logit < 0 -> * p, else / p, once per distinct token) over
+    the ids ``generate`` tracks. With ``inputs_embeds`` only, those are the generated tokens, as in
+    the released code (transformers 4.x). Applied by us rather than via ``repetition_penalty=`` because
+    transformers 5 additionally skips the first ``left-padding-length`` GENERATED tokens of each row when
+    an attention mask is given with ``inputs_embeds``, which would make batched results depend on padding.
+    """
+
+    def __init__(self, penalty: float):
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.size(1) == 0:
+            return scores
+        picked = scores.gather(1, input_ids)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, input_ids, picked)
+
+
 class FireRedAsrLlm(nn.Module):
     def __init__(self, encoder: ConformerEncoder, encoder_projector: Projector, llm: nn.Module, tokenizer,
                  freeze_encoder: bool = False):
@@ -154,15 +177,19 @@ class FireRedAsrLlm(nn.Module):
             max_new_tokens = speech.size(1)
         else:
             max_new_tokens = int(speech_lens.max())
+        from transformers import LogitsProcessorList
+
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
-        return self.llm.generate(
+        if repetition_penalty != 1.0:
+            kwargs["logits_processor"] = LogitsProcessorList([GeneratedTokensRepetitionPenalty(repetition_penalty)])
+        out = self.llm.generate(
             inputs_embeds=inputs_embeds,
             max_new_tokens=max(1, max_new_tokens),
             num_beams=beam_size,
             do_sample=False,
             min_length=decode_min_len,
             top_p=1.0,
-            repetition_penalty=repetition_penalty,
+            repetition_penalty=1.0,  # applied by our processor; 1.0 also disables generation_config.json's
             length_penalty=llm_length_penalty,
             temperature=temperature,
             bos_token_id=self.ids.bos,
@@ -170,6 +197,11 @@ class FireRedAsrLlm(nn.Module):
             pad_token_id=self.ids.pad,
             **kwargs,
         )
+        if not compat_reference_padding and decode_max_len < 1:
+            # Each utterance's own limit (its valid adapter length), as when decoded alone.
+            over = torch.arange(out.size(1), device=out.device)[None, :] >= speech_lens.to(out.device)[:, None]
+            out = out.masked_fill(over, self.ids.pad)
+        return out
 
     def decode_text(self, generated_ids: torch.Tensor) -> List[str]:
         return self.tokenizer.batch_decode(generated_ids, skip_special_tokens=True)
@@ -242,4 +274,4 @@ def load_firered_llm(model_dir: Union[str, Path], dtype: Union[str, torch.dtype,
     return fe, model.eval()
 
 
-__all__ = ["FireRedAsrLlm", "load_firered_llm", "splice_speech", "clean_text"]
+__all__ = ["FireRedAsrLlm", "GeneratedTokensRepetitionPenalty", "load_firered_llm", "splice_speech", "clean_text"]

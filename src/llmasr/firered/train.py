@@ -9,7 +9,7 @@ Progressive regularisation: dropout and SpecAugment start off and rise on a step
 ``--dropout-schedule "0:0.0,2000:0.1" --spec-aug-schedule "0:0,4000:1"`` (piecewise linear in the
 global batch index, constant outside the given points; SpecAugment's value scales mask counts/widths).
 
-Outputs in ``--exp-dir`` (icefall layout): ``epoch-N.pt``, ``log/``, ``tensorboard/``, and after
+Outputs in ``--exp-dir`` (icefall layout): ``epoch-N.pt`` (:mod:`llmasr.checkpoint` layout), ``log/``, ``tensorboard/``, and after
 decoding ``recogs-*``, ``errs-*``, ``wer-summary-*`` (CER). ``--export-dir`` writes a released-format
 directory (``model.pth.tar`` + ``cmvn.ark`` + ``dict.txt`` + ``train_bpe1000.model``) usable by
 ``src/firered_speech2text.py``.
@@ -30,6 +30,8 @@ import torch.nn as nn
 
 from .aed import FireRedAsrAed
 from .features import SAMPLE_RATE, FireRedFeatureExtractor, pad_features
+from llmasr.checkpoint import atomic_torch_save, average_checkpoints, load_checkpoint, save_checkpoint
+
 from .load import load_aed, load_package, load_state_dict_checked
 from .tokenizer import FireRedTokenizer
 
@@ -190,27 +192,6 @@ def build_model(args, tokenizer: FireRedTokenizer):
     return model, aed_args
 
 
-def atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
-def average_checkpoints(paths: Sequence[Path]) -> Dict[str, torch.Tensor]:
-    avg: Dict[str, torch.Tensor] = {}
-    for i, p in enumerate(paths):
-        sd = torch.load(p, map_location="cpu", weights_only=False)["model"]
-        for k, v in sd.items():
-            if i == 0:
-                avg[k] = v.detach().clone().double() if v.is_floating_point() else v.clone()
-            elif v.is_floating_point():
-                avg[k] += v.double()
-    for k, v in avg.items():
-        if v.is_floating_point():
-            avg[k] = (v / len(paths)).float()
-    return avg
-
-
 def export_released(model: FireRedAsrAed, aed_args: Dict, files: Dict[str, str], out_dir: Path) -> None:
     """Write a released-format FireRedASR-AED directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -311,11 +292,14 @@ def train(rank: int, world_size: int, args) -> None:
 
     step = 0
     if args.start_epoch > 1:
-        ckpt = torch.load(exp / f"epoch-{args.start_epoch - 1}.pt", map_location="cpu", weights_only=False)
-        model.load_state_dict(ckpt["model"])
+        path = exp / f"epoch-{args.start_epoch - 1}.pt"
+        ckpt = load_checkpoint(path)
+        load_state_dict_checked(model, ckpt["model"], str(path))
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
-        step = ckpt.get("step", 0)
+        if ckpt.get("grad_scaler"):
+            scaler.load_state_dict(ckpt["grad_scaler"])
+        step = ckpt.get("batch_idx_train", 0)
     train_dl = make_dataloader(args.train_cuts, files["cmvn"], args.max_duration, True, args.num_workers,
                                world_size, rank, args.seed, args.num_buckets)
     losses: List[float] = []
@@ -363,10 +347,10 @@ def train(rank: int, world_size: int, args) -> None:
         scheduler.step_epoch(epoch)
         if is_main(rank):
             logger.info(f"epoch {epoch} done: loss/token {tot_loss / max(1, tot_tokens):.4f} ({time.time() - t0:.1f} s)")
-            atomic_torch_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict(), "epoch": epoch, "step": step,
-                               "aed_args": aed_args, "args": vars(args), "losses": losses},
-                              exp / f"epoch-{epoch}.pt")
+            save_checkpoint(exp / f"epoch-{epoch}.pt", model,
+                            params={"cur_epoch": epoch, "batch_idx_train": step, "aed_args": aed_args,
+                                    "args": vars(args), "losses": losses},
+                            optimizer=optimizer, scheduler=scheduler, grad_scaler=scaler)
         if args.valid_cuts and is_main(rank):
             vloss = validate(model, args.valid_cuts, files["cmvn"], tokenizer, args, device)
             logger.info(f"epoch {epoch} validation loss/token {vloss:.4f}")
@@ -447,4 +431,4 @@ def main(args) -> None:
         decode(args)
 
 
-__all__ = ["add_train_args", "main", "parse_schedule", "spec_augment", "FireRedCutDataset", "average_checkpoints"]
+__all__ = ["add_train_args", "main", "parse_schedule", "spec_augment", "FireRedCutDataset", "export_released"]
