@@ -44,6 +44,7 @@ if str(SRC) not in sys.path:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 LANGS = {
     # lang: (espeak corpus lang, prepare.sh corpus, manifest prefix, config file)
@@ -52,6 +53,8 @@ LANGS = {
 }
 
 T_START = time.time()
+TRAIN_SCRIPT = SRC / "train.py"
+DECODE_SCRIPT = SRC / "decode.py"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,6 +268,19 @@ def zero_shot_whisper(whisper_pt: Path, cuts, lang: str, out_dir: Path, set_name
     return rate, results
 
 
+def supported_flags(cfg_section: Dict[str, object], parser, script: str) -> Dict[str, object]:
+    """Drop (loudly) config entries the script does not know, e.g. a recipe option that this
+    version of the toolkit does not have yet."""
+    known = {o for a in parser._actions for o in a.option_strings}
+    out = {}
+    for k, v in cfg_section.items():
+        if f"--{k}" in known:
+            out[k] = v
+        else:
+            say(f"  WARNING: {script} has no option --{k}; ignoring '{k}: {v}' from the config")
+    return out
+
+
 def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
     """The untrained model (seeded exactly as src/train.py seeds it) as a checkpoint, so that
     src/decode.py can decode it and src/train.py starts from it (--pretrained-model-path)."""
@@ -274,6 +290,12 @@ def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
     from llmasr.model import build_model_from_args
     from llmasr.training.recipe import fix_random_seed, get_parser
 
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     args = get_parser(False).parse_args(train_argv)
     fix_random_seed(args.seed)
     model = build_model_from_args(args, dtype=torch.float32)
@@ -296,7 +318,7 @@ def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[float, Path]:
         if m2:
             decode_dir.append(Path(m2.group(1)))
 
-    run([sys.executable, str(SRC / "decode.py"), *decode_argv], log_file, env, on_line=on_line,
+    run([sys.executable, str(DECODE_SCRIPT), *decode_argv], log_file, env, on_line=on_line,
         echo=r"ETA|decoded \d+ cuts")
     if not found:
         raise RuntimeError(f"src/decode.py printed no error rate; see {log_file}")
@@ -458,7 +480,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     # 5. the untrained model
     steps.next()
-    train_cfg = dict(cfg["train"])
+    from llmasr.decoding import get_decode_parser
+    from llmasr.training.recipe import get_parser as get_train_parser
+
+    train_cfg = supported_flags(dict(cfg["train"]), get_train_parser(False), "src/train.py")
+    decode_cfg = supported_flags(dict(cfg["decode"], **{"num-threads": threads}), get_decode_parser(False),
+                                 "src/decode.py")
     paths = {
         "llm-path": str(llm_dir),
         "speech-encoder-path": str(whisper_pt),
@@ -476,7 +503,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     model_flags = {k: v for k, v in train_cfg.items() if k in _MODEL_FLAGS}
     decode_common = flags({
         **model_flags,
-        **cfg["decode"],
+        **decode_cfg,
         "llm-path": str(llm_dir),
         "speech-encoder-path": str(whisper_pt),
         "manifest-dir": str(manifest_dir),
@@ -494,7 +521,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     steps.next()
     monitor = TrainMonitor(num_epochs)
     t_train = time.time()
-    run([sys.executable, str(SRC / "train.py"), *train_argv, "--pretrained-model-path", str(init_ckpt)],
+    run([sys.executable, str(TRAIN_SCRIPT), *train_argv, "--pretrained-model-path", str(init_ckpt)],
         demo_log, env, on_line=monitor)
     train_seconds = time.time() - t_train
     say(f"  training took {fmt_time(train_seconds)}")

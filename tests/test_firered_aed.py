@@ -101,6 +101,25 @@ def test_greedy_step_logprobs(fr):
         assert (steps[: ref.shape[0], 0] - ref).abs().max() <= TOL, u["uttid"]
 
 
+def test_teacher_forcing_matches_reference_steps(fr):
+    """The training path (full causal decoder) gives the reference's greedy step log-probs, and the
+    loss is the summed negative log-likelihood of targets + <eos>."""
+    u, f = fr.exp["utts"][0], fr.feats[0]
+    ref = u["greedy"]["step_logprobs"]
+    toks = u["greedy"]["token_ids"][: ref.shape[0]]
+    with torch.no_grad():
+        enc, enc_lens = fr.model.encoder(f[None], torch.tensor([f.size(0)]))
+        ys_in = torch.tensor([[fr.model.sos_id] + toks[:-1]])
+        logits = fr.model.decoder(ys_in, enc, enc_lens)[0]
+        assert (torch.log_softmax(logits / 1.25, -1) - ref).abs().max() <= TOL
+        targets = [toks[:5], toks[:3]]
+        loss, stats = fr.model(torch.stack([f, f]), torch.tensor([f.size(0)] * 2), targets, label_smoothing=0.0)
+        lp = torch.log_softmax(fr.model.decoder(torch.tensor([[fr.model.sos_id] + toks[:5]]), enc, enc_lens)[0], -1)
+    nll = lambda n: -(lp[torch.arange(n), toks[:n]].sum() + lp[n, fr.model.eos_id])  # noqa: E731
+    assert int(stats["ntokens"]) == 10
+    assert torch.allclose(loss, nll(5) + nll(3), rtol=1e-5)
+
+
 def test_batch_compat_and_per_utterance(fr):
     b = fr.exp["batch"]
     x, lens = pad_features(fr.feats)
@@ -169,6 +188,11 @@ def test_bad_cmvn(fr, tmp_path):
     hdr = b"\0BDM \x04" + np.int32(2).tobytes() + b"\x04" + np.int32(41).tobytes()
     with pytest.raises(CmvnError, match="40 dims"):
         read_kaldi_cmvn(_write(tmp_path / "dim40.ark", hdr + stats.astype("<f8").tobytes()))
+
+
+def test_too_short_audio(fr):
+    with pytest.raises(ValueError, match="input #1: too short"):
+        fr.fe([np.zeros(16000, dtype=np.int16), np.zeros(1000, dtype=np.int16)])
 
 
 def test_bad_dict_and_spm(fr, tmp_path):

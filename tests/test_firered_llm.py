@@ -127,6 +127,20 @@ def test_shared_speechllm_takes_firered_weights(fr):
     assert torch.allclose(ours, shared, rtol=1e-5, atol=1e-5)
 
 
+def test_speech2text_script_llm(fr, tmp_path):
+    import firered_speech2text
+
+    out = tmp_path / "llm.txt"
+    firered_speech2text.main([
+        "--asr-type", "llm", "--model-dir", str(fr.root / "llm"), "--wav-scp", str(fr.root / "wav" / "wav.scp"),
+        "--output", str(out), "--batch-size", "1", "--beam-size", "3", "--decode-max-len", "0",
+        "--decode-min-len", "0", "--repetition-penalty", "3.0", "--llm-length-penalty", "1.0", "--temperature", "1.0",
+        "--compat-reference-padding",
+    ])
+    got = [line.split("\t", 1) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert got == [[u["uttid"], " ".join(u["beam"]["text"].splitlines())] for u in fr.exp["utts"]]
+
+
 def test_clean_text():
     # as the released clean_text: the space between a Chinese character and English survives
     assert clean_text("今天 天气，很好！ Hello,  World.") == "今天天气很好 hello world"

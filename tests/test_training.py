@@ -355,6 +355,10 @@ def test_mose_trains_two_encoders(env, tmp_path):
         # Both projectors were trained.
         assert (ck["model"][name] - w0).abs().max() > 1e-4, name
     load_model_state(init, load_checkpoint(exp / "epoch-1.pt")["model"])
+    # --pretrained-model-path initialises the trainable weights (lr 0: they must come out unchanged).
+    again = tmp_path / "again"
+    train(env, again, mose=True, optimizer="adamw", base_lr="0", pretrained_model_path=str(exp / "epoch-1.pt"))
+    assert_same_tensors(ck["model"], load(again / "epoch-1.pt")["model"], "--pretrained-model-path")
     # A MoSE checkpoint is refused by the single-encoder recipe before any training.
     single = tmp_path / "single"
     single.mkdir()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -57,6 +58,18 @@ def main() -> None:
     ap.add_argument("--dtype", default="fp32", choices=["fp32", "fp16", "bf16"], help="autocast dtype")
     ap.add_argument("--train", action="store_true", help="also time forward+backward in train mode")
     args = ap.parse_args()
+
+    if len(args.types) > 1:
+        # One process per model so that peak-memory numbers are not polluted by the previous model.
+        rest = sys.argv[1:]
+        i = j = rest.index("--types") if "--types" in rest else len(rest)
+        if i < len(rest):
+            j = i + 1
+            while j < len(rest) and not rest[j].startswith("--"):
+                j += 1
+        for t in args.types:
+            subprocess.run([sys.executable, __file__, *rest[:i], *rest[j:], "--types", t], check=True)
+        return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)

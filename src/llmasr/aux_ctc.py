@@ -375,6 +375,29 @@ def build_aux_ctc(args, model) -> Optional[AuxCtc]:
 # --------------------------------------------------------------------------------------------
 
 
+def maybe_projector_warmup(params, model, batches: Iterable[dict], device: torch.device) -> Optional[Dict[str, float]]:
+    """The training recipe's hook: run :func:`projector_warmup` when ``--projector-warmup-steps``
+    > 0 and training starts from scratch (not when resuming: ``--start-epoch`` 1, ``--start-batch``
+    0). ``model``: the SpeechLLM (not yet wrapped by DDP/DeepSpeed); ``batches``: the training
+    dataloader. Logs ``projector warm-up step i/n: aux CTC loss x (t s)`` lines."""
+    cfg = AuxCtcConfig.from_args(params)
+    if cfg.warmup_steps <= 0:
+        return None
+    if getattr(params, "start_epoch", 1) > 1 or getattr(params, "start_batch", 0) > 0:
+        logging.info("resuming: skipping the projector warm-up")
+        return None
+    aux = AuxCtc(cfg, model.tokenizer, model.llm.get_input_embeddings(), model.prompt_format)
+    logging.info(f"projector warm-up: {cfg.warmup_steps} steps of aux CTC (mode {cfg.mode}, "
+                 f"lr {cfg.warmup_lr}), projector only")
+    out = projector_warmup(
+        model, batches, aux, cfg.warmup_steps, lr=cfg.warmup_lr, device=device,
+        max_seconds=cfg.warmup_max_seconds, log_interval=max(1, getattr(params, "log_interval", 20)),
+    )
+    logging.info(f"projector warm-up done: {out['steps']} steps, aux CTC loss {out['loss']:.3f}, "
+                 f"{out['seconds']:.0f} s")
+    return out
+
+
 def projector_warmup(
     model,
     batches: Iterable[dict],
@@ -466,4 +489,5 @@ __all__ = [
     "add_aux_ctc_arguments",
     "build_aux_ctc",
     "projector_warmup",
+    "maybe_projector_warmup",
 ]

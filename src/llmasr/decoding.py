@@ -328,7 +328,7 @@ def run_decode(args, mose: bool = False) -> Dict[str, float]:
     cuts = {}
     for name in test_sets:
         cs = data.test_cuts(name)
-        first = next(iter(cs), None)
+        first = None if cs is None else next(iter(cs), None)  # (lhotse gives None for an empty file)
         if first is None:
             raise ValueError(f"test set {name} ({data.cuts_path(name)}) has no cuts")
         cuts[name] = cs

@@ -392,7 +392,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                        help="Accepted for compatibility with SpeechLLM; unused.")
     g.add_argument("--encoder-projector-ds-rate", type=int, default=4,
                    help="Number of encoder frames concatenated into one LLM input position.")
-    g.add_argument("--projector-activation", type=str, default="swooshr", choices=sorted(ACTIVATIONS))
+    g.add_argument("--projector-activation", type=str, default="swooshr", choices=sorted(ACTIVATIONS),
+                   help="swooshr (SpeechLLM) or relu (FireRedASR-LLM, icefall whisper_llm_zh).")
+    g.add_argument("--projector-dropout", type=float, default=0.1,
+                   help="Dropout on the concatenated frames before the projector (training only).")
     g.add_argument("--use-lora", type=str2bool, default=True, help="Fine-tune the LLM with LoRA.")
     g.add_argument("--lora-r", type=int, default=64)
     g.add_argument("--lora-alpha", type=int, default=16)
@@ -453,6 +456,7 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         prompt_format=getattr(args, "prompt_format", "speechllm"),
         downsample_rate=args.encoder_projector_ds_rate,
         projector_activation=getattr(args, "projector_activation", "swooshr"),
+        projector_dropout=getattr(args, "projector_dropout", 0.1),
         unfreeze_encoder=getattr(args, "unfreeze_encoder", False),
         use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
         mose=mose,

@@ -15,16 +15,20 @@ Test cuts are never filtered (a dropped test utterance would silently change the
 from __future__ import annotations
 
 import argparse
+import bisect
 import itertools
 import logging
 import threading
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Union
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
 from lhotse import CutSet, load_manifest_lazy
 from lhotse.cut import Cut
+from lhotse.dataset.sampling.base import TimeConstraint
+from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
 from lhotse.dataset import (
     CutMix,
     DynamicBucketingSampler,
@@ -152,6 +156,59 @@ def _explain_load_failure(cuts: CutSet, err: Exception) -> str:
     return f"cannot collate batch of cuts {[c.id for c in cuts][:5]}...: {err}"
 
 
+@dataclass
+class BucketCappedTimeConstraint(TimeConstraint):
+    """lhotse's TimeConstraint checks the budget *after* adding a cut, so a batch can end up to one
+    cut over ``max_duration``. This one assumes that the next cut is as long as the upper edge of
+    the current bucket (every cut of a bucket is at most that long), so the total duration of a
+    batch never exceeds ``max_duration`` (for cuts up to ``ceiling`` seconds, the upper edge of
+    the last bucket)."""
+
+    duration_bins: Tuple[float, ...] = ()
+    ceiling: float = float("inf")
+    cap: float = 0.0
+
+    def add(self, example: Cut) -> None:
+        super().add(example)
+        d = self.measure_length(example)
+        i = bisect.bisect_left(self.duration_bins, d)  # lhotse's bucket index for d
+        upper = self.duration_bins[i] if i < len(self.duration_bins) else max(self.ceiling, d)
+        self.cap = max(self.cap, upper)
+
+    def close_to_exceeding(self) -> bool:
+        if self.max_cuts is not None and self.num_cuts >= self.max_cuts:
+            return True
+        return self.max_duration is not None and (self.num_cuts + 1) * self.cap > self.max_duration
+
+    def reset(self) -> None:
+        super().reset()
+        self.cap = 0.0
+
+
+class StrictDynamicBucketingSampler(DynamicBucketingSampler):
+    """DynamicBucketingSampler whose batches never exceed ``max_duration`` seconds of audio
+    (see :class:`BucketCappedTimeConstraint`), with lhotse's exact-resume ``state_dict``."""
+
+    def __init__(self, cuts, max_duration: float, ceiling: float, num_buckets: int = 10,
+                 num_cuts_for_bins_estimate: int = 10000, **kwargs):
+        bins = estimate_duration_buckets(itertools.islice(iter(cuts), num_cuts_for_bins_estimate),
+                                         num_buckets=num_buckets)
+        constraint = BucketCappedTimeConstraint(max_duration=max_duration, duration_bins=tuple(bins),
+                                                ceiling=ceiling)
+        super().__init__(cuts, constraint=constraint, duration_bins=list(bins),
+                         num_cuts_for_bins_estimate=num_cuts_for_bins_estimate, **kwargs)
+
+    def state_dict(self) -> Dict:
+        # lhotse refuses state_dict() with a custom constraint only because it cannot rebuild
+        # one; ours is rebuilt by __init__ from the same arguments, so the rest of the state is
+        # all that resuming needs.
+        constraint, self.constraint = self.constraint, None
+        try:
+            return super().state_dict()
+        finally:
+            self.constraint = constraint
+
+
 class _SeedWorkers:
     def __init__(self, seed: int):
         self.seed = seed
@@ -194,6 +251,10 @@ class AsrDataModule:
         group.add_argument("--bucketing-sampler", type=str2bool, default=True,
                            help="DynamicBucketingSampler (batches of similar durations) instead of SimpleCutSampler")
         group.add_argument("--num-buckets", type=int, default=30, help="buckets of the training sampler")
+        group.add_argument("--strict-max-duration", type=str2bool, default=True,
+                           help="training batches never exceed --max-duration (sizes each batch by the upper "
+                                "edge of its duration bucket); false: lhotse's budget, which the last cut of a "
+                                "batch may overshoot (icefall's exact batches)")
         group.add_argument("--shuffle", type=str2bool, default=True, help="shuffle training cuts every epoch")
         group.add_argument("--drop-last", type=str2bool, default=True, help="drop the last incomplete batch")
         group.add_argument("--num-workers", type=int, default=2, help="dataloader worker processes")
@@ -307,7 +368,17 @@ class AsrDataModule:
                                                 num_frame_masks=10, features_mask_size=27,
                                                 num_feature_masks=2, frames_mask_size=100))
         dataset = AsrDataset(self._input_strategy(), cut_transforms, input_transforms)
-        if args.bucketing_sampler:
+        if args.bucketing_sampler and args.strict_max_duration:
+            if args.max_cut_duration > args.max_duration:
+                logging.warning(f"--max-cut-duration {args.max_cut_duration} > --max-duration {args.max_duration}: "
+                                f"a single cut can exceed the batch budget")
+            sampler = StrictDynamicBucketingSampler(
+                cuts, max_duration=args.max_duration, ceiling=args.max_cut_duration,
+                num_buckets=_num_buckets(cuts, args.num_buckets, "train"), shuffle=args.shuffle,
+                buffer_size=args.num_buckets * 2000, drop_last=args.drop_last, world_size=world_size,
+                rank=rank, seed=args.seed,
+            )
+        elif args.bucketing_sampler:
             sampler = DynamicBucketingSampler(
                 cuts, max_duration=args.max_duration, shuffle=args.shuffle,
                 num_buckets=_num_buckets(cuts, args.num_buckets, "train"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Optional
 
 from llmasr.encoders import register_encoder
-from llmasr.firered.conformer import ConformerEncoder
+from llmasr.firered.conformer import ConformerEncoder, set_dropout
 from llmasr.firered.load import load_encoder
 
 _SCRATCH_DEFAULTS = dict(idim=80, n_layers_enc=16, n_head=20, d_model=1280, residual_dropout=0.1,
@@ -44,11 +44,3 @@ def build_firered_encoder(encoder_type: str = "firered", path: Optional[str] = N
     if device is not None or dtype is not None:
         encoder = encoder.to(device=device, dtype=dtype)
     return encoder
-
-
-def set_dropout(module, p: float) -> None:
-    import torch.nn as nn
-
-    for m in module.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p

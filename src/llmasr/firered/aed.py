@@ -263,8 +263,10 @@ class FireRedAsrAed(nn.Module):
                  odim: int, n_layers_dec: int):
         super().__init__()
         self.sos_id, self.eos_id, self.pad_id = sos_id, eos_id, pad_id
-        self.encoder = ConformerEncoder(idim, n_layers_enc, n_head, d_model, residual_dropout, dropout_rate, kernel_size, pe_maxlen)
-        self.decoder = TransformerDecoder(sos_id, eos_id, pad_id, odim, n_layers_dec, n_head, d_model, residual_dropout, pe_maxlen)
+        self.encoder = ConformerEncoder(idim, n_layers_enc, n_head, d_model, residual_dropout, dropout_rate,
+                                        kernel_size, pe_maxlen)
+        self.decoder = TransformerDecoder(sos_id, eos_id, pad_id, odim, n_layers_dec, n_head, d_model,
+                                          residual_dropout, pe_maxlen)
 
     ARG_NAMES = ("idim", "n_layers_enc", "n_head", "d_model", "residual_dropout", "dropout_rate", "kernel_size",
                  "pe_maxlen", "sos_id", "eos_id", "pad_id", "odim", "n_layers_dec")
@@ -300,14 +302,15 @@ class FireRedAsrAed(nn.Module):
         """Label-smoothed cross-entropy (summed over tokens incl. final <eos>) for target id lists."""
         device = feats.device
         enc_out, enc_lens = self.encoder(feats, feat_lens)
-        u = max(len(t) for t in targets) + 1
-        ys_in = torch.full((len(targets), u), self.pad_id, dtype=torch.long)
-        ys_out = torch.full((len(targets), u), -100, dtype=torch.long)
-        for i, t in enumerate(targets):  # building the padded target matrix (not the model step)
-            ys_in[i, 0] = self.sos_id
-            ys_in[i, 1 : len(t) + 1] = torch.as_tensor(t, dtype=torch.long)
-            ys_out[i, : len(t)] = torch.as_tensor(t, dtype=torch.long)
-            ys_out[i, len(t)] = self.eos_id
+        seqs = [torch.as_tensor(list(t), dtype=torch.long) for t in targets]
+        lens = torch.tensor([len(t) for t in seqs])
+        body = nn.utils.rnn.pad_sequence(seqs + [torch.zeros(0, dtype=torch.long)], batch_first=True)[:-1]
+        n, u = body.size(0), body.size(1) + 1
+        pos = torch.arange(u)[None, :]
+        # ys_in = <sos> y1 .. yU <pad>...; ys_out = y1 .. yU <eos> -100...
+        ys_in = torch.cat([torch.full((n, 1), self.sos_id), body], 1).masked_fill(pos > lens[:, None], self.pad_id)
+        ys_out = torch.cat([body, torch.zeros(n, 1, dtype=torch.long)], 1)
+        ys_out = ys_out.masked_fill(pos == lens[:, None], self.eos_id).masked_fill(pos > lens[:, None], -100)
         ys_in, ys_out = ys_in.to(device), ys_out.to(device)
         logits = self.decoder(ys_in, enc_out, enc_lens)
         loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ys_out.reshape(-1),

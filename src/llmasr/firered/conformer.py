@@ -30,6 +30,13 @@ def padded_encoder_length(num_frames: int, right_pad: int = 6) -> int:
     return ((t - 3) // 2 + 1 - 3) // 2 + 1
 
 
+def set_dropout(module: nn.Module, p: float) -> None:
+    """Set the probability of every nn.Dropout in ``module`` (dropout schedules, fine-tuning)."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = p
+
+
 class Swish(nn.Module):
     # Written out (not F.silu) to stay bit-compatible with the released model's arithmetic.
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +196,8 @@ class ConformerConvolution(nn.Module):
 
 
 class RelPosEmbConformerBlock(nn.Module):
-    def __init__(self, d_model: int, n_head: int, residual_dropout: float = 0.1, dropout_rate: float = 0.1, kernel_size: int = 33):
+    def __init__(self, d_model: int, n_head: int, residual_dropout: float = 0.1, dropout_rate: float = 0.1,
+                 kernel_size: int = 33):
         super().__init__()
         self.ffn1 = ConformerFeedForward(d_model, dropout_rate)
         self.mhsa = RelPosMultiHeadAttention(n_head, d_model, residual_dropout)
@@ -252,4 +260,4 @@ class ConformerEncoder(nn.Module):
         return x, out_lens
 
 
-__all__ = ["ConformerEncoder", "padded_encoder_length", "subsampled_lengths", "sinusoid_table"]
+__all__ = ["set_dropout", "ConformerEncoder", "padded_encoder_length", "subsampled_lengths", "sinusoid_table"]

@@ -46,7 +46,8 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
              "the batch; LLM uses all padded adapter frames and no attention mask. Without it a batch "
              "gives each utterance its own limit/valid frames (AED: identical to batch size 1).")
     opt("device", default="cuda" if torch.cuda.is_available() else "cpu")
-    opt("dtype", default=None, choices=[None, "float32", "float16", "bfloat16"], help="LLM dtype (default: package's)")
+    opt("dtype", default=None, choices=["float32", "float16", "bfloat16"],
+        help="LLM dtype (default: float16 if the package says use_fp16, else float32)")
 
 
 def wav_list(args) -> List[Tuple[str, str]]:
@@ -112,7 +113,6 @@ class Recognizer:
                                          args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
                                          compat_reference_padding=args.compat_reference_padding)
             return [self.tokenizer.detokenize(h[0]["yseq"].tolist()) for h in hyps]
-        feats = feats.to(next(self.model.llm.parameters()).dtype)
         ids = self.model.transcribe(feats, lens, args.beam_size, args.decode_max_len, args.decode_min_len,
                                     args.repetition_penalty, args.llm_length_penalty, args.temperature,
                                     compat_reference_padding=args.compat_reference_padding)
@@ -138,7 +138,8 @@ def run(args) -> List[Tuple[str, str]]:
         out = Path(args.output)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text("".join(f"{u}\t{t}\n" for u, t in results), encoding="utf-8")
+        # one line per utterance even if a hypothesis contains line breaks
+        tmp.write_text("".join(f"{u}\t{' '.join(t.splitlines())}\n" for u, t in results), encoding="utf-8")
         os.replace(tmp, out)
     if args.ref_text:
         from llmasr.scoring import write_results

@@ -17,6 +17,8 @@ import torch
 
 FEATURE_DIM = 80
 SAMPLE_RATE = 16000
+# The encoder's two 3x3 stride-2 convolutions need 7 frames (1360 samples, 85 ms) for one output frame.
+MIN_FRAMES = 7
 
 
 class CmvnError(ValueError):
@@ -166,7 +168,7 @@ class FireRedFeatureExtractor:
 
     def __call__(self, wavs: Sequence[Union[str, Path, np.ndarray]]) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
         feats, durs = [], []
-        for w in wavs:
+        for i, w in enumerate(wavs):
             if isinstance(w, np.ndarray):
                 feats.append(self.from_samples(w))
                 durs.append(len(w) / SAMPLE_RATE)
@@ -176,8 +178,15 @@ class FireRedFeatureExtractor:
                     raise ValueError(f"{w}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
                 feats.append(self.from_samples(samples, sr))
                 durs.append(len(samples) / sr)
+            check_length(feats[-1].shape[0], w if not isinstance(w, np.ndarray) else f"input #{i}")
         x, lens = pad_features([torch.from_numpy(f) for f in feats])
         return x, lens, durs
+
+
+def check_length(frames: int, what) -> None:
+    if frames < MIN_FRAMES:
+        raise ValueError(f"{what}: too short for FireRedASR ({frames} frames; at least {MIN_FRAMES} frames = "
+                         f"{400 + (MIN_FRAMES - 1) * 160} samples at 16 kHz are needed)")
 
 
 def pad_features(feats: Sequence[torch.Tensor], pad_value: float = 0.0) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -258,6 +267,7 @@ def lhotse_extractor(cmvn_path: Union[str, Path, None] = None, dither: float = 0
 __all__ = [
     "lhotse_extractor",
     "CmvnError",
+    "check_length",
     "FireRedFeatureExtractor",
     "KaldiFbank",
     "load_wav_int16",

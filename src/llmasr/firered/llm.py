@@ -31,6 +31,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from llmasr.projector import Projector, remap_linear12_keys
 from llmasr.prompt import IGNORE_INDEX, SPEECH_TOKEN, get_prompt_format, prompt_prefix_ids, resolve_prompt_ids
@@ -97,7 +98,7 @@ def splice_speech(
     return out, mask, out_labels
 
 
-class GeneratedTokensRepetitionPenalty:
+class GeneratedTokensRepetitionPenalty(LogitsProcessor):
     """Hugging Face's repetition penalty (logit < 0 -> * p, else / p, once per distinct token) over
     the ids ``generate`` tracks. With ``inputs_embeds`` only, those are the generated tokens, as in
     the released code (transformers 4.x). Applied by us rather than via ``repetition_penalty=`` because
@@ -177,8 +178,6 @@ class FireRedAsrLlm(nn.Module):
             max_new_tokens = speech.size(1)
         else:
             max_new_tokens = int(speech_lens.max())
-        from transformers import LogitsProcessorList
-
         kwargs = {} if attention_mask is None else {"attention_mask": attention_mask}
         if repetition_penalty != 1.0:
             kwargs["logits_processor"] = LogitsProcessorList([GeneratedTokensRepetitionPenalty(repetition_penalty)])
@@ -269,7 +268,8 @@ def load_firered_llm(model_dir: Union[str, Path], dtype: Union[str, torch.dtype,
 
     if freeze_encoder is None:
         freeze_encoder = bool(getattr(args, "freeze_encoder", 0))
-    model = FireRedAsrLlm(encoder, projector, llm, tokenizer, freeze_encoder=freeze_encoder).to(dtype=llm.dtype)
+    # Encoder and adapter stay float32 (as in the reference); speech frames are cast to the LLM dtype.
+    model = FireRedAsrLlm(encoder, projector, llm, tokenizer, freeze_encoder=freeze_encoder)
     fe = FireRedFeatureExtractor(model_dir / "cmvn.ark")
     return fe, model.eval()
 

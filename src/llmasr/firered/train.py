@@ -9,10 +9,10 @@ Progressive regularisation: dropout and SpecAugment start off and rise on a step
 ``--dropout-schedule "0:0.0,2000:0.1" --spec-aug-schedule "0:0,4000:1"`` (piecewise linear in the
 global batch index, constant outside the given points; SpecAugment's value scales mask counts/widths).
 
-Outputs in ``--exp-dir`` (icefall layout): ``epoch-N.pt`` (:mod:`llmasr.checkpoint` layout), ``log/``, ``tensorboard/``, and after
-decoding ``recogs-*``, ``errs-*``, ``wer-summary-*`` (CER). ``--export-dir`` writes a released-format
-directory (``model.pth.tar`` + ``cmvn.ark`` + ``dict.txt`` + ``train_bpe1000.model``) usable by
-``src/firered_speech2text.py``.
+Outputs in ``--exp-dir`` (icefall layout): ``epoch-N.pt`` (:mod:`llmasr.checkpoint` layout), ``log/``,
+``tensorboard/``, and after decoding ``recogs-*``, ``errs-*``, ``wer-summary-*`` (CER). ``--export-dir``
+writes a released-format directory (``model.pth.tar`` + ``cmvn.ark`` + ``dict.txt`` +
+``train_bpe1000.model``) usable by ``src/firered_speech2text.py``.
 """
 from __future__ import annotations
 
@@ -22,14 +22,15 @@ import os
 import shutil
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from .aed import FireRedAsrAed
-from .features import SAMPLE_RATE, FireRedFeatureExtractor, pad_features
+from .conformer import set_dropout
+from .features import SAMPLE_RATE, FireRedFeatureExtractor, check_length, pad_features
 from llmasr.checkpoint import atomic_torch_save, average_checkpoints, load_checkpoint, save_checkpoint
 
 from .load import load_aed, load_package, load_state_dict_checked
@@ -61,12 +62,6 @@ def parse_schedule(spec: str) -> Callable[[int], float]:
         return points[-1][1]
 
     return f
-
-
-def set_dropout(model: nn.Module, p: float) -> None:
-    for m in model.modules():
-        if isinstance(m, nn.Dropout):
-            m.p = p
 
 
 def spec_augment(feats: torch.Tensor, lens: torch.Tensor, factor: float, generator: torch.Generator,
@@ -120,6 +115,7 @@ class FireRedCutDataset(torch.utils.data.Dataset):
                 audio = audio[0]
             # lhotse gives float samples in [-1, 1]; FireRedASR uses int16 values.
             feats.append(torch.from_numpy(self.extractor.from_samples(np.round(audio * 32768.0))))
+            check_length(feats[-1].shape[0], f"cut {cut.id}")
             sups = [s.text for s in cut.supervisions if s.text]
             if not sups:
                 raise ValueError(f"cut {cut.id}: no supervision text")
@@ -349,7 +345,7 @@ def train(rank: int, world_size: int, args) -> None:
             logger.info(f"epoch {epoch} done: loss/token {tot_loss / max(1, tot_tokens):.4f} ({time.time() - t0:.1f} s)")
             save_checkpoint(exp / f"epoch-{epoch}.pt", model,
                             params={"cur_epoch": epoch, "batch_idx_train": step, "aed_args": aed_args,
-                                    "args": vars(args), "losses": losses},
+                                    "args": vars(args), "losses": losses[-10000:]},
                             optimizer=optimizer, scheduler=scheduler, grad_scaler=scaler)
         if args.valid_cuts and is_main(rank):
             vloss = validate(model, args.valid_cuts, files["cmvn"], tokenizer, args, device)

@@ -77,12 +77,23 @@ def init_engine(model: nn.Module, cfg: Dict[str, Any], optimizer_name: str, base
             "remove the \"scheduler\" section from the DeepSpeed config: the learning rate is set by "
             "--lr-scheduler/--warmup-steps/--base-lr so that it is the same with and without DeepSpeed"
         )
-    engine, optimizer, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        optimizer=client_opt,
-        config=cfg,
-    )
+    # DeepSpeed broadcasts every parameter from rank 0 as ``p.data.view(torch.uint8)``, which fails
+    # for 0-dim tensors (Zipformer's BiasNorm ``log_scale``). Every rank loaded the same files with
+    # the same seed, so those need no broadcast: mark them as "not available" (ZeRO-3's flag, which
+    # the broadcast skips) while the engine is built.
+    scalars = [p for p in model.parameters() if p.dim() == 0]
+    for p in scalars:
+        p.ds_status = "llmasr-skip-broadcast"
+    try:
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=[p for p in model.parameters() if p.requires_grad],
+            optimizer=client_opt,
+            config=cfg,
+        )
+    finally:
+        for p in scalars:
+            del p.ds_status
     # Our scheduler writes "lr" into the param groups of the optimizer ZeRO steps.
     inner = client_opt if client_opt is not None else getattr(optimizer, "optimizer", optimizer)
     if "optimizer" in cfg:

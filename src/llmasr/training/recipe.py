@@ -328,6 +328,24 @@ def _llm_dtype(params) -> Any:
     return torch.float32
 
 
+def count_cuts(cuts) -> Optional[int]:
+    """Number of cuts of an eager CutSet, or of a lazy one read from a manifest (fast line count);
+    None for other lazy sets (e.g. a mux of corpora), which only disables the ETA."""
+    import gzip
+
+    if not getattr(cuts, "is_lazy", True):
+        return len(cuts)
+    path = getattr(getattr(cuts, "data", None), "path", None)
+    if path is None or not str(path).endswith((".jsonl", ".jsonl.gz")):
+        return None
+    opener = gzip.open if str(path).endswith(".gz") else open
+    n = 0
+    with opener(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            n += chunk.count(b"\n")
+    return n
+
+
 def _count(model: nn.Module) -> str:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -445,7 +463,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
             raise ValueError(f"{ckpt_path} has no sampler state; cannot resume in the middle of an epoch")
         train_dl = data.train_dataloader(train_cuts, sampler_state_dict=sampler_state)
         valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
-        total_cuts = None if getattr(train_cuts, "is_lazy", True) else len(train_cuts)
+        total_cuts = count_cuts(train_cuts)
+        if total_cuts:
+            logging.info("%d training cuts before filtering (for the ETA)", total_cuts)
 
         tb_writer = make_tb_writer(params.exp_dir, params.tensorboard, rank)
         ckpt = Checkpointer(params, model, optimizer, scheduler, scaler, rank, world_size)
@@ -502,8 +522,19 @@ def main(mose: bool = False, argv: Optional[List[str]] = None) -> None:
     args.exp_dir = Path(args.exp_dir)
     if args.start_epoch < 1:
         parser.error(f"--start-epoch must be >= 1, got {args.start_epoch}")
-    if args.deepspeed and not dist_utils.launched_externally():
-        parser.error("--deepspeed needs a launcher: torchrun --nproc_per_node N src/train.py ... or deepspeed src/train.py ...")
+    if args.deepspeed:
+        if not dist_utils.launched_externally():
+            parser.error("--deepspeed needs a launcher: torchrun --nproc_per_node N src/train.py ... "
+                         "or deepspeed src/train.py ...")
+        from llmasr.training.deepspeed import load_ds_config
+
+        try:  # validate the config and the optimizer choice before any process loads weights
+            cfg = load_ds_config(args.deepspeed_config, args.use_fp16, args.use_bf16, args.grad_clip)
+        except (ValueError, FileNotFoundError) as e:
+            parser.error(str(e))
+        if "optimizer" not in cfg and args.optimizer_type == "scaled_adam":
+            parser.error("--optimizer scaled_adam cannot be used with DeepSpeed ZeRO (it needs whole tensors); "
+                         "pass --optimizer adamw (e.g. --base-lr 1e-4) or add an \"optimizer\" section to the config")
     dist_utils.launch(_Runner(mose), args)
 
 
