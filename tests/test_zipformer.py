@@ -93,8 +93,10 @@ def test_bf16_autocast_close_to_fp32(golden, golden_model):
         out, out_lens = golden_model(feats, lens)
     assert out_lens.tolist() == [73, 59, 38]
     ref = golden["encoder_out"]
-    rel = (out.float()[0] - ref[0]).norm() / ref[0].norm()
-    assert torch.isfinite(out).all() and rel < 0.05, rel
+    # As in icefall under autocast, BiasNorm keeps the residual stream (and so the output) in fp32.
+    assert out.dtype == torch.float32
+    rel = (out[0] - ref[0]).norm() / ref[0].norm()
+    assert rel < 0.01, rel  # measured 0.002
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -151,7 +151,9 @@ class Conv2dSubsampling(nn.Module):
 
     def forward(self, x: Tensor, x_lens: Tensor) -> Tuple[Tensor, Tensor]:
         x = self.conv(x.unsqueeze(1))  # (N, C, T', F')
-        x = self.convnext(x)
+        # Channels-last makes oneDNN's depthwise 7x7 and the 1x1 convs of ConvNeXt several times faster
+        # on CPU (and suits tensor cores on GPU); values are unchanged.
+        x = self.convnext(x.contiguous(memory_format=torch.channels_last))
         n, c, t, f = x.shape
         x = x.transpose(1, 2).reshape(n, t, c * f)  # channel-major, then frequency (icefall's order)
         x = self.out_norm(self.out(x))
@@ -303,7 +305,18 @@ class ConvolutionModule(nn.Module):
         if key_padding_mask is not None:
             # Padded frames must not leak into valid ones through the kernel.
             y = y.masked_fill(key_padding_mask.unsqueeze(-1), 0.0)
-        y = self.depthwise_conv(y.transpose(1, 2)).transpose(1, 2)
+        # Depthwise conv over time, run as a 2-D conv on the (N, C, 1, T) channels-last *view* of our
+        # (N, T, C) tensor: no transposed copies, and oneDNN's channels-last depthwise kernel is 10-100x
+        # faster on CPU than Conv1d on (N, C, T). Same weights (C, 1, K) viewed as (C, 1, 1, K).
+        conv = self.depthwise_conv
+        y = F.conv2d(
+            y.unsqueeze(1).permute(0, 3, 1, 2),
+            conv.weight.unsqueeze(2),
+            conv.bias,
+            padding=(0, conv.kernel_size[0] // 2),
+            groups=conv.groups,
+        )
+        y = y.squeeze(2).transpose(1, 2)  # (N, T, C); contiguous because the conv output is channels-last
         return self.out_proj(swoosh_r(y))
 
 

@@ -91,7 +91,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="Max gradient norm for AdamW / DeepSpeed (ScaledAdam clips relative to the "
                    "median norm itself); 0 disables.")
     g.add_argument("--seed", type=int, default=42, help="Random seed.")
-    g.add_argument("--use-fp16", type=_str2bool, default=False, help="fp16 autocast + GradScaler.")
+    g.add_argument("--use-fp16", type=_str2bool, default=None,
+                   help="fp16 autocast + GradScaler (default: true on CUDA unless --use-bf16, as SpeechLLM; "
+                   "false on CPU).")
     g.add_argument("--use-bf16", type=_str2bool, default=False, help="bf16 autocast.")
     g.add_argument("--inf-check", type=_str2bool, default=False,
                    help="Hooks that log modules producing non-finite outputs/gradients (slow).")
@@ -520,6 +522,8 @@ def main(mose: bool = False, argv: Optional[List[str]] = None) -> None:
     parser = get_parser(mose)
     args = parser.parse_args(argv)
     args.exp_dir = Path(args.exp_dir)
+    if args.use_fp16 is None:
+        args.use_fp16 = torch.cuda.is_available() and not args.use_bf16
     if args.start_epoch < 1:
         parser.error(f"--start-epoch must be >= 1, got {args.start_epoch}")
     if args.deepspeed:
