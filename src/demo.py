@@ -362,6 +362,7 @@ class TrainMonitor:
         self.num_epochs = num_epochs
         self.t0 = time.time()
         self.epoch_end_batch: Dict[int, int] = {}
+        self.first: Optional[Tuple[float, float]] = None
 
     def __call__(self, line: str) -> None:
         m = self._BATCH.search(line)
@@ -369,10 +370,14 @@ class TrainMonitor:
             epoch, _, glob, loss, pct = int(m.group(1)), int(m.group(2)), int(m.group(3)), float(m.group(4)), float(m.group(5))
             self.epoch_end_batch[epoch] = glob
             done = (epoch - 1 + pct / 100.0) / self.num_epochs
-            elapsed = time.time() - self.t0
-            eta = elapsed * (1 - done) / done if done > 0 else 0.0
+            now = time.time()
+            elapsed = now - self.t0
+            if self.first is None:  # the rate is measured from the first logged batch on
+                self.first = (now, done)
+            t1, d1 = self.first
+            eta = (now - t1) * (1 - done) / (done - d1) if done > d1 else float("nan")
             say(f"  train: epoch {epoch}/{self.num_epochs} {pct:5.1f}%, batch {glob}, loss {loss:.3f}, "
-                f"elapsed {fmt_time(elapsed)}, ETA {fmt_time(eta)}")
+                f"elapsed {fmt_time(elapsed)}, ETA {fmt_time(eta) if eta == eta else '?'}")
             return
         m = self._WARM.search(line)
         if m:
@@ -601,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     {exp_dir}/epoch-*.pt                  checkpoints (projector + LoRA)
     {exp_dir}/results.json                the numbers above
   Go further:
-    python src/decode.py {' '.join(shlex.quote(a) for a in decode_common)} --epoch {num_epochs} --avg 2
+    python src/decode.py {' '.join(shlex.quote(a) for a in decode_common)} --epoch {num_epochs} --avg {min(2, num_epochs)} --beam-size 4
     python src/train.py --help            # the same script trains Zipformer/Whisper + Qwen2 on GPUs
     local/prepare.sh --help               # prepare LibriSpeech / AISHELL / Kaldi data dirs
 """, flush=True)

@@ -334,3 +334,77 @@ def test_decode_script_errors_before_model_build(golden_dir, tmp_path, monkeypat
         decoding.run_decode(_decode_args(sl, exp, "--checkpoint", "nolora.pt"))
     assert not (exp / "epoch-3-avg-2.pt").exists()
 
+
+
+def test_llm_without_spare_rows(golden_dir, tmp_path):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    src = golden_dir / "speechllm" / "models" / "llm"
+    for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
+        shutil.copy(src / f, tmp_path / f)
+    cfg = Qwen2Config(vocab_size=515, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    Qwen2ForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"no spare vocabulary rows.*--resize-vocab"):
+        load_llm(tmp_path, dtype=torch.float32, use_lora=False)
+    llm, tok = load_llm(tmp_path, dtype=torch.float32, use_lora=False, resize_vocab=True)
+    emb = llm.get_input_embeddings().weight
+    assert emb.shape[0] == 576 and len(tok) == 520  # padded to a multiple of 64
+    base = Qwen2ForCausalLM.from_pretrained(tmp_path).get_input_embeddings().weight
+    assert torch.equal(emb[:515], base)
+    torch.testing.assert_close(emb[515:], base.mean(0).expand(61, -1))
+    assert llm.get_output_embeddings().weight is emb  # still tied
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_llm(tmp_path / "missing")
+
+
+def test_decode_mose_script_end_to_end(golden_dir, tmp_path, monkeypatch):
+    """decode_mose.py with two encoders and a checkpoint written by save_checkpoint."""
+    import decode_mose  # src/decode_mose.py
+
+    from llmasr.checkpoint import save_checkpoint
+    from llmasr.decoding import get_decode_parser
+    from llmasr.model import build_model_from_args
+
+    sl = golden_dir / "speechllm"
+    enc = str(sl / "models/zipformer/tiny_a/pretrained.pt")
+    flags = ["--llm-path", str(sl / "models/llm"), "--speech-encoder-type", "tiny_a,tiny_a",
+             "--speech-encoder-path", f"{enc},{enc}", "--attn-implementation", "sdpa"]
+    torch.manual_seed(0)
+    model = build_model_from_args(get_decode_parser(mose=True).parse_args(flags), mose=True)
+    exp = tmp_path / "exp"
+    save_checkpoint(exp / "epoch-1.pt", model, {"cur_epoch": 1})
+    keys = torch.load(exp / "epoch-1.pt", map_location="cpu", weights_only=False)["model"]
+    assert "encoder_projector.1.proj.3.weight" in keys and "prompt_embedding.weight" in keys
+    monkeypatch.chdir(sl)
+    rates = decode_mose.main(flags + [
+        "--exp-dir", str(exp), "--epoch", "1", "--max-new-tokens", "3", "--max-duration", "300",
+        "--num-workers", "0", "--manifest-dir", "data/fbank", "--test-sets", "test-other",
+    ])
+    recogs = (exp / "decode-epoch-1-avg-1-beam1-maxnew3" / "recogs-librispeech_test_other-decode-beam1-maxnew3-epoch-1-avg-1.txt")
+    lines = recogs.read_text().splitlines()
+    assert len([l for l in lines if "\thyp=" in l]) == 10 and set(rates) == {"librispeech_test_other"}
+    # the single-encoder script refuses this checkpoint before building anything
+    import decode
+
+    with pytest.raises(RuntimeError, match="MoSE"):
+        decode.main(["--llm-path", "models/llm", "--speech-encoder-type", "tiny_a", "--speech-encoder-path", enc,
+                     "--exp-dir", str(exp), "--epoch", "1", "--manifest-dir", "data/fbank", "--test-sets", "test-other"])
+
+
+def test_rope_theta_from_rope_parameters_for_transformers4(tmp_path, monkeypatch):
+    import json
+    import types
+
+    import llmasr.llm as llm_mod
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "rope_parameters": {
+        "rope_type": "default", "rope_theta": 1000000.0}}))
+    cfg = types.SimpleNamespace(rope_theta=10000.0)
+    monkeypatch.setattr(llm_mod, "_transformers_version", lambda: (4, 56))
+    llm_mod._fix_rope_theta(cfg, tmp_path)
+    assert cfg.rope_theta == 1000000.0
+    cfg = types.SimpleNamespace(rope_theta=10000.0)
+    monkeypatch.setattr(llm_mod, "_transformers_version", lambda: (5, 1))
+    llm_mod._fix_rope_theta(cfg, tmp_path)  # transformers 5 reads rope_parameters itself
+    assert cfg.rope_theta == 10000.0

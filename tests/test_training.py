@@ -305,7 +305,7 @@ def test_train_loss_falls_and_resume_is_exact(env, tmp_path):
     keys = set(ep[0]["model"])
     assert any(".lora_A." in k for k in keys) and "encoder_projector.proj.1.weight" in keys
     assert not any(k.startswith("encoder.") or "base_layer" in k or "embed_tokens" in k for k in keys)
-    for k in ("optimizer", "scheduler", "sampler", "grad_scaler", "rng_states", "batch_idx_train"):
+    for k in ("optimizer", "scheduler", "sampler", "grad_scaler", "rank_states", "batch_idx_train"):
         assert k in ep[0], k
     total = ep[2]["batch_idx_train"]
     assert total >= 20

@@ -12,7 +12,8 @@ batches (as the bucketing test loader does), greedy, at most --max-new-tokens to
 hypotheses of every batch size are compared with batch size 1.
 
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the peak resident set size sampled every
-2 ms during the run (minus the RSS before it), i.e. the extra memory decoding needed.
+2 ms during the run minus the RSS before it, i.e. the extra memory decoding needed (a lower bound:
+memory the allocator kept from an earlier run is reused without showing up).
 """
 import argparse
 import os

@@ -14,6 +14,7 @@ Optional (off by default, so golden runs are unchanged):
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -299,9 +300,7 @@ def run_decode(args, mose: bool = False) -> Dict[str, float]:
     from llmasr import checkpoint as ckpt_lib
     from llmasr.data import AsrDataModule
     from llmasr.llm import check_llm_dir
-    from llmasr.model import _split, build_model_from_args
-    from llmasr.scoring import write_results
-    from llmasr.training.logs import setup_logger
+    from llmasr.model import _split
 
     exp_dir = Path(args.exp_dir)
     if not exp_dir.is_dir():
@@ -335,7 +334,40 @@ def run_decode(args, mose: bool = False) -> Dict[str, float]:
 
     decode_dir = exp_dir / f"decode-{_checkpoint_tag(args)}-{_options_tag(args)}"
     suffix = f"decode-{_options_tag(args)}-{_checkpoint_tag(args)}"
-    setup_logger(decode_dir / f"log-decode-{suffix}", level=args.log_level)
+    with _log_to(decode_dir / f"log-{suffix}-{time.strftime('%Y-%m-%d-%H-%M-%S')}", args.log_level):
+        return _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, types,
+                           ckpt_path if args.checkpoint else None)
+
+
+@contextlib.contextmanager
+def _log_to(path: Path, level: str):
+    """Log to ``path`` (and to the console unless the root logger already prints somewhere) for
+    the duration of the block; the handlers are removed afterwards."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s")
+    root = logging.getLogger()
+    added = [logging.FileHandler(path, mode="w")]
+    if not any(type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler) for h in root.handlers):
+        added.append(logging.StreamHandler())
+    for h in added:
+        h.setFormatter(fmt)
+        root.addHandler(h)
+    old_level = root.level
+    root.setLevel(getattr(logging, level.upper()))
+    try:
+        yield
+    finally:
+        root.setLevel(old_level)
+        for h in added:
+            root.removeHandler(h)
+            h.close()
+
+
+def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, types, ckpt_path):
+    from llmasr import checkpoint as ckpt_lib
+    from llmasr.model import build_model_from_args
+    from llmasr.scoring import write_results
+
     logging.info(f"decoding into {decode_dir}")
     logging.info(f"arguments: {vars(args)}")
 

@@ -86,24 +86,29 @@ def check_llm_dir(path: Union[str, Path], gguf_file: Optional[str] = None) -> Pa
 
 def _fix_rope_theta(config, path: Path) -> None:
     """transformers 4.x reads ``rope_theta``; configs written by transformers 5 only carry
-    ``rope_parameters`` and 4.x would silently fall back to 10000. Copy it over."""
+    ``rope_parameters`` (which 4.x keeps as an unused attribute, silently falling back to
+    rope_theta=10000). Copy it over. transformers 5 reads both layouts itself."""
+    if _transformers_version() >= (5, 0):
+        return
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         return
     raw = json.loads(cfg_file.read_text())
     rope = raw.get("rope_parameters")
     if "rope_theta" not in raw and isinstance(rope, dict) and "rope_theta" in rope:
-        if getattr(config, "rope_theta", None) != rope["rope_theta"] and not hasattr(config, "rope_parameters"):
-            logging.info(f"{cfg_file}: taking rope_theta={rope['rope_theta']} from rope_parameters")
-            config.rope_theta = rope["rope_theta"]
+        logging.info(f"{cfg_file}: taking rope_theta={rope['rope_theta']} from rope_parameters")
+        config.rope_theta = rope["rope_theta"]
+
+
+def _transformers_version() -> Tuple[int, int]:
+    import transformers
+
+    return tuple(int(x) for x in transformers.__version__.split(".")[:2])
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict:
-    import transformers
-
-    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     # `dtype=` replaced `torch_dtype=` in 4.56.
-    return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
+    return {"dtype": dtype} if _transformers_version() >= (4, 56) else {"torch_dtype": dtype}
 
 
 def load_tokenizer(path: Union[str, Path], gguf_file: Optional[str] = None):
@@ -141,12 +146,16 @@ def resize_embeddings_for(llm: nn.Module, num_tokens: int, pad_to_multiple_of: i
 def check_vocab_room(llm: nn.Module, tokenizer, resize_vocab: bool) -> None:
     """The speech token ids must index the LLM embedding (SpeechLLM never resizes it)."""
     rows = llm.get_input_embeddings().weight.shape[0]
+    if resize_vocab:
+        resize_embeddings_for(llm, len(tokenizer))
+    else:
+        _check_ids_fit(tokenizer, rows)
+
+
+def _check_ids_fit(tokenizer, rows: int) -> None:
     ids = [tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS]
     too_big = [(t, i) for t, i in zip(SPECIAL_TOKENS, ids) if i >= rows]
     if not too_big:
-        return
-    if resize_vocab:
-        resize_embeddings_for(llm, len(tokenizer))
         return
     raise ValueError(
         f"the LLM embedding has {rows} rows but the speech tokens got ids {too_big} (tokenizer size "
@@ -186,11 +195,18 @@ def load_llm(
 
     kwargs = dict(attn_implementation=attn, **_dtype_kwarg(dtype))
     try:
+        config = AutoConfig.from_pretrained(str(path), **({"gguf_file": gguf_file} if gguf_file else {}))
+        if gguf_file is None:
+            _fix_rope_theta(config, path)
+    except (OSError, ValueError, ImportError) as e:
+        raise RuntimeError(f"could not read the LLM config of {str(path)!r}: {e}") from e
+    if not speech_tokens_outside_vocab and not resize_vocab:
+        # fail before loading (possibly GBs of) weights
+        _check_ids_fit(tokenizer, config.get_text_config().vocab_size)
+    try:
         if gguf_file is not None:
             llm = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, **kwargs)
         else:
-            config = AutoConfig.from_pretrained(str(path))
-            _fix_rope_theta(config, path)
             llm = AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
     except (OSError, ValueError, ImportError) as e:
         raise RuntimeError(f"could not load the LLM from {str(path)!r}: {e}") from e

@@ -116,7 +116,21 @@ class SpeechLLM(nn.Module):
         self.feature_dim = feature_dims.pop()
         for e in encoders:
             e.requires_grad_(unfreeze_encoder)
+        if use_prompt_embedding:
+            self._init_prompt_embedding()
         self.train(False)
+
+    @torch.no_grad()
+    def _init_prompt_embedding(self) -> None:
+        """Start the used table from the LLM's own rows of those tokens (or, for ids beyond the
+        embedding, from noise of the embedding's scale) instead of nn.Embedding's N(0, 1)."""
+        emb = self.llm.get_input_embeddings().weight
+        std = float(emb.float().std())
+        for k, tok in enumerate(self.prompt_ids.prompt_embedding[: self.prompt_embedding.num_embeddings]):
+            if 0 <= tok < emb.shape[0]:
+                self.prompt_embedding.weight[k] = emb[tok].float()
+            else:
+                self.prompt_embedding.weight[k].normal_(0.0, std)
 
     # ------------------------------------------------------------------ structure
 
@@ -337,10 +351,17 @@ class SpeechLLM(nn.Module):
         **gen_opts,
     ) -> torch.Tensor:
         """Generated token ids (B, N) of a batch (new tokens only, finished rows padded)."""
+        import dataclasses
+
         from llmasr.decoding import GenerationOptions, generate
 
+        if "num_beams" in gen_opts:  # SpeechLLM's / HF's name
+            beam_size = gen_opts.pop("num_beams")
+        known = {f.name for f in dataclasses.fields(GenerationOptions)}
+        extra = {k: gen_opts.pop(k) for k in list(gen_opts) if k not in known}  # passed to HF generate
         merged, mask, _, speech_lens, _ = self.prepare_inputs(features, feature_lens)
         opts = GenerationOptions(beam_size=beam_size, **gen_opts)
+        opts.extra.update(extra)
         if max_new_tokens is not None:
             opts.max_new_tokens = max_new_tokens
         return generate(self.llm, merged, mask, self.prompt_ids, opts, speech_lens.sum(1))

@@ -85,7 +85,7 @@ def plot_training_curves(
     handles = []
     if losses:
         xs, ys = zip(*losses)
-        (h,) = ax.plot(xs, ys, color="tab:blue", lw=1.5, label="training loss (LLM cross-entropy)")
+        (h,) = ax.plot(xs, ys, color="tab:blue", lw=1.5, label="training loss")
         handles.append(h)
     if aux_losses:
         xs, ys = zip(*aux_losses)

@@ -21,6 +21,7 @@ order so ids match its checkpoints).
 from __future__ import annotations
 
 import random
+import weakref
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -147,8 +148,26 @@ def _token_id(tokenizer, token: str, what: str, required: bool = True) -> Option
     return vocab[token]
 
 
+# Per-tokenizer caches (weak: they go away with the tokenizer).
+_IDS_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_PREFIX_CACHE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def resolve_prompt_ids(tokenizer, fmt: Union[str, PromptFormat]) -> PromptIds:
-    fmt = get_prompt_format(fmt)
+    return _resolve(tokenizer, get_prompt_format(fmt))[0]
+
+
+def _resolve(tokenizer, fmt: PromptFormat) -> Tuple[PromptIds, frozenset]:
+    # get_vocab() builds a dict of the whole vocabulary (150k entries for Qwen2): once per
+    # (tokenizer, format, tokenizer size), not once per batch.
+    cache = _IDS_CACHE.setdefault(tokenizer, {})
+    key = (fmt, len(tokenizer))
+    if key not in cache:
+        cache[key] = (_resolve_uncached(tokenizer, fmt), frozenset(_special_ids(tokenizer)))
+    return cache[key]
+
+
+def _resolve_uncached(tokenizer, fmt: PromptFormat) -> PromptIds:
     return PromptIds(
         pad=_token_id(tokenizer, fmt.pad_token, "pad"),
         eos=_token_id(tokenizer, fmt.eos_token, "end-of-turn"),
@@ -166,19 +185,17 @@ def _encode(tokenizer, text: str) -> List[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-# The prompt prefix is the same for every utterance: cache it per (tokenizer, format, groups).
-_PREFIX_CACHE: Dict[Tuple[int, PromptFormat, int, int], List[int]] = {}
 
 
 def prompt_prefix_ids(tokenizer, fmt: Union[str, PromptFormat], num_speech_groups: int = 1) -> List[int]:
     """Token ids of the decode prompt (ends with the assistant header)."""
     fmt = get_prompt_format(fmt)
-    key = (id(tokenizer), fmt, num_speech_groups, len(tokenizer))
-    ids = _PREFIX_CACHE.get(key)
-    if ids is None:
-        ids = _encode(tokenizer, fmt.prompt_text(num_speech_groups))
-        _PREFIX_CACHE[key] = ids
-    return list(ids)
+    # the prefix is the same for every utterance: tokenise it once
+    cache = _PREFIX_CACHE.setdefault(tokenizer, {})
+    key = (fmt, num_speech_groups, len(tokenizer))
+    if key not in cache:
+        cache[key] = _encode(tokenizer, fmt.prompt_text(num_speech_groups))
+    return list(cache[key])
 
 
 def build_prompts(
@@ -202,7 +219,7 @@ def build_prompts(
         assistant suffix (None when ``texts`` is None).
     """
     fmt = get_prompt_format(fmt)
-    ids = resolve_prompt_ids(tokenizer, fmt)
+    ids, special = _resolve(tokenizer, fmt)
     if texts is not None:
         n = len(texts)
     elif batch_size is not None:
@@ -223,7 +240,6 @@ def build_prompts(
         num_labelled = [0] * n
     else:
         text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if n else []
-        special = _special_ids(tokenizer)
         seqs, num_labelled = [], []
         for text, prefix, tids in zip(texts, prefixes, text_ids):
             bad = [t for t in tids if t in special]

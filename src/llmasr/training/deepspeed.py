@@ -11,7 +11,8 @@ except for what our flags own:
 
 The optimizer is DeepSpeed's when the config has an ``"optimizer"`` section, otherwise ours
 (``--optimizer adamw``). ScaledAdam is refused: ZeRO hands the optimizer flattened partitions, which
-breaks its per-tensor scale learning.
+breaks its per-tensor scale learning. Likewise the learning rate follows the config's
+``"scheduler"`` section (e.g. WarmupLR) if there is one, otherwise ``--lr-scheduler``/``--base-lr``.
 
 Checkpoints: every rank writes its shard with ``engine.save_checkpoint(exp_dir, tag)`` (tags
 ``zero-epoch-N`` and ``zero-checkpoint-B``, frozen parameters excluded; the training state rides
@@ -72,11 +73,6 @@ def init_engine(model: nn.Module, cfg: Dict[str, Any], optimizer_name: str, base
         client_opt = build_optimizer(model)
         # ZeRO only vouches for its own optimizers; torch's AdamW is fine with stage 1/2.
         cfg.setdefault("zero_allow_untested_optimizer", True)
-    if "scheduler" in cfg:
-        raise ValueError(
-            "remove the \"scheduler\" section from the DeepSpeed config: the learning rate is set by "
-            "--lr-scheduler/--warmup-steps/--base-lr so that it is the same with and without DeepSpeed"
-        )
     # DeepSpeed broadcasts every parameter from rank 0 as ``p.data.view(torch.uint8)``, which fails
     # for 0-dim tensors (Zipformer's BiasNorm ``log_scale``). Every rank loaded the same files with
     # the same seed, so those need no broadcast: mark them as "not available" (ZeRO-3's flag, which
@@ -94,13 +90,37 @@ def init_engine(model: nn.Module, cfg: Dict[str, Any], optimizer_name: str, base
     finally:
         for p in scalars:
             del p.ds_status
-    # Our scheduler writes "lr" into the param groups of the optimizer ZeRO steps.
     inner = client_opt if client_opt is not None else getattr(optimizer, "optimizer", optimizer)
-    if "optimizer" in cfg:
-        for g in inner.param_groups:
-            g["lr"] = g.get("lr", base_lr)
+    if "scheduler" in cfg:
+        # DeepSpeed's own scheduler (e.g. WarmupLR, icefall's whisper_llm_zh configs), stepped in
+        # engine.step() and saved in DeepSpeed's checkpoint.
+        logging.info("learning rate from the DeepSpeed config's scheduler %s", cfg["scheduler"].get("type"))
+        return engine, inner, EngineLR(engine)
+    # Our scheduler writes "lr" into the param groups of the optimizer ZeRO steps.
     scheduler = build_scheduler(inner)
     return engine, inner, scheduler
+
+
+class EngineLR:
+    """Scheduler interface over the DeepSpeed engine's own lr scheduler (which the engine steps)."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def step_batch(self, batch=None) -> None:
+        pass
+
+    def step_epoch(self, epoch=None) -> None:
+        pass
+
+    def get_last_lr(self):
+        return list(self.engine.get_lr())
+
+    def state_dict(self) -> dict:
+        return {"deepspeed_scheduler": True}  # the state itself is in the ZeRO checkpoint
+
+    def load_state_dict(self, state_dict) -> None:
+        pass
 
 
 def save_ds_checkpoint(engine, exp_dir: Path, tag: str, client_state: Dict[str, Any]) -> None:
@@ -123,7 +143,8 @@ def load_ds_checkpoint(engine, exp_dir: Path, tag: str) -> Dict[str, Any]:
             f"DeepSpeed checkpoint {str(Path(exp_dir) / tag)!r} not found (needed to resume with --deepspeed)"
         )
     path, client = engine.load_checkpoint(
-        str(exp_dir), tag=tag, load_module_strict=False, load_optimizer_states=True, load_lr_scheduler_states=False
+        str(exp_dir), tag=tag, load_module_strict=False, load_optimizer_states=True,
+        load_lr_scheduler_states=engine.lr_scheduler is not None,
     )
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {tag!r} from {exp_dir}")

@@ -231,8 +231,8 @@ def train_one_epoch(
 
         info = train_step(params, model, batch, optimizer, scheduler, scaler, device)
         tot = tot.scaled(decay) + info
-        params.epoch_loss_sum = params.get("epoch_loss_sum", 0.0) + info["loss"]
-        params.epoch_tokens = params.get("epoch_tokens", 0.0) + info["tokens"]
+        params.epoch_loss_sum += info["loss"]
+        params.epoch_tokens += info["tokens"]
         params.epoch_cuts = params.get("epoch_cuts", 0) + len(batch["texts"]) * world_size
         if progress is not None:
             progress.update(len(batch["texts"]))
@@ -268,8 +268,10 @@ def train_one_epoch(
             f"epoch {params.cur_epoch} produced no training batch on rank {rank}: check --max-duration "
             "(larger than the longest cut?), --drop-last and the cut filters (--min-duration/--max-cut-duration)"
         )
-    tokens = params.get("epoch_tokens", 0.0)
-    params.train_loss = params.get("epoch_loss_sum", 0.0) / tokens if tokens > 0 else math.inf
+    # Epoch loss over all ranks (each rank keeps its own sums, restored per rank on resume).
+    totals = MetricsTracker({"loss": params.epoch_loss_sum, "tokens": params.epoch_tokens})
+    totals.reduce(device)
+    params.train_loss = totals["loss"] / totals["tokens"] if totals["tokens"] > 0 else math.inf
     if params.train_loss < params.best_train_loss:
         params.best_train_loss = params.train_loss
         params.best_train_epoch = params.cur_epoch

@@ -186,9 +186,10 @@ def fix_random_seed(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds CUDA
 
 
-def gather_rng_states() -> List[Dict[str, Any]]:
-    """RNG state of every rank (collective when distributed)."""
-    mine = get_rng_state()
+def gather_rank_states(params) -> List[Dict[str, Any]]:
+    """Per-rank state a mid-epoch resume needs: RNG states and the rank's running epoch loss
+    (collective when distributed; element r belongs to rank r)."""
+    mine = {"rng": get_rng_state(), "epoch_loss_sum": params.epoch_loss_sum, "epoch_tokens": params.epoch_tokens}
     if not (dist.is_available() and dist.is_initialized()):
         return [mine]
     out: List[Any] = [None] * dist.get_world_size()
@@ -227,10 +228,10 @@ class Checkpointer:
         self.sampler = None
         self.exp_dir = Path(params.exp_dir)
 
-    def _write(self, path: Path, ds_tag: str, rng_states) -> None:
+    def _write(self, path: Path, ds_tag: str, rank_states) -> None:
         from llmasr.checkpoint import save_checkpoint
 
-        params = _params_to_save(self.params, rng_states=rng_states)
+        params = _params_to_save(self.params, rank_states=rank_states)
         sampler = self.sampler
         if self.params.deepspeed:
             from llmasr.training.deepspeed import save_ds_checkpoint, zero_to_state_dict
@@ -261,7 +262,7 @@ class Checkpointer:
     def save_epoch(self) -> None:
         p = self.params
         path = self.exp_dir / f"epoch-{p.cur_epoch}.pt"
-        self._write(path, f"zero-epoch-{p.cur_epoch}", gather_rng_states())
+        self._write(path, f"zero-epoch-{p.cur_epoch}", gather_rank_states(p))
         if self.rank == 0:
             logging.info("saved %s", path)
             if p.best_train_epoch == p.cur_epoch:
@@ -272,7 +273,7 @@ class Checkpointer:
     def save_batch(self) -> None:
         p = self.params
         path = self.exp_dir / f"checkpoint-{p.batch_idx_train}.pt"
-        self._write(path, f"zero-checkpoint-{p.batch_idx_train}", gather_rng_states())
+        self._write(path, f"zero-checkpoint-{p.batch_idx_train}", gather_rank_states(p))
         if self.rank == 0:
             logging.info("saved %s", path)
             self._prune()
@@ -301,13 +302,15 @@ def resume_path(params) -> Optional[Path]:
 
 
 _RESTORED_KEYS = ("best_train_epoch", "best_valid_epoch", "batch_idx_train", "best_train_loss", "best_valid_loss")
-_MID_EPOCH_KEYS = ("cur_epoch", "cur_batch_idx", "epoch_loss_sum", "epoch_tokens", "epoch_cuts")
+_MID_EPOCH_KEYS = ("cur_epoch", "cur_batch_idx", "epoch_cuts")
 
 
 # --------------------------------------------------------------------------- run
 
 
 def _set_precision(params) -> None:
+    if params.use_fp16 is None:  # not resolved by main() (run() called directly)
+        params.use_fp16 = torch.cuda.is_available() and not params.use_bf16
     if params.use_fp16 and params.use_bf16:
         raise ValueError("--use-fp16 and --use-bf16 are exclusive")
     if params.use_bf16:
@@ -489,12 +492,15 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
             # Creating the iterator draws from the torch RNG; restore the RNG after it.
             train_iter = iter(train_dl)
             if resuming_here:
-                states = resumed.get("rng_states")
+                states = resumed.get("rank_states")
                 if not states or len(states) != world_size:
                     raise ValueError(
-                        f"{ckpt_path} holds RNG states of {len(states or [])} ranks, this run has {world_size}"
+                        f"{ckpt_path} holds the state of {len(states or [])} ranks, this run has {world_size}: "
+                        "resume in the middle of an epoch with the same number of processes"
                     )
-                set_rng_state(states[rank])
+                params.epoch_loss_sum = states[rank]["epoch_loss_sum"]
+                params.epoch_tokens = states[rank]["epoch_tokens"]
+                set_rng_state(states[rank]["rng"])
             if tb_writer is not None:
                 tb_writer.add_scalar("train/epoch", epoch, params.batch_idx_train)
             progress = Progress(total_cuts, world_size, done_cuts=int(params.epoch_cuts))
