@@ -10,6 +10,12 @@
 - every training parameter as a top-level key (``cur_epoch``, ``batch_idx_train``, ...).
 
 Averaged files (``epoch-E-avg-N.pt``) are ``{"model": averaged_state_dict}``.
+
+Also read (decoding, ``--pretrained-model-path``): icefall ``whisper_llm_zh`` checkpoints - bare
+state dicts written by DeepSpeed's ``zero_to_fp32`` as ``epoch-N/pytorch_model.bin`` (found by
+``--epoch/--avg`` when ``epoch-N.pt`` is absent) or a published ``epoch-10-avg-5.pt`` - whose
+projector keys ``encoder_projector.linear1/linear2.*`` are mapped to ours (``proj.1/proj.3``) on
+load (:func:`to_our_layout`); LoRA / encoder / LLM keys already match.
 """
 from __future__ import annotations
 
@@ -109,9 +115,27 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     sd = ckpt["model"]
     if not isinstance(sd, dict):
         raise RuntimeError(f"checkpoint {str(path)!r}: 'model' is a {type(sd).__name__}, expected a state dict")
-    if sd and next(iter(sd)).startswith("module."):  # saved from a DDP-wrapped model
-        ckpt["model"] = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    ckpt["model"] = to_our_layout(sd, source=str(path))
     return ckpt
+
+
+def to_our_layout(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Dict[str, torch.Tensor]:
+    """Keys of other trainers' files mapped to ours: ``module.`` (DDP) stripped, icefall
+    whisper_llm_zh / FireRedASR projector keys ``encoder_projector[.<k>].linear1/linear2.*`` ->
+    ``encoder_projector[.<k>].proj.1/proj.3.*``. Other keys are returned unchanged."""
+    from llmasr.projector import remap_linear12_keys
+
+    sd = dict(state_dict)
+    if sd and next(iter(sd)).startswith("module."):  # saved from a DDP-wrapped model
+        sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
+    if any(k.startswith("encoder_projector.") and ".linear" in k for k in sd):
+        mapped = remap_linear12_keys(sd, prefix="encoder_projector.")
+        clash = len(mapped) != len(sd)
+        if clash:
+            raise RuntimeError(f"{source} has both linear1/linear2 and proj.1/proj.3 projector keys")
+        logging.info(f"{source}: projector keys linear1/linear2 mapped to proj.1/proj.3")
+        sd = mapped
+    return sd
 
 
 def average_checkpoints(paths: Sequence[PathLike], map_location="cpu") -> Dict[str, torch.Tensor]:
@@ -148,8 +172,20 @@ def average_checkpoints(paths: Sequence[PathLike], map_location="cpu") -> Dict[s
 # ---------------------------------------------------------------------- finding files
 
 
+def epoch_checkpoint_path(exp_dir: PathLike, epoch: int) -> Path:
+    """``epoch-<epoch>.pt``, or icefall whisper_llm_zh's ``epoch-<epoch>/pytorch_model.bin`` (its
+    DeepSpeed run converts every ZeRO checkpoint there) when only that exists."""
+    exp_dir = Path(exp_dir)
+    ours = exp_dir / f"epoch-{epoch}.pt"
+    if ours.is_file():
+        return ours
+    converted = exp_dir / f"epoch-{epoch}" / "pytorch_model.bin"
+    return converted if converted.is_file() else ours
+
+
 def epoch_checkpoints(exp_dir: PathLike, epoch: int, avg: int = 1) -> List[Path]:
-    """``epoch-(epoch-avg+1).pt .. epoch-<epoch>.pt``; clear error if the range or a file is missing."""
+    """``epoch-(epoch-avg+1).pt .. epoch-<epoch>.pt`` (each may be an ``epoch-N/pytorch_model.bin``
+    instead); clear error if the range or a file is missing."""
     exp_dir = Path(exp_dir)
     if epoch < 1:
         raise ValueError(f"--epoch must be >= 1 (got {epoch}); or pass --checkpoint / --iter")
@@ -158,10 +194,11 @@ def epoch_checkpoints(exp_dir: PathLike, epoch: int, avg: int = 1) -> List[Path]
     first = epoch - avg + 1
     if first < 1:
         raise ValueError(f"--epoch {epoch} --avg {avg} needs epochs {first}..{epoch}, but epochs start at 1")
-    paths = [exp_dir / f"epoch-{e}.pt" for e in range(first, epoch + 1)]
+    paths = [epoch_checkpoint_path(exp_dir, e) for e in range(first, epoch + 1)]
     missing = [str(p) for p in paths if not p.is_file()]
     if missing:
         have = sorted(p.name for p in exp_dir.glob("epoch-*.pt"))
+        have += sorted(f"{p.parent.name}/{p.name}" for p in exp_dir.glob("epoch-*/pytorch_model.bin"))
         raise FileNotFoundError(f"missing checkpoint(s) {missing}; {exp_dir} has {have or 'no epoch-*.pt files'}")
     return paths
 
@@ -278,6 +315,8 @@ __all__ = [
     "trainable_state_dict",
     "atomic_torch_save",
     "epoch_checkpoints",
+    "epoch_checkpoint_path",
+    "to_our_layout",
     "iter_checkpoints",
     "find_checkpoints",
     "load_model_state",

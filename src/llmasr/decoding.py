@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
 
 import torch
+from transformers import LogitsProcessor
 
 from llmasr.prompt import PromptIds
 
@@ -71,6 +72,27 @@ class _RepetitionGuard:
         return done
 
 
+class GeneratedTokensRepetitionPenalty(LogitsProcessor):
+    """Hugging Face's repetition penalty (logit < 0 -> * p, else / p, once per distinct token) over
+    the ids ``generate`` tracks. With ``inputs_embeds`` only, those are the generated tokens, as in
+    the released code (transformers 4.x). Applied by us rather than via ``repetition_penalty=`` because
+    transformers 5 additionally skips the first ``left-padding-length`` GENERATED tokens of each row when
+    an attention mask is given with ``inputs_embeds``, which would make batched results depend on padding.
+    """
+
+    def __init__(self, penalty: float):
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.size(1) == 0:
+            return scores
+        picked = scores.gather(1, input_ids)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, input_ids, picked)
+
+
 def _stopping_criteria(criteria):
     from transformers import StoppingCriteria, StoppingCriteriaList
 
@@ -114,7 +136,8 @@ def generate(
         do_sample=False,
         min_length=1,
         top_p=1.0,
-        repetition_penalty=opts.repetition_penalty,
+        # 1.0 also overrides a generation_config.json penalty; a real one is applied below
+        repetition_penalty=1.0,
         length_penalty=opts.length_penalty,
         temperature=1.0,
         bos_token_id=prompt_ids.bos,
@@ -125,7 +148,17 @@ def generate(
         kwargs["no_repeat_ngram_size"] = opts.no_repeat_ngram_size
     if criteria:
         kwargs["stopping_criteria"] = _stopping_criteria(criteria)
-    kwargs.update(opts.extra)
+    extra = dict(opts.extra)
+    if opts.repetition_penalty != 1.0:
+        # Our processor, not generate(repetition_penalty=): transformers 5 skips the first
+        # <left padding> generated tokens of each row with inputs_embeds + attention mask, so a
+        # batched utterance would be penalised differently from the same utterance alone.
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList([GeneratedTokensRepetitionPenalty(opts.repetition_penalty)])
+        processors.extend(extra.pop("logits_processor", None) or [])
+        kwargs["logits_processor"] = processors
+    kwargs.update(extra)
     out = llm.generate(**kwargs)
     if not isinstance(out, torch.Tensor):  # return_dict_in_generate in extra
         out = out.sequences
@@ -190,6 +223,8 @@ def add_decoding_arguments(parser) -> None:
     g.add_argument("--repetition-guard", type=int, default=0,
                    help="Stop an utterance when a pattern of <= 8 tokens repeats this many times (0 = off).")
     g.add_argument("--length-penalty", type=float, default=1.0, help="Beam search length penalty.")
+    g.add_argument("--repetition-penalty", type=float, default=1.0,
+                   help="Hugging Face repetition penalty over the generated tokens (1.0 = off; FireRedASR-LLM uses 3.0).")
 
 
 def generation_options_from_args(args) -> Dict[str, Any]:
@@ -200,11 +235,13 @@ def generation_options_from_args(args) -> Dict[str, Any]:
         max_new_tokens_per_speech_token=args.max_new_tokens_per_speech_token,
         repetition_guard=args.repetition_guard,
         length_penalty=args.length_penalty,
+        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
     )
 
 
 __all__ = [
     "GenerationOptions",
+    "GeneratedTokensRepetitionPenalty",
     "generate",
     "decode_dataset",
     "add_decoding_arguments",
@@ -270,6 +307,8 @@ def _options_tag(args) -> str:
         tag += f"-repguard{args.repetition_guard}"
     if args.length_penalty != 1.0:
         tag += f"-lp{args.length_penalty:g}"
+    if getattr(args, "repetition_penalty", 1.0) != 1.0:
+        tag += f"-rp{args.repetition_penalty:g}"
     return tag
 
 
@@ -415,6 +454,8 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
         logging.info(f"decoding {name}: {num_cuts} cuts")
         results = []
         for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_cuts, **gen):
+            # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
+            ref = model.prompt_format.transform_text(ref)
             if normalize == "speechllm":
                 ref = ref.lower()
             results.append((cut_id, ref, hyp))

@@ -430,6 +430,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                    "prompt_embedding rows. SpeechLLM's table has no effect; keep false for its checkpoints.")
     g.add_argument("--resize-vocab", type=str2bool, default=False,
                    help="Grow the LLM embedding when the speech tokens do not fit (new rows = mean row).")
+    g.add_argument("--init-from-firered", type=str, default=None, metavar="DIR",
+                   help="Start from a released FireRedASR-LLM directory: its model.pth.tar (encoder overrides, "
+                   "projector, LoRA) is loaded into the model. Use with --speech-encoder-type firered "
+                   "--speech-encoder-path DIR/asr_encoder.pth.tar --llm-path DIR/Qwen2-7B-Instruct "
+                   "--encoder-projector-ds-rate 2 --projector-activation relu --projector-dropout 0 "
+                   "--prompt-format firered.")
 
 
 def _split(value: Optional[str]) -> List[str]:
@@ -482,10 +488,54 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
         mose=mose,
     )
+    if getattr(args, "init_from_firered", None):
+        load_firered_weights(model, args.init_from_firered)
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logging.info(f"SpeechLLM: {model.num_encoders} encoder(s) {types}, {n_all} parameters, {n_train} trainable")
     return model
 
 
-__all__ = ["SpeechLLM", "add_model_arguments", "build_model_from_args", "str2bool"]
+def load_firered_weights(model: SpeechLLM, model_dir) -> None:
+    """Load a released FireRedASR-LLM ``model_dir/model.pth.tar`` into ``model``.
+
+    Its ``model_state_dict`` has our module names (``encoder.*``: any subset of the Conformer,
+    overriding ``asr_encoder.pth.tar``; ``encoder_projector.linear1/linear2.*``: the whole adapter;
+    ``llm.*``: LoRA weights). Every key must exist in the model with its shape and the projector
+    must be complete; the rest of the model keeps its loaded weights. The base LLM is not loaded a
+    second time (unlike :func:`llmasr.firered.llm.load_firered_llm`).
+    """
+    from pathlib import Path
+
+    from llmasr.checkpoint import to_our_layout
+    from llmasr.firered.load import load_package
+
+    path = Path(model_dir) / "model.pth.tar"
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from-firered {model_dir}: {path} does not exist")
+    if model.mose or model.prompt_format.name != "firered":
+        raise ValueError(f"--init-from-firered needs one encoder and --prompt-format firered "
+                         f"(got {model.num_encoders} encoder(s), format {model.prompt_format.name!r})")
+    pkg_args, sd = load_package(path)
+    ds = int(getattr(pkg_args, "encoder_downsample_rate", model.downsample_rate))
+    if ds != model.downsample_rate:
+        raise ValueError(f"{path} was trained with encoder_downsample_rate {ds}, but --encoder-projector-ds-rate "
+                         f"is {model.downsample_rate}")
+    sd = to_our_layout(sd, source=str(path))
+    own = model.state_dict()
+    unknown = sorted(k for k in sd if k not in own)
+    if unknown:
+        hint = " (build the model with LoRA: --use-lora true --unfreeze-llm true)" if any(".lora_" in k for k in unknown) else ""
+        raise RuntimeError(f"{path}: {len(unknown)} key(s) not in the model{hint}, e.g. {unknown[:4]}")
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
+    if shapes:
+        raise RuntimeError(f"{path}: shape mismatch (other encoder/LLM/LoRA rank?): "
+                           + "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in shapes[:4]))
+    missing_proj = sorted(k for k in own if k.startswith("encoder_projector.") and k not in sd)
+    if missing_proj:
+        raise RuntimeError(f"{path}: projector weights missing: {missing_proj}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    logging.info(f"initialised {len(sd)} tensors from {path}")
+
+
+__all__ = ["SpeechLLM", "add_model_arguments", "build_model_from_args", "load_firered_weights", "str2bool"]

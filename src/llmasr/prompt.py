@@ -23,7 +23,7 @@ from __future__ import annotations
 import random
 import weakref
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -41,6 +41,18 @@ SPECIAL_TOKENS = (SPEECH_TOKEN, START_TEXT_TOKEN, END_TEXT_TOKEN, START_SPEECH_T
 PROMPT_EMBEDDING_TOKENS = (START_TEXT_TOKEN, END_TEXT_TOKEN, START_SPEECH_TOKEN, END_SPEECH_TOKEN)
 
 
+def _remove_spaces(text: str) -> str:
+    # icefall whisper_llm_zh: "".join(text.split()) - every kind of whitespace goes
+    return "".join(text.split())
+
+
+TEXT_TRANSFORMS: Dict[str, Callable[[str], str]] = {
+    "none": lambda text: text,
+    "lower": str.lower,
+    "remove_spaces": _remove_spaces,
+}
+
+
 @dataclass(frozen=True)
 class PromptFormat:
     name: str
@@ -55,6 +67,20 @@ class PromptFormat:
     pad_token: str = "<|endoftext|>"  # left padding of prompts, generate()'s pad_token_id
     bos_token: str = "<|im_start|>"  # generate()'s bos_token_id (SpeechLLM sets it; unused)
     speech_token: str = SPEECH_TOKEN
+    # Normalisation of the transcript, applied to training targets (build_prompts) and to the
+    # references at decode time, so both see the same text: a name from TEXT_TRANSFORMS.
+    text_transform: str = "none"
+
+    def __post_init__(self):
+        if self.text_transform not in TEXT_TRANSFORMS:
+            raise ValueError(
+                f"prompt format {self.name!r}: unknown text_transform {self.text_transform!r}; "
+                f"known: {', '.join(sorted(TEXT_TRANSFORMS))}"
+            )
+
+    def transform_text(self, text: str) -> str:
+        """The transcript as this format trains on it (and scores it)."""
+        return TEXT_TRANSFORMS[self.text_transform](text)
 
     def prompt_text(self, num_speech_groups: int) -> str:
         """The decode prompt as a string (the part before the transcript)."""
@@ -86,8 +112,9 @@ def available_prompt_formats() -> List[str]:
     return sorted(_FORMATS)
 
 
-# zhu-han/SpeechLLM: no system message, <start_speech><speech><end_speech> per encoder.
-register_prompt_format(PromptFormat(name="speechllm"))
+# zhu-han/SpeechLLM: no system message, <start_speech><speech><end_speech> per encoder; its
+# datamodule lower-cases every supervision text (training and the decode references).
+register_prompt_format(PromptFormat(name="speechllm", text_transform="lower"))
 
 # ---------------------------------------------------------------------------------------------
 # Other recipes register their formats here (FireRedASR-LLM, icefall whisper_llm_zh), e.g.
@@ -98,15 +125,19 @@ register_prompt_format(PromptFormat(name="speechllm"))
 # FireRedASR-LLM (FireRedTeam/FireRedASR ``LlmTokenizerWrapper.preprocess_texts``): its own template,
 # no system message, one <speech> token followed by the instruction; training appends the cleaned
 # transcript and <|im_end|> (no trailing newline).
+# The transcript is used as given (FireRed's punctuation/space clean-up, llmasr.firered.llm.clean_text,
+# is not applied by this format).
 register_prompt_format(PromptFormat(name="firered", speech_group=SPEECH_TOKEN, user_content="{speech}请转写音频为文字"))
 
 # icefall egs/speech_llm/ASR_LLM/whisper_llm_zh (train.py/decode.py ``preprocess``): its own Jinja
 # template, no system message; user turn "<speech>请转写音频为文字"; training target = transcript with
 # spaces removed + <|im_end|> (no trailing newline), everything up to "assistant\n" and the padding
 # masked; decode prompt ends with "<|im_start|>assistant\n"; pad <|endoftext|>, bos <|im_start|>,
-# eos <|im_end|>. Same token layout as "firered"; registered under its own name for the recipe.
+# eos <|im_end|>. Same token layout as "firered"; its transcripts (and CER references) have every
+# space removed.
 register_prompt_format(
-    PromptFormat(name="whisper_llm_zh", speech_group=SPEECH_TOKEN, user_content="{speech}请转写音频为文字")
+    PromptFormat(name="whisper_llm_zh", speech_group=SPEECH_TOKEN, user_content="{speech}请转写音频为文字",
+                 text_transform="remove_spaces")
 )
 
 
@@ -208,7 +239,7 @@ def build_prompts(
     """Token ids for a batch of prompts, left-padded with the format's pad token.
 
     Args:
-        texts: transcripts (training) or None (decoding: prompts end with the assistant header).
+        texts: transcripts (training; normalised with the format's ``text_transform`` here) or None (decoding: prompts end with the assistant header).
         num_speech_groups: speech groups per prompt, one int for all or one per utterance (MoSE
             training drops groups per utterance).
         batch_size: number of prompts when ``texts`` is None (default: len(num_speech_groups) or 1).
@@ -239,7 +270,8 @@ def build_prompts(
         seqs = prefixes
         num_labelled = [0] * n
     else:
-        text_ids = tokenizer(list(texts), add_special_tokens=False)["input_ids"] if n else []
+        texts = [fmt.transform_text(t) for t in texts]
+        text_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if n else []
         seqs, num_labelled = [], []
         for text, prefix, tids in zip(texts, prefixes, text_ids):
             bad = [t for t in tids if t in special]
@@ -289,6 +321,7 @@ __all__ = [
     "PROMPT_EMBEDDING_TOKENS",
     "PromptFormat",
     "PromptIds",
+    "TEXT_TRANSFORMS",
     "register_prompt_format",
     "get_prompt_format",
     "available_prompt_formats",

@@ -40,7 +40,7 @@ from lhotse.dataset import (
 from lhotse.utils import fix_random_seed
 from torch.utils.data import DataLoader
 
-from .features import make_feature_extractor
+from .features import FEATURE_TYPES, make_feature_extractor
 
 
 def str2bool(v: Union[str, bool]) -> bool:
@@ -260,8 +260,10 @@ class AsrDataModule:
         group.add_argument("--num-workers", type=int, default=2, help="dataloader worker processes")
         group.add_argument("--on-the-fly-feats", type=str2bool, default=False,
                            help="compute features from audio at run time (same extractor as local/prepare.sh)")
-        group.add_argument("--feature-type", type=str, default="fbank", choices=["fbank", "whisper"],
+        group.add_argument("--feature-type", type=str, default="fbank", choices=list(FEATURE_TYPES),
                            help="extractor for --on-the-fly-feats")
+        group.add_argument("--firered-cmvn", type=str, default=None,
+                           help="cmvn.ark of a FireRedASR model, for --feature-type firered")
         group.add_argument("--num-mel-bins", type=int, default=80, help="80, or 128 for Whisper large-v3")
         group.add_argument("--enable-spec-aug", type=str2bool, default=True, help="SpecAugment (training only)")
         group.add_argument("--spec-aug-time-warp-factor", type=int, default=80,
@@ -344,7 +346,8 @@ class AsrDataModule:
     # ---------------------------------------------------------------------------------------
     def _input_strategy(self):
         if self.args.on_the_fly_feats:
-            return OnTheFlyFeatures(make_feature_extractor(self.args.feature_type, self.args.num_mel_bins))
+            return OnTheFlyFeatures(make_feature_extractor(self.args.feature_type, self.args.num_mel_bins,
+                                                           getattr(self.args, "firered_cmvn", None)))
         return PrecomputedFeatures()
 
     def train_dataloader(

@@ -5,17 +5,29 @@ data module, so precomputed and on-the-fly features are computed by the same cod
 """
 from __future__ import annotations
 
+from typing import Optional
+
 from lhotse import Fbank, FbankConfig, WhisperFbank, WhisperFbankConfig
 from lhotse.features.base import FeatureExtractor
 
-FEATURE_TYPES = ("fbank", "whisper")
+FEATURE_TYPES = ("fbank", "whisper", "firered")
 
 
-def make_feature_extractor(feature_type: str = "fbank", num_mel_bins: int = 80) -> FeatureExtractor:
+def make_feature_extractor(
+    feature_type: str = "fbank", num_mel_bins: int = 80, firered_cmvn: Optional[str] = None
+) -> FeatureExtractor:
     """``fbank``: Kaldi-compatible log-mel fbank, 25 ms window / 10 ms shift (icefall's features);
     ``whisper``: Whisper's log-mel spectrogram (n_fft 400, hop 160, per-utterance max-8 clamp,
-    (x + 4) / 4), 80 bins for Whisper <= v2 and 128 for large-v3 (needs librosa for the mel filters).
+    (x + 4) / 4), 80 bins for Whisper <= v2 and 128 for large-v3 (needs librosa for the mel filters);
+    ``firered``: FireRedASR's 80-bin Kaldi fbank of int16-scaled samples, normalised with the model's
+    ``cmvn.ark`` (``firered_cmvn``; without it raw fbank).
     """
+    if feature_type == "firered":
+        from llmasr.firered.features import lhotse_extractor
+
+        if num_mel_bins != 80:
+            raise ValueError(f"FireRedASR features have 80 mel bins, got --num-mel-bins {num_mel_bins}")
+        return lhotse_extractor(firered_cmvn)
     if feature_type == "fbank":
         return Fbank(FbankConfig(num_mel_bins=num_mel_bins))
     if feature_type == "whisper":

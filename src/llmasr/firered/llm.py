@@ -31,8 +31,9 @@ from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessorList
 
+from llmasr.decoding import GeneratedTokensRepetitionPenalty
 from llmasr.projector import Projector, remap_linear12_keys
 from llmasr.prompt import IGNORE_INDEX, SPEECH_TOKEN, get_prompt_format, prompt_prefix_ids, resolve_prompt_ids
 
@@ -96,27 +97,6 @@ def splice_speech(
         out_labels = torch.full((n, width), IGNORE_INDEX, dtype=labels.dtype, device=device)
         out_labels[rows, dest[rows, cols]] = lab[rows, cols]
     return out, mask, out_labels
-
-
-class GeneratedTokensRepetitionPenalty(LogitsProcessor):
-    """Hugging Face's repetition penalty (logit < 0 -> * p, else / p, once per distinct token) over
-    the ids ``generate`` tracks. With ``inputs_embeds`` only, those are the generated tokens, as in
-    the released code (transformers 4.x). Applied by us rather than via ``repetition_penalty=`` because
-    transformers 5 additionally skips the first ``left-padding-length`` GENERATED tokens of each row when
-    an attention mask is given with ``inputs_embeds``, which would make batched results depend on padding.
-    """
-
-    def __init__(self, penalty: float):
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
-        self.penalty = float(penalty)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.size(1) == 0:
-            return scores
-        picked = scores.gather(1, input_ids)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        return scores.scatter(1, input_ids, picked)
 
 
 class FireRedAsrLlm(nn.Module):
