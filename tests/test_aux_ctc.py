@@ -209,3 +209,21 @@ def test_sampled_softmax_covering_the_vocabulary_equals_the_full_loss_and_subset
     few, _ = aux_ctc_loss(frames, lens, targets, emb, blank_id=1, num_negatives=3,
                           generator=torch.Generator().manual_seed(0))
     assert few.item() < full.item()
+
+
+def test_recipe_hook_skips_the_warmup_when_off_or_resuming():
+    from argparse import ArgumentParser
+
+    from llmasr.aux_ctc import add_aux_ctc_arguments, maybe_projector_warmup
+
+    parser = ArgumentParser()
+    add_aux_ctc_arguments(parser)
+    off = parser.parse_args([])
+    assert AuxCtcConfig.from_args(off) == AuxCtcConfig() and not AuxCtcConfig.from_args(off).needed
+    assert maybe_projector_warmup(off, None, [], torch.device("cpu")) is None
+    on = parser.parse_args(["--projector-warmup-steps", "5", "--aux-ctc-negatives", "64"])
+    assert AuxCtcConfig.from_args(on).num_negatives == 64
+    on.start_epoch, on.start_batch = 3, 0  # resuming: the projector is already trained
+    assert maybe_projector_warmup(on, None, [], torch.device("cpu")) is None
+    with pytest.raises(ValueError, match="aux-ctc-mode"):
+        AuxCtcConfig(mode="l1")
