@@ -128,7 +128,7 @@ def load(path):
     return torch.load(path, map_location="cpu", weights_only=False)
 
 
-def build_model(env, mose=False, seed=0):
+def build_model(env, mose=False, seed=0, ds_rate=4):
     from llmasr.model import add_model_arguments, build_model_from_args
 
     p = argparse.ArgumentParser()
@@ -137,6 +137,7 @@ def build_model(env, mose=False, seed=0):
         "--llm-path", str(env["llm"]), "--attn-implementation", "eager",
         "--speech-encoder-type", "tiny,tiny_b" if mose else "tiny",
         "--speech-encoder-path", f"{env['zip_a']},{env['zip_b']}" if mose else str(env["zip_a"]),
+        "--encoder-projector-ds-rate", str(ds_rate),
     ])
     torch.manual_seed(seed)
     return build_model_from_args(args, mose=mose, dtype=torch.float32)
@@ -457,3 +458,43 @@ def test_bad_inputs_fail_fast_with_clear_messages(env, tmp_path):
         train(env, exp, start_epoch=2, num_epochs=2)
     with pytest.raises(FileNotFoundError, match="checkpoint-7.pt"):
         train(env, tmp_path / "y", start_batch=7)
+
+
+def test_projector_warmup_and_aux_ctc_are_recipe_options(env, tmp_path):
+    """--projector-warmup-steps / --aux-ctc-weight work through src/train.py for any recipe: the
+    warm-up moves only the projector before training, and the aux CTC loss is tracked on its own
+    (the logged 'loss' stays the transcript cross-entropy)."""
+    from llmasr.aux_ctc import AuxCtcConfig, AuxCtc
+
+    # ds rate 1: the tiny byte-level tokenizer needs more CTC frames than tokens.
+    common = dict(optimizer="adamw", base_lr="0", num_epochs=1, encoder_projector_ds_rate=1)
+    init = tmp_path / "init"
+    train(env, init, **common)  # lr 0: the untrained weights
+    untrained = load(init / "epoch-1.pt")["model"]
+
+    a = tmp_path / "a"
+    train(env, a, **common, projector_warmup_steps=60,
+          projector_warmup_lr="0.003", aux_ctc_weight="0.5", pretrained_model_path=init / "epoch-1.pt")
+    warmed = load(a / "epoch-1.pt")["model"]
+    # lr 0 in the main optimiser: every change comes from the warm-up, and only the projector moved.
+    moved = sorted(k for k in untrained if not torch.equal(untrained[k], warmed[k]))
+    assert moved and all(k.startswith("encoder_projector.") for k in moved), moved
+    log = "".join(p.read_text() for p in (a / "log").glob("log-train-*"))
+    assert "projector warm-up done: 60 steps" in log
+    assert "aux_ctc=" in log
+
+    # The warm-up lowered the aux CTC loss of the projector over the training batches.
+    model = build_model(env, ds_rate=1)
+    batches = first_batches(env, 8)
+    cfg = AuxCtcConfig(weight=0.5)
+    aux = AuxCtc(cfg, model.tokenizer, model.llm.get_input_embeddings(), model.prompt_format)
+
+    def aux_loss(sd):
+        from llmasr.checkpoint import load_model_state
+
+        load_model_state(model, sd)
+        with torch.no_grad():
+            return sum(float(aux(model.encode(b["features"], b["feature_lens"]), b["texts"])[0]) for b in batches)
+
+    before, after = aux_loss(untrained), aux_loss(warmed)
+    assert after < 0.8 * before, (before, after)

@@ -110,6 +110,10 @@ class SpeechLLM(nn.Module):
         self.prompt_format = get_prompt_format(prompt_format)
         self.prompt_ids = resolve_prompt_ids(tokenizer, self.prompt_format)
         self.use_prompt_embedding = use_prompt_embedding
+        # Optional auxiliary CTC of the projector output against the LLM token embeddings
+        # (llmasr.aux_ctc; set by the training recipe from --aux-ctc-weight). Not a module: no
+        # parameters, nothing in checkpoints.
+        self.aux_ctc = None
         self.unfreeze_encoder = unfreeze_encoder
         self.downsample_rate = downsample_rate
         self.feature_type = feature_types.pop()
@@ -329,7 +333,12 @@ class SpeechLLM(nn.Module):
             loss = loss + 0.0 * sum(dangling)
         with torch.no_grad():
             num_correct = int((logits.argmax(-1) == tgt).sum())
+        aux_stats = {}
+        if self.aux_ctc is not None and self.aux_ctc.weight > 0 and self.training:
+            aux_loss, aux_stats = self.aux_ctc(speech, texts)
+            loss = loss + self.aux_ctc.weight * aux_loss
         stats = {
+            **aux_stats,
             "loss_sum": float(loss_sum.detach()),
             "num_tokens": num_tokens,
             "num_correct": num_correct,

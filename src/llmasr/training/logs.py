@@ -65,6 +65,8 @@ class MetricsTracker(defaultdict):
             out["loss"] = self["loss"] / tokens
         if "correct" in self:
             out["acc"] = self["correct"] / tokens
+        if self.get("aux_ctc_tokens", 0.0) > 0:
+            out["aux_ctc"] = self["aux_ctc_loss_sum"] / self["aux_ctc_tokens"]
         for k in ("tokens", "utterances", "frames"):
             if k in self:
                 out[k] = self[k]
@@ -73,7 +75,7 @@ class MetricsTracker(defaultdict):
     def __str__(self) -> str:
         parts = []
         for k, v in self.normalized().items():
-            parts.append(f"{k}={v:.4g}" if k in ("loss", "acc") else f"{k}={v:.0f}")
+            parts.append(f"{k}={v:.4g}" if k in ("loss", "acc", "aux_ctc") else f"{k}={v:.0f}")
         return ", ".join(parts)
 
     def reduce(self, device: torch.device) -> None:

@@ -86,11 +86,16 @@ def _stats_to_metrics(loss: torch.Tensor, stats: Dict[str, Any], batch: Dict[str
     tokens = float(_num(stats, ("num_tokens", "tokens", "num_label_tokens")))
     correct = float(_num(stats, ("num_correct", "correct", "correct_tokens"), default=0.0))
     info = MetricsTracker()
-    info["loss"] = loss.detach().float().item() * tokens
+    # The cross-entropy alone (comparable with the validation loss); an auxiliary loss added to the
+    # optimised loss (--aux-ctc-weight) is tracked under its own name below.
+    info["loss"] = float(stats["loss_sum"]) if "loss_sum" in stats else loss.detach().float().item() * tokens
     info["tokens"] = tokens
     info["correct"] = correct
     info["utterances"] = float(len(batch["texts"]))
     info["frames"] = float(batch["feature_lens"].sum().item())
+    if "aux_ctc_loss_sum" in stats:  # --aux-ctc-weight: tracked on its own, per aligned token
+        info["aux_ctc_loss_sum"] = float(stats["aux_ctc_loss_sum"])
+        info["aux_ctc_tokens"] = float(stats["aux_ctc_tokens"])
     return info
 
 

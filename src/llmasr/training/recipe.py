@@ -116,6 +116,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def get_parser(mose: bool = False) -> argparse.ArgumentParser:
+    from llmasr.aux_ctc import add_aux_ctc_arguments
     from llmasr.data import AsrDataModule
     from llmasr.model import add_model_arguments
 
@@ -126,6 +127,7 @@ def get_parser(mose: bool = False) -> argparse.ArgumentParser:
     )
     add_training_arguments(parser)
     add_model_arguments(parser, mose=mose)
+    add_aux_ctc_arguments(parser)
     AsrDataModule.add_arguments(parser)
     return parser
 
@@ -359,6 +361,7 @@ def _count(model: nn.Module) -> str:
 
 def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False) -> None:
     """One training process."""
+    from llmasr.aux_ctc import build_aux_ctc, maybe_projector_warmup
     from llmasr.checkpoint import load_checkpoint, load_model_state
     from llmasr.data import AsrDataModule
     from llmasr.llm import check_llm_dir
@@ -423,6 +426,23 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         if params.inf_check:
             register_inf_check_hooks(model)
 
+        # ---- data (before DDP/DeepSpeed wrap: the projector warm-up below needs batches)
+        data = AsrDataModule(args)
+        train_cuts = data.train_cuts()
+        valid_cuts = data.dev_cuts()
+        sampler_state = resumed.get("sampler") if (mid_epoch and resumed is not None) else None
+        if mid_epoch and sampler_state is None:
+            raise ValueError(f"{ckpt_path} has no sampler state; cannot resume in the middle of an epoch")
+        train_dl = data.train_dataloader(train_cuts, sampler_state_dict=sampler_state)
+        valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
+
+        # ---- projector alignment (llmasr.aux_ctc): optional projector-only warm-up on its own
+        # dataloader (the training sampler's position is untouched; skipped when resuming), then
+        # the auxiliary CTC loss added inside SpeechLLM.forward. Both before the DDP/DeepSpeed wrap,
+        # which must see the warmed-up weights.
+        maybe_projector_warmup(params, model, data.train_dataloader(train_cuts), device)
+        model.aux_ctc = build_aux_ctc(args, model)
+
         def make_optimizer(m):
             return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
 
@@ -459,15 +479,6 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
                     find_unused_parameters=params.find_unused_parameters,
                 )
 
-        # ---- data
-        data = AsrDataModule(args)
-        train_cuts = data.train_cuts()
-        valid_cuts = data.dev_cuts()
-        sampler_state = resumed.get("sampler") if (mid_epoch and resumed is not None) else None
-        if mid_epoch and sampler_state is None:
-            raise ValueError(f"{ckpt_path} has no sampler state; cannot resume in the middle of an epoch")
-        train_dl = data.train_dataloader(train_cuts, sampler_state_dict=sampler_state)
-        valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
         total_cuts = count_cuts(train_cuts)
         if total_cuts:
             logging.info("%d training cuts before filtering (for the ETA)", total_cuts)
