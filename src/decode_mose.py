@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
+from llmasr.config import parse_args_with_config  # noqa: E402
 from llmasr.decoding import get_decode_parser, run_decode  # noqa: E402
 
 
 def main(argv=None):
-    args = get_decode_parser(mose=True).parse_args(argv)
+    args = parse_args_with_config(get_decode_parser(mose=True), argv, section="decode", inherit="train")
     with torch.inference_mode():
         return run_decode(args, mose=True)
 

@@ -536,8 +536,10 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
 
 
 def main(mose: bool = False, argv: Optional[List[str]] = None) -> None:
+    from llmasr.config import parse_args_with_config
+
     parser = get_parser(mose)
-    args = parser.parse_args(argv)
+    args = parse_args_with_config(parser, argv, section="train")
     args.exp_dir = Path(args.exp_dir)
     if args.use_fp16 is None:
         args.use_fp16 = torch.cuda.is_available() and not args.use_bf16
