@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Optional MUSAN stage of local/prepare.sh: <dl-dir>/musan -> <fbank-dir>/musan_cuts.jsonl.gz
-(lhotse recipe manifests, recordings cut into 10 s windows, windows > 5 s kept, stored features)."""
+(lhotse recipe manifests, recordings cut into 10 s windows, windows > 5 s kept, stored features;
+audio only for --feature-type firered, whose CMVN-normalised features cannot be mixed)."""
 import argparse
 import logging
 import os
@@ -12,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lhotse import CutSet, combine  # noqa: E402
 from lhotse.recipes import prepare_musan  # noqa: E402
 
-from llmasr.data.features import default_storage_type, make_feature_extractor  # noqa: E402
+from llmasr.data.features import FEATURE_TYPES, default_storage_type, make_feature_extractor  # noqa: E402
 
 
 def main() -> None:
@@ -20,8 +21,9 @@ def main() -> None:
     p.add_argument("--musan-dir", type=Path, required=True)
     p.add_argument("--manifest-dir", type=Path, default=Path("data/manifests"))
     p.add_argument("--fbank-dir", type=Path, default=Path("data/fbank"))
-    p.add_argument("--feature-type", default="fbank", choices=["fbank", "whisper"])
+    p.add_argument("--feature-type", default="fbank", choices=list(FEATURE_TYPES))
     p.add_argument("--num-mel-bins", type=int, default=80)
+    p.add_argument("--firered-cmvn", default=None, help="cmvn.ark of the FireRedASR model (firered only)")
     p.add_argument("--nj", type=int, default=1)
     args = p.parse_args()
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
@@ -38,13 +40,20 @@ def main() -> None:
     cuts = (CutSet.from_manifests(recordings=recordings).cut_into_windows(10.0)
             .filter(lambda c: c.duration > 5).to_eager())
     args.fbank_dir.mkdir(parents=True, exist_ok=True)
-    cuts = cuts.compute_and_store_features(
-        extractor=make_feature_extractor(args.feature_type, args.num_mel_bins),
-        storage_path=args.fbank_dir / "musan_feats",
-        num_jobs=args.nj if args.nj > 1 else None,
-        storage_type=default_storage_type(),
-        progress_bar=False,
-    )
+    if args.feature_type == "firered":
+        # lhotse mixes stored features in the log-energy domain (extractor.mix); FireRedASR's
+        # CMVN-normalised features have no such mix. Audio-only noise cuts work with
+        # --on-the-fly-feats true (CutMix then mixes audio before the features are computed).
+        logging.info("--feature-type firered: storing MUSAN cuts without features (audio-domain mixing "
+                     "with --enable-musan true --on-the-fly-feats true)")
+    else:
+        cuts = cuts.compute_and_store_features(
+            extractor=make_feature_extractor(args.feature_type, args.num_mel_bins, args.firered_cmvn),
+            storage_path=args.fbank_dir / "musan_feats",
+            num_jobs=args.nj if args.nj > 1 else None,
+            storage_type=default_storage_type(),
+            progress_bar=False,
+        )
     tmp = args.fbank_dir / ".musan_cuts.tmp.jsonl.gz"
     cuts.to_file(tmp)
     os.replace(tmp, out)

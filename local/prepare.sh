@@ -5,13 +5,14 @@
 #   local/prepare.sh --corpus aishell --dl-dir download            # AISHELL-1 in download/aishell/data_aishell
 #   local/prepare.sh --corpus kaldi --name mycorpus --dl-dir /path/to/kaldi/data   # dirs with wav.scp+text
 #   local/prepare.sh --feature-type whisper --num-mel-bins 128     # Whisper large-v3 log-mel features
+#   local/prepare.sh --feature-type firered --firered-cmvn models/FireRedASR-AED-L/cmvn.ark  # FireRedASR
 #   local/prepare.sh --stage 3 --stop-stage 3                      # one stage only
 #
 # Stages (each skipped when its .done marker exists; delete the marker to redo it):
 #   0  check the corpus directory
 #   1  manifests:  <data-dir>/manifests/<name>_{recordings,supervisions}_<part>.jsonl.gz
 #                  (+ <name>_skipped_<part>.tsv: every unusable utterance with file and reason)
-#   2  MUSAN (only when <dl-dir>/musan exists): <fbank-dir>/musan_cuts.jsonl.gz
+#   2  MUSAN (only when <dl-dir>/musan exists): <fbank-dir>/musan_cuts.jsonl.gz (firered: audio only)
 #   3  features:   <fbank-dir>/<name>_cuts_<part>.jsonl.gz (+ <name>_cuts_train-all-shuf.jsonl.gz
 #                  for LibriSpeech: every train part present, shuffled)
 #   4  validate:   features present and readable, num_frames consistent with durations, texts non-empty
@@ -30,15 +31,17 @@ name=                    # manifest prefix; default: librispeech, aishell (requi
 part=                    # kaldi: part name when the corpus dir is a single data dir (default: its basename)
 language=                # kaldi: language stored in the supervisions
 data_dir=data
-feature_type=fbank       # fbank (80-dim Kaldi fbank, 25/10 ms) | whisper (Whisper log-mel)
+feature_type=fbank       # fbank (80-dim Kaldi fbank, 25/10 ms) | whisper (Whisper log-mel) | firered (FireRedASR)
 num_mel_bins=80          # 80; 128 for Whisper large-v3
-fbank_dir=               # default: <data-dir>/fbank (fbank), <data-dir>/fbank_whisper<bins> (whisper)
+firered_cmvn=            # firered: the model's cmvn.ark (required), copied to <fbank-dir>/firered_cmvn.ark
+fbank_dir=               # default: <data-dir>/fbank (fbank), <data-dir>/fbank_whisper<bins> (whisper),
+                         #          <data-dir>/fbank_firered (firered)
 resample=false           # true: keep non-16 kHz audio (resampled on load); false: skip it (logged)
 validate_read_features=1 # 0: validation checks metadata only (fast on large corpora)
 
 # --- option parsing (own implementation of icefall's parse_options.sh) -------------------------
 options=(stage stop_stage nj dl_dir corpus corpus_dir name part language data_dir feature_type
-         num_mel_bins fbank_dir resample validate_read_features)
+         num_mel_bins firered_cmvn fbank_dir resample validate_read_features)
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   echo "Options (default):"
@@ -85,12 +88,26 @@ esac
 case "$feature_type" in
   fbank) : "${fbank_dir:=$data_dir/fbank}" ;;
   whisper) : "${fbank_dir:=$data_dir/fbank_whisper$num_mel_bins}" ;;
-  *) die "unknown --feature-type '$feature_type' (fbank | whisper)" ;;
+  firered) : "${fbank_dir:=$data_dir/fbank_firered}" ;;
+  *) die "unknown --feature-type '$feature_type' (fbank | whisper | firered)" ;;
 esac
+feature_opts=(--feature-type "$feature_type" --num-mel-bins "$num_mel_bins")
+if [ "$feature_type" = firered ] && [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
+  # FireRedASR features are CMVN-normalised with the model's statistics: the feature dir belongs to
+  # one cmvn.ark (kept as <fbank-dir>/firered_cmvn.ark), a different one needs another --fbank-dir.
+  [ -n "$firered_cmvn" ] || die "--feature-type firered needs --firered-cmvn (the model's cmvn.ark,
+  e.g. models/FireRedASR-AED-L/cmvn.ark)"
+  [ -f "$firered_cmvn" ] && [ -r "$firered_cmvn" ] || die "--firered-cmvn $firered_cmvn: cmvn.ark not found or not readable"
+  if [ -e "$fbank_dir/firered_cmvn.ark" ] && ! cmp -s "$firered_cmvn" "$fbank_dir/firered_cmvn.ark"; then
+    die "$fbank_dir holds features normalised with another cmvn.ark ($fbank_dir/firered_cmvn.ark differs from
+  $firered_cmvn): use another --fbank-dir or delete $fbank_dir"
+  fi
+fi
+if [ -n "$firered_cmvn" ]; then feature_opts+=(--firered-cmvn "$firered_cmvn"); fi
 manifest_dir=$data_dir/manifests
 
 log "Running $0 (log: $log_file)"
-log "corpus=$corpus name=$name corpus_dir=$corpus_dir feature_type=$feature_type num_mel_bins=$num_mel_bins"
+log "corpus=$corpus name=$name corpus_dir=$corpus_dir feature_type=$feature_type num_mel_bins=$num_mel_bins${firered_cmvn:+ firered_cmvn=$firered_cmvn}"
 log "manifest_dir=$manifest_dir fbank_dir=$fbank_dir nj=$nj stages $stage..$stop_stage"
 
 if [ $stage -le 0 ] && [ $stop_stage -ge 0 ]; then
@@ -122,7 +139,7 @@ if [ $stage -le 2 ] && [ $stop_stage -ge 2 ]; then
     log "Stage 2: MUSAN manifests and features"
     if [ ! -e "$fbank_dir/.musan.done" ]; then
       "$python" "$local_dir/compute_fbank_musan.py" --musan-dir "$dl_dir/musan" --manifest-dir "$manifest_dir" \
-        --fbank-dir "$fbank_dir" --feature-type "$feature_type" --num-mel-bins "$num_mel_bins" --nj "$nj"
+        --fbank-dir "$fbank_dir" "${feature_opts[@]}" --nj "$nj"
       touch "$fbank_dir/.musan.done"
     else
       log "$fbank_dir/.musan.done exists - skipping"
@@ -138,8 +155,11 @@ if [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; then
   if [ ! -e "$fbank_dir/.$name.done" ]; then
     combine=()
     [ -n "$train_parts" ] && combine=(--combine-train $train_parts)
+    if [ "$feature_type" = firered ] && [ ! -e "$fbank_dir/firered_cmvn.ark" ]; then
+      cp "$firered_cmvn" "$fbank_dir/firered_cmvn.ark.tmp" && mv "$fbank_dir/firered_cmvn.ark.tmp" "$fbank_dir/firered_cmvn.ark"
+    fi
     "$python" "$local_dir/compute_fbank.py" --manifest-dir "$manifest_dir" --fbank-dir "$fbank_dir" \
-      --prefix "$name" --feature-type "$feature_type" --num-mel-bins "$num_mel_bins" --nj "$nj" "${combine[@]}"
+      --prefix "$name" "${feature_opts[@]}" --nj "$nj" "${combine[@]}"
     touch "$fbank_dir/.$name.done"
   else
     log "$fbank_dir/.$name.done exists - skipping"

