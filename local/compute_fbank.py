@@ -9,22 +9,18 @@ holding every train part present, shuffled.
 --feature-type firered needs --firered-cmvn (the model's cmvn.ark). FireRedASR frames with
 snip_edges (1 + (num_samples - 400) // 160 frames) while lhotse manifests need
 round(duration / 10 ms) frames, 2-3 more: the stored matrix is FireRedASR's features followed by
-zero frames (0 = FireRedASR's padding value after CMVN), so its first frames are exactly the
-reference features.
+zero frames (0 = FireRedASR's padding value after CMVN; see llmasr.firered.features.FireRedFbank),
+so its first frames are exactly the reference features.
 """
 import argparse
 import logging
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lhotse.features.base import FeatureExtractor  # noqa: E402
-from lhotse.utils import compute_num_frames  # noqa: E402
 
 from llmasr.data.corpus import CorpusError, combine_shuffled, compute_features  # noqa: E402
 from llmasr.data.features import FEATURE_TYPES, make_feature_extractor  # noqa: E402
@@ -41,56 +37,9 @@ def check_firered_cmvn(feature_type: str, cmvn) -> None:
         raise ValueError(f"--firered-cmvn {cmvn}: cmvn.ark not found or not readable")
 
 
-@dataclass
-class FireRedStoredConfig:
-    cmvn_path: str = ""
-
-
-class FireRedStoredFbank(FeatureExtractor):
-    """FireRedASR features (``llmasr.firered.features.lhotse_extractor``) zero-padded at the end to
-    lhotse's frame count. Holds only the config, so it pickles into ``--nj`` spawn workers; each
-    process builds the FireRedASR extractor on first use."""
-
-    name = "firered-fbank"  # the type recorded in the manifests: the FireRedASR extractor's
-    config_type = FireRedStoredConfig
-
-    def __init__(self, config=None):
-        super().__init__(config)
-        self._inner = None
-
-    def __getstate__(self):
-        return {"config": self.config, "_inner": None}
-
-    @property
-    def inner(self):
-        if self._inner is None:
-            self._inner = make_feature_extractor("firered", 80, self.config.cmvn_path)
-        return self._inner
-
-    @property
-    def frame_shift(self) -> float:
-        return self.inner.frame_shift
-
-    def feature_dim(self, sampling_rate: int) -> int:
-        return self.inner.feature_dim(sampling_rate)
-
-    def extract(self, samples, sampling_rate: int) -> np.ndarray:
-        feats = self.inner.extract(samples, sampling_rate)
-        num_samples = np.asarray(samples).shape[-1]
-        want = compute_num_frames(num_samples / sampling_rate, self.frame_shift, sampling_rate)
-        if feats.shape[0] > want:  # cannot happen with snip_edges framing; fail loudly if it ever does
-            raise ValueError(f"FireRedASR gave {feats.shape[0]} frames for {num_samples} samples, "
-                             f"more than lhotse's {want}")
-        pad = np.zeros((want - feats.shape[0], feats.shape[1]), dtype=feats.dtype)
-        return np.concatenate([feats, pad])
-
-
 def storage_extractor(feature_type: str, num_mel_bins: int, firered_cmvn=None) -> FeatureExtractor:
     """The extractor whose output prepare.sh stores (checks the cmvn.ark first)."""
     check_firered_cmvn(feature_type, firered_cmvn)
-    if feature_type == "firered":
-        make_feature_extractor("firered", num_mel_bins, firered_cmvn)  # validates bins and cmvn.ark now
-        return FireRedStoredFbank(FireRedStoredConfig(cmvn_path=str(firered_cmvn)))
     return make_feature_extractor(feature_type, num_mel_bins, firered_cmvn)
 
 

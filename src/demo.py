@@ -552,10 +552,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     # table, plot, summary
     from llmasr.plotting import plot_training_curves, read_train_losses
 
-    losses = read_train_losses(sorted((exp_dir / "log").glob("log-train*")))
+    train_logs = sorted((exp_dir / "log").glob("log-train*"))
+    losses = read_train_losses(train_logs)
+    aux_losses = read_train_losses(train_logs, key="aux_ctc")
     points = [(0, before)] + [(e["batch"], e["rate"]) for e in per_epoch]
     ref = {"zero-shot Whisper-base": zero_shot} if zero_shot is not None else None
     plot = plot_training_curves(exp_dir / "curves.png", losses, points, reference=ref, metric=metric,
+                                aux_losses=aux_losses,
                                 title=f"LLM-ASR demo ({lang}): Whisper-base -> projector -> SmolLM2-135M + LoRA")
     steps.next()
 

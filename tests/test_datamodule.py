@@ -282,3 +282,19 @@ def test_musan_stage_and_mixing(work, tmp_path):
         changed += not torch.allclose(noisy["features"][j, :n], clean["features"][k, :n])
     assert changed > 0
     assert int(noisy["feature_lens"].max()) == int(clean["feature_lens"].max())
+
+
+def test_encoder_and_data_feature_types_must_agree():
+    from llmasr.data.features import check_feature_type
+
+    check_feature_type("fbank", "fbank", 80, 80)
+    check_feature_type("whisper-mel", "whisper", 128, 128)
+    check_feature_type("kaldi-fbank-cmvn", "firered", 80, 80)
+    with pytest.raises(ValueError, match="use --feature-type whisper"):
+        check_feature_type("whisper-mel", "fbank", 80, 80)
+    with pytest.raises(ValueError, match="use --feature-type firered"):
+        check_feature_type("kaldi-fbank-cmvn", "fbank", 80, 80)
+    with pytest.raises(ValueError, match="use --feature-type fbank"):
+        check_feature_type("fbank", "whisper", 80, 80)
+    with pytest.raises(ValueError, match="--num-mel-bins 128"):
+        check_feature_type("whisper-mel", "whisper", 128, 80)

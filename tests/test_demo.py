@@ -54,14 +54,16 @@ def test_plot_reads_the_training_log_and_writes_a_png(tmp_path):
     log.write_text(
         "2026-01-01 10:00:00,000 INFO [loop.py:245] Epoch 1, batch 1 (global 1), loss[loss=4.5, acc=0.1, tokens=90], "
         "tot_loss[loss=4.5, acc=0.1, tokens=90], batch size 8, lr 5.00e-04, 1.3% of epoch, 1.2s/batch\n"
-        "2026-01-01 10:00:10,000 INFO [loop.py:245] Epoch 1, batch 10 (global 10), loss[loss=2.0, acc=0.5, tokens=90], "
-        "tot_loss[loss=3.1, acc=0.3, tokens=800], batch size 8, lr 5.00e-04\n"
+        "2026-01-01 10:00:10,000 INFO [loop.py:245] Epoch 1, batch 10 (global 10), loss[loss=2.0, acc=0.5, aux_ctc=1.2, "
+        "tokens=90], tot_loss[loss=3.1, acc=0.3, aux_ctc=1.5, tokens=800], batch size 8, lr 5.00e-04\n"
         "2026-01-01 10:01:00,000 INFO [recipe.py:470] Epoch 1 done: train loss 2.1\n"
         "2026-01-01 10:01:10,000 INFO [loop.py:245] Epoch 2, batch 5 (global 80), loss[loss=0.9, acc=0.8], "
         "tot_loss[loss=1.2, acc=0.7], batch size 8\n"
     )
     assert read_train_losses([log]) == [(1, 4.5), (10, 3.1), (80, 1.2)]
     assert read_train_losses([log], prefer_tot_loss=False) == [(1, 4.5), (10, 2.0), (80, 0.9)]
+    assert read_train_losses([log], key="acc") == [(1, 0.1), (10, 0.3), (80, 0.7)]
+    assert read_train_losses([log], key="aux_ctc") == [(10, 1.5)]
     out = plot_training_curves(tmp_path / "curves.png", read_train_losses([log]), [(0, 290.0), (80, 35.0)],
                                reference={"zero-shot Whisper-base": 42.0})
     data = out.read_bytes()

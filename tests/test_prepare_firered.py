@@ -124,3 +124,79 @@ def test_missing_cmvn_is_a_clear_error(golden_dir, tmp_path):
     assert proc.returncode == 1
     assert f"--firered-cmvn {missing}: cmvn.ark not found or not readable" in proc.stderr
     assert not list((tmp_path / "data").glob("fbank_firered/fr_cuts_*"))
+
+
+def firered_batch(work: Path, cmvn: Path, on_the_fly: bool) -> dict:
+    """The one training batch (all 3 cuts, no SpecAugment) of AsrDataModule over the firered manifests."""
+    import argparse
+
+    from llmasr.data import AsrDataModule
+
+    p = argparse.ArgumentParser()
+    AsrDataModule.add_arguments(p)
+    args = p.parse_args(["--manifest-dir", str(work / "data" / "fbank_firered"), "--dataset-prefix", "fr",
+                         "--feature-type", "firered", "--firered-cmvn", str(cmvn),
+                         "--on-the-fly-feats", str(on_the_fly), "--num-workers", "0",
+                         "--enable-spec-aug", "false", "--bucketing-sampler", "false", "--shuffle", "false",
+                         "--drop-last", "false", "--max-duration", "100"])
+    dm = AsrDataModule(args)
+    batches = list(dm.train_dataloader(dm.load_cuts("eval"), world_size=1, rank=0))
+    assert len(batches) == 1 and sorted(batches[0]["cut_ids"]) == sorted(UTTS)
+    return batches[0]
+
+
+def test_datamodule_batches_feed_the_firered_encoder(prepared_firered, golden_dir, monkeypatch):
+    """Stored and on-the-fly --feature-type firered batches are FireRedASR's own batch (its frame
+    counts, zero padding, padded length) and give the reference AED encoder outputs."""
+    import math
+    import pickle
+
+    from llmasr.data.features import make_feature_extractor
+    from llmasr.firered.load import load_encoder
+
+    monkeypatch.chdir(prepared_firered["work"])
+    exp = torch.load(golden_dir / "firered" / "expected_aed.pt", weights_only=True)
+    golden = {u["uttid"]: u for u in exp["utts"]}
+    ref_batch = {u: exp["batch"]["enc_out"][i] for i, u in enumerate(exp["batch"]["uttids"])}
+    encoder, _ = load_encoder(golden_dir / "firered" / "aed" / "model.pth.tar")
+    encoder.eval()
+
+    worst = {}
+    for on_the_fly in (False, True):
+        b = firered_batch(prepared_firered["work"], prepared_firered["cmvn"], on_the_fly)
+        feats, lens, ids = b["features"], b["feature_lens"], b["cut_ids"]
+        assert lens.tolist() == [golden[u]["feat_len"] for u in ids]  # FireRedASR's frames, not lhotse's
+        assert list(feats.shape) == exp["batch"]["padded_feat_shape"]  # padded to max(feat_len), as FireRedASR
+        for i, u in enumerate(ids):
+            assert (feats[i, lens[i]:] == 0.0).all()  # FireRedASR's padding value
+        with torch.no_grad():
+            out, out_lens = encoder(feats, lens)
+            # the encoder ignores the padding value: lhotse's log(1e-10) padding gives the same output
+            other = feats.clone()
+            for i in range(len(ids)):
+                other[i, lens[i]:] = math.log(1e-10)
+            assert torch.equal(encoder(other, lens)[0], out)
+        assert out_lens.tolist() == [golden[u]["enc_len"] for u in ids]
+        err = 0.0
+        for i, u in enumerate(ids):
+            L = golden[u]["enc_len"]
+            err = max(err, float((out[i, :L] - golden[u]["enc_out"][:L]).abs().max()))
+            # the whole padded batch (frames >= L too) equals the reference's padded batch
+            err = max(err, float((out[i] - ref_batch[u]).abs().max()))
+        worst[on_the_fly] = err
+    print(f"max |enc_out - reference|: stored (lilcom) {worst[False]:.2e}, on the fly {worst[True]:.2e}")
+    assert worst[True] <= 1e-4
+    # lilcom's <= 2^-6 feature error (LILCOM_MAX_ERR) moves the outputs (|enc_out| up to ~4) of this
+    # tiny random model by 0.055 (measured; rounding the reference features to 2^-5 gives 0.056,
+    # uniform +-2^-6 noise 0.046-0.059), while lengths off by +2 or -1 frames move them by 0.34 / 1.3.
+    assert 1e-3 < worst[False] <= 0.1
+
+    # The extractor pickles (--nj and dataloader workers) and rebuilds its front end after unpickling.
+    import soundfile as sf
+
+    ext = make_feature_extractor("firered", 80, str(prepared_firered["cmvn"]))
+    copy = pickle.loads(pickle.dumps(ext))
+    samples, sr = sf.read(str(golden_dir / "firered" / "wav" / "en_0001.wav"), dtype="float32")
+    got = copy.extract(samples, sr)
+    assert got.shape == (round(len(samples) / 160), 80)
+    assert np.abs(got[:175] - golden["en_0001"]["feats"].numpy()).max() <= 1e-5 and not got[175:].any()

@@ -19,7 +19,18 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+
+def str2bool(v: Union[str, bool]) -> bool:
+    """icefall-style boolean flags: ``--use-lora true``."""
+    if isinstance(v, bool):
+        return v
+    if v.lower() in ("yes", "true", "t", "y", "1"):
+        return True
+    if v.lower() in ("no", "false", "f", "n", "0"):
+        return False
+    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
 def load_config_section(path: Path, section: str, required: bool = True) -> Dict[str, Any]:

@@ -404,6 +404,7 @@ def _log_to(path: Path, level: str):
 
 def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, types, ckpt_path):
     from llmasr import checkpoint as ckpt_lib
+    from llmasr.data.features import check_feature_type
     from llmasr.model import build_model_from_args
     from llmasr.scoring import write_results
 
@@ -439,6 +440,7 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
     else:
         device = torch.device(args.device)
     model = build_model_from_args(args, mose=mose)
+    check_feature_type(model.feature_type, args.feature_type, model.feature_dim, getattr(args, "num_mel_bins", None))
     ckpt_lib.load_model_state(model, state_dict, source=source)
     del state_dict
     model.to(device)

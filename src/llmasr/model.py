@@ -31,6 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmasr.llm import LORA_TARGETS, decoder_and_head, load_llm
+from llmasr.config import str2bool
 from llmasr.projector import ACTIVATIONS, Projector
 from llmasr.prompt import (
     IGNORE_INDEX,
@@ -42,14 +43,6 @@ from llmasr.prompt import (
 )
 
 
-def str2bool(v: Union[str, bool]) -> bool:
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("yes", "true", "t", "y", "1"):
-        return True
-    if v.lower() in ("no", "false", "f", "n", "0"):
-        return False
-    raise argparse.ArgumentTypeError(f"boolean value expected, got {v!r}")
 
 
 class SpeechLLM(nn.Module):

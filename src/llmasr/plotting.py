@@ -27,15 +27,17 @@ PathLike = Union[str, os.PathLike]
 #   "Epoch 1, batch 40 (global 115), loss[loss=2.345, acc=0.5, ...], tot_loss[loss=2.5, ...], ..."
 # we take the first "loss=" after "batch N" (the current batch's loss) and the global batch index.
 _BATCH_LOSS = re.compile(r"batch[ =:]*(\d+).*?\bloss[=:\s]+([0-9.eE+-]+|nan|inf)")
-_TOT_LOSS = re.compile(r"tot_loss\[\s*loss[=:\s]+([0-9.eE+-]+)")
 _GLOBAL = re.compile(r"\(global (\d+)\)|batch_idx_train[=:\s]+(\d+)")
 
 
-def read_train_losses(log_files: Iterable[PathLike], prefer_tot_loss: bool = True) -> List[Tuple[int, float]]:
+def read_train_losses(
+    log_files: Iterable[PathLike], prefer_tot_loss: bool = True, key: str = "loss"
+) -> List[Tuple[int, float]]:
     """``(global batch, loss)`` points from training log files.
 
     A line counts when it has ``batch <n>`` followed by ``loss=<x>``. With ``prefer_tot_loss`` the
-    running average ``tot_loss[loss=...]`` is used when present (smoother curve). If a line carries
+    running average ``tot_loss[loss=...]`` is used when present (smoother curve). ``key`` picks
+    another logged metric instead of ``loss`` (e.g. ``aux_ctc``, ``acc``). If a line carries
     ``(global <n>)`` or ``batch_idx_train=<n>`` that global index is used, else the ``batch``
     number. Sorted by batch.
     """
@@ -50,10 +52,17 @@ def read_train_losses(log_files: Iterable[PathLike], prefer_tot_loss: bool = Tru
             if g is not None:
                 batch = int(g.group(1) or g.group(2))
             value = m.group(2)
+            if key != "loss":
+                value = None
+                cur = re.search(r"(?<!tot_)loss\[[^\]]*\b" + re.escape(key) + r"=([0-9.eE+-]+)", line)
+                if cur is not None:
+                    value = cur.group(1)
             if prefer_tot_loss:
-                t = _TOT_LOSS.search(line)
+                t = re.search(r"tot_loss\[[^\]]*\b" + re.escape(key) + r"=([0-9.eE+-]+)", line)
                 if t is not None:
                     value = t.group(1)
+            if value is None:
+                continue
             try:
                 points[batch] = float(value)
             except ValueError:
@@ -85,7 +94,7 @@ def plot_training_curves(
     handles = []
     if losses:
         xs, ys = zip(*losses)
-        (h,) = ax.plot(xs, ys, color="tab:blue", lw=1.5, label="training loss")
+        (h,) = ax.plot(xs, ys, color="tab:blue", lw=1.5, label="training loss (LLM cross-entropy)")
         handles.append(h)
     if aux_losses:
         xs, ys = zip(*aux_losses)

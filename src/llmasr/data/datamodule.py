@@ -8,6 +8,10 @@ Batches are dicts::
      "cut_ids": list[str]}
 
 with the cuts of a batch ordered by decreasing duration (as lhotse's K2SpeechRecognitionDataset).
+``--feature-type firered`` batches are FireRedASR's own: ``feature_lens`` are its snip_edges frame
+counts (``llmasr.firered.features.num_frames``, 2-3 fewer than the lhotse manifest's
+round(duration / 10 ms)), the padding value is 0.0 (FireRedASR's, after CMVN) and T = max(feature_lens),
+the same for stored and on-the-fly features.
 Training/validation cuts go through :class:`CutFilter` (duration limits and an optional transcript
 length limit, e.g. LLM tokens); every dropped cut is logged once with its id and reason and counted.
 Test cuts are never filtered (a dropped test utterance would silently change the WER).
@@ -40,17 +44,10 @@ from lhotse.dataset import (
 from lhotse.utils import fix_random_seed
 from torch.utils.data import DataLoader
 
+from ..config import str2bool
 from .features import FEATURE_TYPES, make_feature_extractor
 
 
-def str2bool(v: Union[str, bool]) -> bool:
-    if isinstance(v, bool):
-        return v
-    if v.lower() in ("1", "true", "yes", "y", "t"):
-        return True
-    if v.lower() in ("0", "false", "no", "n", "f"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
 class CutFilter:
@@ -114,10 +111,12 @@ class CutFilter:
 class AsrDataset(torch.utils.data.Dataset):
     """A lhotse-sampled CutSet -> one batch dict (see the module docstring)."""
 
-    def __init__(self, input_strategy=None, cut_transforms: Sequence = (), input_transforms: Sequence = ()):
+    def __init__(self, input_strategy=None, cut_transforms: Sequence = (), input_transforms: Sequence = (),
+                 feature_type: str = "fbank"):
         self.input_strategy = input_strategy if input_strategy is not None else PrecomputedFeatures()
         self.cut_transforms = list(cut_transforms)
         self.input_transforms = list(input_transforms)
+        self.firered = feature_type == "firered"
 
     def __getitem__(self, cuts: CutSet) -> Dict[str, object]:
         # Longest first: the first cut fixes the padded length (lhotse/icefall batch layout).
@@ -129,18 +128,50 @@ class AsrDataset(torch.utils.data.Dataset):
             features, feature_lens = self.input_strategy(cuts)[:2]
         except Exception as e:
             raise RuntimeError(_explain_load_failure(cuts, e)) from e
+        if self.firered:
+            features, feature_lens = _firered_batch(
+                cuts, features, feature_lens, stored=isinstance(self.input_strategy, PrecomputedFeatures))
         if self.input_transforms:
             segments = torch.stack(
                 [torch.arange(len(cuts)), torch.zeros(len(cuts), dtype=torch.int64), feature_lens], dim=1
             ).to(torch.int32)
             for tfm in self.input_transforms:
                 features = tfm(features, supervision_segments=segments)
+            if self.firered:  # whatever a transform wrote past the lengths
+                features = _pad_with(features, feature_lens, 0.0)
         return {
             "features": features.to(torch.float32),
             "feature_lens": feature_lens.to(torch.int64),
             "texts": [" ".join(s.text for s in c.supervisions) for c in cuts],
             "cut_ids": [c.id for c in cuts],
         }
+
+
+def _firered_batch(cuts: CutSet, features: torch.Tensor, lhotse_lens: torch.Tensor, stored: bool):
+    """lhotse-collated FireRedASR features (rows up to round(duration / 10 ms), padded with anything)
+    -> FireRedASR's batch: true frame counts, zero padding, T = max(feature_lens)."""
+    from llmasr.firered.features import SAMPLE_RATE, check_length, num_frames
+
+    lens = []
+    for c, n in zip(cuts, lhotse_lens.tolist()):
+        kind = getattr(getattr(c, "features", None), "type", "firered-fbank")  # MixedCut: no .features
+        if stored and kind != "firered-fbank":
+            raise ValueError(f"cut {c.id}: --feature-type firered but its stored features are "
+                             f"{kind!r} ({c.features.storage_path}); prepare the manifests with "
+                             f"local/prepare.sh --feature-type firered or use --on-the-fly-feats true")
+        t = num_frames(round(c.duration * SAMPLE_RATE))
+        check_length(t, f"cut {c.id}")
+        if t > n:
+            raise ValueError(f"cut {c.id}: {n} feature frames, fewer than FireRedASR's {t} for "
+                             f"{c.duration} s")
+        lens.append(t)
+    lens = torch.tensor(lens, dtype=torch.int64)
+    return _pad_with(features[:, : int(lens.max())], lens, 0.0), lens
+
+
+def _pad_with(features: torch.Tensor, lens: torch.Tensor, value: float) -> torch.Tensor:
+    beyond = torch.arange(features.size(1))[None, :] >= lens[:, None]
+    return features.masked_fill(beyond[:, :, None], value)
 
 
 def _explain_load_failure(cuts: CutSet, err: Exception) -> str:
@@ -261,7 +292,8 @@ class AsrDataModule:
         group.add_argument("--on-the-fly-feats", type=str2bool, default=False,
                            help="compute features from audio at run time (same extractor as local/prepare.sh)")
         group.add_argument("--feature-type", type=str, default="fbank", choices=list(FEATURE_TYPES),
-                           help="extractor for --on-the-fly-feats")
+                           help="extractor for --on-the-fly-feats; firered also for stored FireRedASR "
+                                "features (its frame counts, padding 0.0)")
         group.add_argument("--firered-cmvn", type=str, default=None,
                            help="cmvn.ark of a FireRedASR model, for --feature-type firered")
         group.add_argument("--num-mel-bins", type=int, default=80, help="80, or 128 for Whisper large-v3")
@@ -370,7 +402,8 @@ class AsrDataModule:
             input_transforms.append(SpecAugment(time_warp_factor=args.spec_aug_time_warp_factor,
                                                 num_frame_masks=10, features_mask_size=27,
                                                 num_feature_masks=2, frames_mask_size=100))
-        dataset = AsrDataset(self._input_strategy(), cut_transforms, input_transforms)
+        dataset = AsrDataset(self._input_strategy(), cut_transforms, input_transforms,
+                             feature_type=args.feature_type)
         if args.bucketing_sampler and args.strict_max_duration:
             if args.max_cut_duration > args.max_duration:
                 logging.warning(f"--max-cut-duration {args.max_cut_duration} > --max-duration {args.max_duration}: "
@@ -405,7 +438,8 @@ class AsrDataModule:
         sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
                                           num_buckets=_num_buckets(cuts, 10, "valid"),
                                           world_size=world_size, rank=rank)
-        return DataLoader(AsrDataset(self._input_strategy()), sampler=sampler, batch_size=None,
+        dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
+        return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=min(2, self.args.num_workers), persistent_workers=False)
 
     def test_dataloader(self, cuts: CutSet) -> DataLoader:
@@ -415,7 +449,8 @@ class AsrDataModule:
         one bucket per cut (lhotse cannot estimate more buckets than cuts)."""
         sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
                                           num_buckets=_num_buckets(cuts, 10, "test"), world_size=1, rank=0)
-        return DataLoader(AsrDataset(self._input_strategy()), sampler=sampler, batch_size=None,
+        dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
+        return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=self.args.num_workers)
 
 

@@ -20,7 +20,9 @@ def make_feature_extractor(
     ``whisper``: Whisper's log-mel spectrogram (n_fft 400, hop 160, per-utterance max-8 clamp,
     (x + 4) / 4), 80 bins for Whisper <= v2 and 128 for large-v3 (needs librosa for the mel filters);
     ``firered``: FireRedASR's 80-bin Kaldi fbank of int16-scaled samples, normalised with the model's
-    ``cmvn.ark`` (``firered_cmvn``; without it raw fbank).
+    ``cmvn.ark`` (``firered_cmvn``; without it raw fbank), zero-padded from FireRedASR's snip_edges
+    frame count to lhotse's round(duration / 10 ms) (the data module's ``--feature-type firered``
+    batches use FireRedASR's count again).
     """
     if feature_type == "firered":
         from llmasr.firered.features import lhotse_extractor
@@ -35,6 +37,24 @@ def make_feature_extractor(
             raise ValueError(f"Whisper features have 80 or 128 mel bins, got --num-mel-bins {num_mel_bins}")
         return WhisperFbank(WhisperFbankConfig(num_filters=num_mel_bins))
     raise ValueError(f"unknown --feature-type {feature_type!r}; expected one of {FEATURE_TYPES}")
+
+
+# What each encoder's ``feature_type`` (llmasr.encoders) needs from the data side (--feature-type).
+ENCODER_FEATURE_TYPES = {"fbank": "fbank", "whisper-mel": "whisper", "kaldi-fbank-cmvn": "firered"}
+
+
+def check_feature_type(encoder_feature_type: Optional[str], data_feature_type: str, encoder_feature_dim=None,
+                       num_mel_bins: Optional[int] = None) -> None:
+    """Fail early when the data module would feed an encoder features of the wrong kind (e.g. fbank
+    manifests to a Whisper encoder): the model would train/decode on garbage without any error."""
+    want = ENCODER_FEATURE_TYPES.get(encoder_feature_type or "")
+    if want is not None and want != data_feature_type:
+        raise ValueError(
+            f"the speech encoder takes {encoder_feature_type!r} features: use --feature-type {want} "
+            f"(and manifests prepared with local/prepare.sh --feature-type {want}), not --feature-type {data_feature_type}"
+        )
+    if want == "whisper" and encoder_feature_dim and num_mel_bins and encoder_feature_dim != num_mel_bins:
+        raise ValueError(f"the Whisper encoder takes {encoder_feature_dim} mel bins: use --num-mel-bins {encoder_feature_dim}")
 
 
 def default_storage_type():

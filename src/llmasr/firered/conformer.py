@@ -7,7 +7,8 @@ Time axis: the released model right-pads the input with ``context - 1 = 6`` zero
 two stride-2 3x3 convolutions, so the output has ``T_enc = ((T + 3) // 2 - 1) // 2`` frames while the valid
 length is computed from the unpadded length, ``L = ((T - 3) // 2 + 1 - 3) // 2 + 1``. Frames >= L are
 masked as attention keys and zeroed inside the conv module, but they are still computed (as queries)
-and returned; downstream code must respect ``out_lens``.
+and returned; downstream code must respect ``out_lens``. Input frames >= ``feature_lens`` are set to 0
+first, so the output does not depend on the batch's padding value.
 """
 from __future__ import annotations
 
@@ -248,6 +249,11 @@ class ConformerEncoder(nn.Module):
         )
 
     def forward(self, features: torch.Tensor, feature_lens: torch.Tensor, pad: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+        # Frames past each utterance's length become 0, the value the released model pads with, so
+        # no output frame (not even those >= out_lens) depends on how the batch was padded.
+        lens = feature_lens.to(features.device)
+        beyond = torch.arange(features.size(1), device=features.device)[None, :] >= lens[:, None]
+        features = features.masked_fill(beyond[:, :, None], 0.0)
         if pad:
             features = F.pad(features, (0, 0, 0, self.input_preprocessor.context - 1), value=0.0)
         x = self.input_preprocessor(features)

@@ -4,16 +4,22 @@ Matches the released ``ASRFeatExtractor``: 80 mel bins, 25 ms / 10 ms frames, no
 ``snip_edges`` (T = 1 + (num_samples - 400) // 160), povey window, pre-emphasis 0.97, samples used as
 int16 VALUES (not scaled to [-1, 1]). CMVN statistics are float64; the float32 fbank is normalised in
 float64 and cast back to float32, as the reference does. Padding value after CMVN is 0.
+
+``FireRedFbank`` (``lhotse_extractor``) is the same front end as a lhotse extractor for stored
+manifests and on-the-fly features; it appends zero frames up to lhotse's frame count.
 """
 from __future__ import annotations
 
 import os
 import struct
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from lhotse.features.base import FeatureExtractor, register_extractor
+from lhotse.utils import compute_num_frames
 
 FEATURE_DIM = 80
 SAMPLE_RATE = 16000
@@ -205,67 +211,83 @@ def num_frames(num_samples: int) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def _make_lhotse_extractor():
-    from dataclasses import asdict, dataclass
+@dataclass
+class FireRedFbankConfig:
+    cmvn_path: str = ""  # "" = raw Kaldi fbank (apply CMVN later)
+    dither: float = 0.0
 
-    from lhotse.features.base import FeatureExtractor, register_extractor
+    def to_dict(self):
+        return asdict(self)
 
-    @dataclass
-    class FireRedFbankConfig:
-        cmvn_path: str = ""  # "" = raw Kaldi fbank (apply CMVN later)
-        dither: float = 0.0
+    @staticmethod
+    def from_dict(data):
+        return FireRedFbankConfig(**data)
 
-        def to_dict(self):
-            return asdict(self)
 
-        @staticmethod
-        def from_dict(data):
-            return FireRedFbankConfig(**data)
+@register_extractor
+class FireRedFbank(FeatureExtractor):
+    """FireRedASR's front end as a lhotse extractor: lhotse's float samples in [-1, 1] are scaled back
+    to int16 values, then Kaldi fbank (+ CMVN when ``cmvn_path`` is set).
 
-    @register_extractor
-    class FireRedFbank(FeatureExtractor):
-        """FireRedASR's front end as a lhotse extractor: lhotse's float samples in [-1, 1] are
-        scaled back to int16 values, then Kaldi fbank (+ CMVN when ``cmvn_path`` is set)."""
+    lhotse manifests need ``compute_num_frames(duration, 10 ms)`` = round(duration / 10 ms) frames,
+    FireRedASR's snip_edges framing gives ``num_frames(num_samples)`` (2-3 fewer): ``extract`` returns
+    FireRedASR's frames followed by zero frames (0 = FireRedASR's padding value after CMVN), so
+    the first ``num_frames(num_samples)`` rows are exactly the released front end's features.
 
-        name = "firered-fbank"
-        config_type = FireRedFbankConfig
+    The front end is built (and ``cmvn.ark`` read and checked) when the extractor is created; it is
+    dropped when pickled (kaldi-native-fbank objects do not pickle) and rebuilt on first use in
+    the receiving process (``--nj`` workers, dataloader workers).
+    """
 
-        def __init__(self, config=None):
-            super().__init__(config)
+    name = "firered-fbank"
+    config_type = FireRedFbankConfig
+
+    def __init__(self, config=None):
+        super().__init__(config)
+        self._fe = None
+        self.front_end  # bad cmvn.ark -> error now, not in a worker
+
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state["_fe"] = None
+        return state
+
+    @property
+    def front_end(self) -> FireRedFeatureExtractor:
+        if self._fe is None:
             self._fe = FireRedFeatureExtractor(self.config.cmvn_path or None, dither=self.config.dither)
+        return self._fe
 
-        @property
-        def frame_shift(self) -> float:
-            return 0.01
+    @property
+    def frame_shift(self) -> float:
+        return 0.01
 
-        def feature_dim(self, sampling_rate: int) -> int:
-            return FEATURE_DIM
+    def feature_dim(self, sampling_rate: int) -> int:
+        return FEATURE_DIM
 
-        def extract(self, samples, sampling_rate: int) -> np.ndarray:
-            samples = np.asarray(samples)
-            if samples.ndim == 2:
-                if samples.shape[0] != 1:
-                    raise ValueError(f"FireRedFbank expects mono audio, got shape {samples.shape}")
-                samples = samples[0]
-            return self._fe.from_samples(np.round(samples * 32768.0), sampling_rate)
+    def extract(self, samples, sampling_rate: int) -> np.ndarray:
+        samples = np.asarray(samples)
+        if samples.ndim == 2:
+            if samples.shape[0] != 1:
+                raise ValueError(f"FireRedFbank expects mono audio, got shape {samples.shape}")
+            samples = samples[0]
+        feats = self.front_end.from_samples(np.round(samples * 32768.0), sampling_rate)
+        want = compute_num_frames(samples.shape[0] / sampling_rate, self.frame_shift, sampling_rate)
+        if feats.shape[0] > want:  # cannot happen with snip_edges framing; fail loudly if it ever does
+            raise ValueError(f"FireRedASR fbank gave {feats.shape[0]} frames for {samples.shape[0]} samples, "
+                             f"more than lhotse's {want}")
+        return np.concatenate([feats, np.zeros((want - feats.shape[0], FEATURE_DIM), dtype=feats.dtype)])
 
-    return FireRedFbankConfig, FireRedFbank
 
-
-_LHOTSE = None
-
-
-def lhotse_extractor(cmvn_path: Union[str, Path, None] = None, dither: float = 0.0):
+def lhotse_extractor(cmvn_path: Union[str, Path, None] = None, dither: float = 0.0) -> FireRedFbank:
     """A lhotse ``FeatureExtractor`` computing FireRedASR features (registered as "firered-fbank")."""
-    global _LHOTSE
-    if _LHOTSE is None:
-        _LHOTSE = _make_lhotse_extractor()
-    config_cls, extractor_cls = _LHOTSE
-    return extractor_cls(config_cls(cmvn_path=str(cmvn_path or ""), dither=dither))
+    return FireRedFbank(FireRedFbankConfig(cmvn_path=str(cmvn_path or ""), dither=dither))
 
 
 __all__ = [
     "lhotse_extractor",
+    "FireRedFbank",
+    "FireRedFbankConfig",
     "CmvnError",
     "check_length",
     "FireRedFeatureExtractor",

@@ -364,6 +364,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
     from llmasr.aux_ctc import build_aux_ctc, maybe_projector_warmup
     from llmasr.checkpoint import load_checkpoint, load_model_state
     from llmasr.data import AsrDataModule
+    from llmasr.data.features import check_feature_type
     from llmasr.llm import check_llm_dir
     from llmasr.model import build_model_from_args
 
@@ -403,6 +404,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
 
         fix_random_seed(params.seed)
         model = build_model_from_args(args, mose=mose, dtype=_llm_dtype(params))
+        check_feature_type(model.feature_type, args.feature_type, model.feature_dim, getattr(args, "num_mel_bins", None))
         logging.info("Model: %s", _count(model))
         for name, p in model.named_parameters():
             if p.requires_grad:
