@@ -269,19 +269,6 @@ def zero_shot_whisper(whisper_pt: Path, cuts, lang: str, out_dir: Path, set_name
     return rate, results
 
 
-def supported_flags(cfg_section: Dict[str, object], parser, script: str) -> Dict[str, object]:
-    """Drop (loudly) config entries the script does not know, e.g. a recipe option that this
-    version of the toolkit does not have yet."""
-    known = {o for a in parser._actions for o in a.option_strings}
-    out = {}
-    for k, v in cfg_section.items():
-        if f"--{k}" in known:
-            out[k] = v
-        else:
-            say(f"  WARNING: {script} has no option --{k}; ignoring '{k}: {v}' from the config")
-    return out
-
-
 def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
     """The untrained model (seeded exactly as src/train.py seeds it) as a checkpoint, so that
     src/decode.py can decode it and src/train.py starts from it (--pretrained-model-path)."""
@@ -297,7 +284,9 @@ def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
         hf_logging.disable_progress_bar()
     except ImportError:
         pass
-    args = get_parser(False).parse_args(train_argv)
+    from llmasr.config import parse_args_with_config
+
+    args = parse_args_with_config(get_parser(False), train_argv, section="train")
     fix_random_seed(args.seed)
     model = build_model_from_args(args, dtype=torch.float32)
     save_checkpoint(path, model, params={"demo_init": True, "batch_idx_train": 0})
@@ -491,12 +480,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     # 5. the untrained model
     steps.next()
-    from llmasr.decoding import get_decode_parser
-    from llmasr.training.recipe import get_parser as get_train_parser
-
-    train_cfg = supported_flags(dict(cfg["train"]), get_train_parser(False), "src/train.py")
-    decode_cfg = supported_flags(dict(cfg["decode"], **{"num-threads": threads}), get_decode_parser(False),
-                                 "src/decode.py")
+    # src/train.py and src/decode.py read the recipe config themselves (--config: its `train:` /
+    # `decode:` sections; decode takes the model flags from `train:`); the command line adds the
+    # paths and the --quick overrides.
+    quick = (cfg.get("quick") or {}) if args.quick else {}
+    train_overrides = dict(quick.get("train") or {})
+    decode_overrides = dict(quick.get("decode") or {})
     paths = {
         "llm-path": str(llm_dir),
         "speech-encoder-path": str(whisper_pt),
@@ -504,23 +493,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "dataset-prefix": prefix,
         "exp-dir": str(exp_dir),
     }
-    if lang == "en":
-        paths.update({"train-cuts": "train-clean-100", "dev-cuts": "dev-clean"})
-    else:
-        paths.update({"train-cuts": "train", "dev-cuts": "dev"})
-    train_argv = flags({**train_cfg, **paths})
+    train_argv = ["--config", str(config_path)] + flags({
+        **train_overrides,
+        **paths,
+        "train-cuts": "train-clean-100" if lang == "en" else "train",
+        "dev-cuts": "dev-clean" if lang == "en" else "dev",
+    })
     init_ckpt = exp_dir / "init.pt"
     save_init_checkpoint(train_argv, init_ckpt)
-    model_flags = {k: v for k, v in train_cfg.items() if k in _MODEL_FLAGS}
-    decode_common = flags({
-        **model_flags,
-        **decode_cfg,
-        "llm-path": str(llm_dir),
-        "speech-encoder-path": str(whisper_pt),
-        "manifest-dir": str(manifest_dir),
-        "dataset-prefix": prefix,
-        "feature-type": train_cfg.get("feature-type", "whisper"),
-        "exp-dir": str(exp_dir),
+    decode_common = ["--config", str(config_path)] + flags({
+        **{k: v for k, v in train_overrides.items() if k in _MODEL_FLAGS},
+        **decode_overrides,
+        **paths,
+        "num-threads": threads,
         "test-sets": test_set,
         "scoring": scoring,
     })

@@ -13,10 +13,14 @@ vocabulary and a CTC loss is taken against the transcript's LLM token ids:
     mode "cosine":              logit_t[v] = cos(p_t, e_v) / temperature
     mode "dot":                 logit_t[v] = p_t.e_v / temperature
 
-"distance" is the default because its optimum is exactly ``p_t = e_v`` (the frame *is* the
-token's embedding, at the embedding's own scale); "dot" rewards ever larger norms and favours
-long rows, and "cosine" ignores the scale the LLM expects. Token embeddings of small LLMs are far
-from isotropic (SmolLM2-135M: mean pairwise cosine 0.44), which is another reason not to use cosine.
+CAVEAT (measured on the demo, 2026-11-22): no mode bounds the frame norm. The softmax is invariant
+to the ``-||p_t||^2`` term, so "distance" behaves like "dot" plus a row-norm prior: scaling ``p_t`` up
+sharpens the distribution and lowers the loss. After warm-up + 200 training steps with weight 0.5
+the projector output had mean norm ~23 against ~3.2 for SmolLM2's embedding rows, CTC-greedy of the
+projector spelled the transcripts almost right, yet the LLM largely ignored these out-of-scale inputs
+(it emitted one training sentence for every test utterance). A norm control (rescale ``p_t`` to the
+embedding RMS before the logits, or a norm-matching penalty) is the next thing to add and measure.
+Token embeddings of small LLMs are also far from isotropic (SmolLM2-135M: mean pairwise cosine 0.44).
 
 Blank: CTC needs a blank class; we use an existing vocabulary row, by default the prompt format's
 pad token (``<|endoftext|>`` for the Qwen2/SmolLM2 chat formats) - a token that never occurs in a
