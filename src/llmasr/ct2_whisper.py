@@ -305,6 +305,23 @@ def _linear(model: CT2Model, src: str, dst: str, sd: dict) -> None:
     sd[f"{dst}.bias"] = model.get(f"{src}/bias")
 
 
+def _self_attention(model: CT2Model, src: str, dst: str, sd: dict) -> None:
+    """Self-attention of an encoder or decoder layer (fused Q/K/V split; key has no bias)."""
+    _ln(model, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", sd)
+    _split_fused(
+        model.get(f"{src}/self_attention/linear_0/weight"),
+        model.get(f"{src}/self_attention/linear_0/bias"),
+        3, ("query", "key", "value"), f"{dst}.attn", sd, no_bias="key",
+    )
+    _linear(model, f"{src}/self_attention/linear_1", f"{dst}.attn.out", sd)
+
+
+def _ffn(model: CT2Model, src: str, dst: str, sd: dict) -> None:
+    _ln(model, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", sd)
+    _linear(model, f"{src}/ffn/linear_0", f"{dst}.mlp.0", sd)
+    _linear(model, f"{src}/ffn/linear_1", f"{dst}.mlp.2", sd)
+
+
 def ct2_to_openai_whisper(model: CT2Model) -> Tuple[Dict[str, int], Dict[str, torch.Tensor]]:
     """Map a CTranslate2 WhisperSpec onto openai-whisper ``Whisper`` parameter names."""
     if model.spec_name != WHISPER_SPEC_NAME:
@@ -317,29 +334,15 @@ def ct2_to_openai_whisper(model: CT2Model) -> Tuple[Dict[str, int], Dict[str, to
     sd["encoder.positional_embedding"] = model.get("encoder/position_encodings/encodings")
     for i in range(dims["n_audio_layer"]):
         src, dst = f"encoder/layer_{i}", f"encoder.blocks.{i}"
-        _ln(model, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", sd)
-        _split_fused(
-            model.get(f"{src}/self_attention/linear_0/weight"),
-            model.get(f"{src}/self_attention/linear_0/bias"),
-            3, ("query", "key", "value"), f"{dst}.attn", sd, no_bias="key",
-        )
-        _linear(model, f"{src}/self_attention/linear_1", f"{dst}.attn.out", sd)
-        _ln(model, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", sd)
-        _linear(model, f"{src}/ffn/linear_0", f"{dst}.mlp.0", sd)
-        _linear(model, f"{src}/ffn/linear_1", f"{dst}.mlp.2", sd)
+        _self_attention(model, src, dst, sd)
+        _ffn(model, src, dst, sd)
     _ln(model, "encoder/layer_norm", "encoder.ln_post", sd)
     # Decoder.
     sd["decoder.token_embedding.weight"] = model.get("decoder/embeddings/weight")
     sd["decoder.positional_embedding"] = model.get("decoder/position_encodings/encodings")
     for i in range(dims["n_text_layer"]):
         src, dst = f"decoder/layer_{i}", f"decoder.blocks.{i}"
-        _ln(model, f"{src}/self_attention/layer_norm", f"{dst}.attn_ln", sd)
-        _split_fused(
-            model.get(f"{src}/self_attention/linear_0/weight"),
-            model.get(f"{src}/self_attention/linear_0/bias"),
-            3, ("query", "key", "value"), f"{dst}.attn", sd, no_bias="key",
-        )
-        _linear(model, f"{src}/self_attention/linear_1", f"{dst}.attn.out", sd)
+        _self_attention(model, src, dst, sd)
         _ln(model, f"{src}/attention/layer_norm", f"{dst}.cross_attn_ln", sd)
         _linear(model, f"{src}/attention/linear_0", f"{dst}.cross_attn.query", sd)
         _split_fused(
@@ -348,9 +351,7 @@ def ct2_to_openai_whisper(model: CT2Model) -> Tuple[Dict[str, int], Dict[str, to
             2, ("key", "value"), f"{dst}.cross_attn", sd, no_bias="key",
         )
         _linear(model, f"{src}/attention/linear_2", f"{dst}.cross_attn.out", sd)
-        _ln(model, f"{src}/ffn/layer_norm", f"{dst}.mlp_ln", sd)
-        _linear(model, f"{src}/ffn/linear_0", f"{dst}.mlp.0", sd)
-        _linear(model, f"{src}/ffn/linear_1", f"{dst}.mlp.2", sd)
+        _ffn(model, src, dst, sd)
     _ln(model, "decoder/layer_norm", "decoder.ln", sd)
     # The output projection is tied to the token embedding in openai-whisper; make sure the
     # CTranslate2 file agrees (it stores it as an alias, or as an identical copy).
