@@ -131,6 +131,31 @@ def flags(d: Dict[str, object]) -> List[str]:
     return out
 
 
+def busy_cores(window: float = 1.0) -> Tuple[float, str]:
+    """Cores in use by other processes right now: from /proc/stat over ``window`` seconds (the
+    load average lags by minutes and still counts a job that has just ended), else the 1-minute
+    load average."""
+    def read():
+        with open("/proc/stat") as f:
+            fields = [float(x) for x in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)  # idle + iowait
+        return sum(fields), idle
+
+    ncpu = os.cpu_count() or 1
+    try:
+        total0, idle0 = read()
+        time.sleep(window)
+        total1, idle1 = read()
+        busy = ncpu * (1.0 - (idle1 - idle0) / max(total1 - total0, 1e-9))
+        return busy, f"{busy:.1f} busy now"
+    except (OSError, ValueError, IndexError):
+        try:
+            load = os.getloadavg()[0]
+        except OSError:
+            load = 0.0
+        return load, f"load average {load:.1f}"
+
+
 def choose_threads(requested: int) -> Tuple[int, str]:
     """Intra-op threads for the training/decoding processes.
 
@@ -140,13 +165,9 @@ def choose_threads(requested: int) -> Tuple[int, str]:
     ncpu = os.cpu_count() or 1
     if requested > 0:
         return requested, "--num-threads"
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        load = 0.0
-    free = int(ncpu - load + 0.5)
-    n = max(1, min(ncpu, free))
-    return n, f"{ncpu} cores, load average {load:.1f}"
+    busy, how = busy_cores()
+    n = max(1, min(ncpu, int(ncpu - busy + 0.5)))
+    return n, f"{ncpu} cores, {how}"
 
 
 # ---------------------------------------------------------------------------------------------

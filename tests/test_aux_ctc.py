@@ -52,7 +52,10 @@ def test_loss_matches_hand_computed_ctc_probability():
     p = torch.softmax(-d2, -1)
     prob = p[0, 1] * p[1, 1] + p[0, 0] * p[1, 1] + p[0, 1] * p[1, 0]
     assert loss.item() == pytest.approx(-math.log(prob.item()), rel=1e-5)
-    assert stats == {"aux_ctc_loss_sum": pytest.approx(loss.item()), "aux_ctc_tokens": 1, "aux_ctc_infeasible": 0}
+    frame_norm = (math.hypot(0.9, 0.1) + math.hypot(0.2, -0.3)) / 2
+    assert stats == {"aux_ctc_loss_sum": pytest.approx(loss.item()), "aux_ctc_tokens": 1, "aux_ctc_infeasible": 0,
+                     "aux_ctc_frame_norm": pytest.approx(frame_norm, rel=1e-6),
+                     "aux_ctc_embedding_norm": pytest.approx(2 / 3, rel=1e-6)}
     # Gradient reaches the frames, never the embedding.
     emb_param = nn.Parameter(emb.clone())
     loss2, _ = aux_ctc_loss(frames, torch.tensor([2]), [[1]], emb_param, blank_id=0)
@@ -120,7 +123,7 @@ class ToyModel(nn.Module):
     def projectors(self):
         return [self.encoder_projector]
 
-    def encode(self, features, feature_lens):
+    def encode(self, features, feature_lens, cut_ids=None):
         return [self.encoder_projector(features, feature_lens)]
 
 
@@ -227,3 +230,36 @@ def test_recipe_hook_skips_the_warmup_when_off_or_resuming():
     assert maybe_projector_warmup(on, None, [], torch.device("cpu")) is None
     with pytest.raises(ValueError, match="aux-ctc-mode"):
         AuxCtcConfig(mode="l1")
+
+
+def test_aux_targets_are_the_transcript_as_the_llm_is_trained_on_it():
+    # The speechllm format trains the LLM on lower-cased text; the alignment must use the same
+    # tokens (LibriSpeech transcripts are upper case: "ONE" is not a token of this vocabulary).
+    tok = WordTokenizer(["one", "two"])
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(3, 4, generator=g)
+    frames = torch.randn(1, 5, 4, generator=g)
+    lens = torch.tensor([5])
+    aux = AuxCtc(AuxCtcConfig(weight=1.0), tok, nn.Embedding.from_pretrained(emb), prompt_format="speechllm")
+    upper, _ = aux([(frames, lens)], ["ONE TWO"])
+    expected, _ = aux_ctc_loss(frames, lens, [[1, 2]], emb, blank_id=0)
+    assert upper.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_norm_penalty_pulls_frames_to_the_embedding_scale():
+    g = torch.Generator().manual_seed(1)
+    emb = torch.randn(6, 8, generator=g)
+    r = emb.norm(dim=-1).mean()
+    direction = torch.nn.functional.normalize(torch.randn(1, 4, 8, generator=g), dim=-1)
+    lens = torch.tensor([3])  # the 4th frame is padding: not in the penalty
+    targets = [[1, 2]]
+    base, _ = aux_ctc_loss(direction * r, lens, targets, emb, blank_id=0, mode="cosine")
+    for scale in (0.5, 1.0, 4.0):
+        frames = direction * r * scale
+        frames[0, 3] *= 100.0
+        plain, s = aux_ctc_loss(frames, lens, targets, emb, blank_id=0, mode="cosine")
+        pen, _ = aux_ctc_loss(frames, lens, targets, emb, blank_id=0, mode="cosine", norm_weight=2.0)
+        assert plain.item() == pytest.approx(base.item(), rel=1e-5)  # cosine: scale-free
+        assert pen.item() - plain.item() == pytest.approx(2.0 * math.log(scale) ** 2, abs=1e-5)
+        assert s["aux_ctc_frame_norm"] == pytest.approx(float(r) * scale, rel=1e-5)
+        assert s["aux_ctc_embedding_norm"] == pytest.approx(float(r), rel=1e-6)

@@ -298,3 +298,15 @@ def test_encoder_and_data_feature_types_must_agree():
         check_feature_type("fbank", "whisper", 80, 80)
     with pytest.raises(ValueError, match="--num-mel-bins 128"):
         check_feature_type("whisper-mel", "whisper", 128, 80)
+
+
+def test_test_num_buckets_sets_the_decoding_batches(work):
+    # Default: lhotse's 10 buckets (the reference decode batches); a small set fits one batch with 1.
+    cuts = make_dm().test_cuts("test-clean").to_eager()
+    assert len(cuts) >= 4
+    default = list(make_dm("--max-duration", "1000").test_dataloader(cuts))
+    one = list(make_dm("--max-duration", "1000", "--test-num-buckets", "1").test_dataloader(cuts))
+    assert len(default) > 1
+    assert len(one) == 1 and sorted(one[0]["cut_ids"]) == sorted(c.id for c in cuts)
+    with pytest.raises(ValueError, match="--test-num-buckets"):
+        make_dm("--test-num-buckets", "0").test_dataloader(cuts)

@@ -31,10 +31,14 @@ def test_quick_demo_learns(repo_dir, tmp_path):
 
     result = json.loads((exp_dir / "results.json").read_text())
     before, after = result["before"], result["after"]
-    # The untrained model does not transcribe (it rambles or answers: WER far above 100 %); after
-    # the quick run it must transcribe most words.
+    # The untrained model does not transcribe (it rambles or answers: WER far above 100 %). After
+    # the quick run it must use the audio: a model that only learnt the sentence templates stays
+    # near 100 % (measured: 254 -> 51 %, 2 idle threads).
     assert before > 90.0, out[-3000:]
-    assert after < 0.5 * before and before - after > 50.0, (before, after)
+    assert after < 80.0 and after < 0.5 * before, (before, after)
+    # Each clip was encoded once (frozen encoder, --cache-encoder-outputs in the recipe config).
+    train_log = "".join(p.read_text() for p in (exp_dir / "log").glob("log-train*"))
+    assert "encoder output cache:" in train_log
 
     # The table, the plot and the icefall-style result files.
     assert "untrained model (before training)" in proc.stdout and "after epoch 1" in proc.stdout

@@ -498,3 +498,64 @@ def test_projector_warmup_and_aux_ctc_are_recipe_options(env, tmp_path):
 
     before, after = aux_loss(untrained), aux_loss(warmed)
     assert after < 0.8 * before, (before, after)
+
+
+def test_encoder_output_cache_reuses_frozen_encoder_outputs(env, tmp_path):
+    """--cache-encoder-outputs: each cut is encoded once; the projected frames, and so training,
+    are those of the uncached model."""
+    model = build_model(env)
+    model.eval()
+    (a, b) = first_batches(env, 2)
+    calls = []
+    model.encoder.register_forward_hook(lambda m, inp, out: calls.append(inp[0].shape[0]))
+
+    def encode(batch, ids=None):
+        with torch.no_grad():
+            return model.encode(batch["features"], batch["feature_lens"], ids)[0]
+
+    ref_frames, ref_lens = encode(a)
+    cache = model.enable_encoder_cache(max_gb=1.0)
+    calls.clear()
+    for _ in range(2):  # first call fills the cache, the second must not run the encoder
+        frames, lens = encode(a, a["cut_ids"])
+        assert torch.equal(lens, ref_lens)
+        for i, n in enumerate(lens.tolist()):
+            torch.testing.assert_close(frames[i, :n], ref_frames[i, :n], atol=1e-5, rtol=1e-5)
+    assert calls == [len(a["cut_ids"])]
+    assert cache.hits == len(a["cut_ids"]) and len(cache.store) == len(a["cut_ids"])
+
+    # A batch mixing seen and new cuts encodes only the new ones.
+    mixed = {
+        "features": torch.nn.utils.rnn.pad_sequence(
+            [a["features"][0, : a["feature_lens"][0]], b["features"][0, : b["feature_lens"][0]]], batch_first=True),
+        "feature_lens": torch.stack([a["feature_lens"][0], b["feature_lens"][0]]),
+        "cut_ids": [a["cut_ids"][0], b["cut_ids"][0]],
+    }
+    calls.clear()
+    frames, lens = encode(mixed, mixed["cut_ids"])
+    assert calls == [1]
+    ref_b, ref_b_lens = encode(b)  # no ids: the encoder runs
+    torch.testing.assert_close(frames[1, : lens[1]], ref_b[0, : ref_b_lens[0]], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(frames[0, : lens[0]], ref_frames[0, : ref_lens[0]], atol=1e-5, rtol=1e-5)
+
+    # Through the recipe: two epochs with the cache give the weights of two epochs without it.
+    # (Projector dropout off: its mask is drawn for the padded batch, whose length can differ by a
+    # frame between cached and freshly encoded outputs - same distribution, other random numbers.)
+    common = dict(optimizer="adamw", base_lr="0.01", num_epochs=2, projector_dropout=0)
+    train(env, tmp_path / "plain", **common)
+    train(env, tmp_path / "cached", cache_encoder_outputs="true", **common)
+    plain, cached = load(tmp_path / "plain" / "epoch-2.pt"), load(tmp_path / "cached" / "epoch-2.pt")
+    # Equal up to float noise: the encoder runs on other sub-batches (outputs within ~1e-6), which
+    # AdamW's normalised steps amplify for near-zero gradients (measured: max 5e-4 on 1.6 % of the
+    # projector weights after 16 steps).
+    assert cached["train_loss"] == pytest.approx(plain["train_loss"], rel=1e-4)
+    for k in plain["model"]:
+        torch.testing.assert_close(cached["model"][k], plain["model"][k], atol=3e-3, rtol=1e-2,
+                                   msg=lambda m, k=k: f"{k}: {m}")
+    log = "".join(p.read_text() for p in (tmp_path / "cached" / "log").glob("log-train-*"))
+    # 24 training + 4 dev cuts, each encoded once; at the end of epoch 2 (before its validation):
+    # 24 + 4 lookups missed in epoch 1, the 24 of epoch 2 hit.
+    assert "encoder output cache: 28 entries" in log and "hit rate 46% of 52 lookups" in log, log[-2000:]
+    # Features that change every epoch cannot be cached.
+    with pytest.raises(ValueError, match="--enable-spec-aug"):
+        train(env, tmp_path / "bad", cache_encoder_outputs="true", enable_spec_aug="true")

@@ -44,6 +44,49 @@ from llmasr.prompt import (
 
 
 
+class EncoderOutputCache:
+    """Outputs of frozen speech encoders kept in (CPU) memory by (encoder index, cut id).
+
+    A frozen encoder fed the same features gives the same output every epoch, and on a small
+    corpus it can be most of a training step (Whisper-base is ~20-40 % of a demo step on a CPU; the
+    projector warm-up runs nothing else). Only valid when the features of a cut never change:
+    no SpecAugment, no noise mixing, no perturbation that keeps the cut id - the training recipe
+    refuses ``--cache-encoder-outputs`` with ``--enable-spec-aug`` / ``--enable-musan``. Entries
+    stop being added (with one warning) once ``max_bytes`` is reached; nothing is evicted.
+    """
+
+    def __init__(self, max_bytes: int):
+        self.max_bytes = int(max_bytes)
+        self.store: Dict[Tuple[int, str], torch.Tensor] = {}
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._full_warned = False
+
+    def get(self, key: Tuple[int, str]) -> Optional[torch.Tensor]:
+        out = self.store.get(key)
+        if out is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return out
+
+    def put(self, key: Tuple[int, str], frames: torch.Tensor) -> None:
+        size = frames.numel() * frames.element_size()
+        if self.bytes + size > self.max_bytes:
+            if not self._full_warned:
+                logging.warning(f"encoder output cache is full ({self.bytes / 2**30:.2f} GB, {len(self.store)} "
+                                "entries); further cuts are encoded every time (raise --encoder-cache-max-gb)")
+                self._full_warned = True
+            return
+        self.store[key] = frames.detach().to("cpu", copy=True)
+        self.bytes += size
+
+    def summary(self) -> str:
+        total = self.hits + self.misses
+        return (f"encoder output cache: {len(self.store)} entries, {self.bytes / 2**20:.0f} MB, "
+                f"hit rate {self.hits / max(total, 1):.0%} of {total} lookups")
+
 
 class SpeechLLM(nn.Module):
     """Encoder(s) + projector(s) + LLM.
@@ -107,6 +150,8 @@ class SpeechLLM(nn.Module):
         # (llmasr.aux_ctc; set by the training recipe from --aux-ctc-weight). Not a module: no
         # parameters, nothing in checkpoints.
         self.aux_ctc = None
+        # Optional EncoderOutputCache (enable_encoder_cache; --cache-encoder-outputs in training).
+        self.encoder_cache: Optional[EncoderOutputCache] = None
         self.unfreeze_encoder = unfreeze_encoder
         self.downsample_rate = downsample_rate
         self.feature_type = feature_types.pop()
@@ -159,15 +204,50 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ pieces
 
-    def encode(self, features: torch.Tensor, feature_lens: torch.Tensor) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-        """Run every encoder + projector: list of (projected (N, T_k, H), lengths (N,))."""
+    def enable_encoder_cache(self, max_gb: float = 4.0) -> EncoderOutputCache:
+        """Keep frozen-encoder outputs by cut id (see :class:`EncoderOutputCache`)."""
+        if self.unfreeze_encoder:
+            raise ValueError("the encoder output cache needs a frozen encoder (--unfreeze-encoder is on)")
+        self.encoder_cache = EncoderOutputCache(int(max_gb * 2**30))
+        return self.encoder_cache
+
+    def encode(
+        self, features: torch.Tensor, feature_lens: torch.Tensor, cut_ids: Optional[Sequence[str]] = None
+    ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        """Run every encoder + projector: list of (projected (N, T_k, H), lengths (N,)).
+
+        ``cut_ids`` (with :meth:`enable_encoder_cache`): frozen-encoder outputs are looked up by
+        cut id and only the cuts not seen before are encoded.
+        """
         out = []
         grad = self.unfreeze_encoder and self.training and torch.is_grad_enabled()
-        for encoder, projector in zip(self.encoders, self.projectors):
+        for idx, (encoder, projector) in enumerate(zip(self.encoders, self.projectors)):
             with torch.set_grad_enabled(grad):
-                enc_out, enc_lens = encoder(features, feature_lens)
+                if self.encoder_cache is not None and cut_ids is not None and not grad:
+                    enc_out, enc_lens = self._encode_cached(idx, encoder, features, feature_lens, cut_ids)
+                else:
+                    enc_out, enc_lens = encoder(features, feature_lens)
             out.append(projector(enc_out.to(projector.proj[1].weight.dtype), enc_lens))
         return out
+
+    def _encode_cached(self, idx, encoder, features, feature_lens, cut_ids):
+        if len(cut_ids) != features.shape[0]:
+            raise ValueError(f"{len(cut_ids)} cut ids for a batch of {features.shape[0]} utterances")
+        cache = self.encoder_cache
+        rows: List[Optional[torch.Tensor]] = [cache.get((idx, c)) for c in cut_ids]
+        missing = [i for i, r in enumerate(rows) if r is None]
+        if missing:
+            # Encode only the new cuts, cut to their own longest length (no extra padding).
+            sel = torch.tensor(missing, device=features.device)
+            sub_lens = feature_lens[sel]
+            enc_out, enc_lens = encoder(features[sel, : int(sub_lens.max())], sub_lens)
+            for j, i in enumerate(missing):
+                rows[i] = enc_out[j, : int(enc_lens[j])]
+                cache.put((idx, cut_ids[i]), rows[i])
+        device = features.device
+        rows = [r.to(device) for r in rows]
+        lens = torch.tensor([r.shape[0] for r in rows], device=device, dtype=torch.long)
+        return nn.utils.rnn.pad_sequence(rows, batch_first=True), lens
 
     def embed_prompt(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         emb = self.llm.get_input_embeddings()
@@ -263,6 +343,7 @@ class SpeechLLM(nn.Module):
         feature_lens: torch.Tensor,
         texts: Optional[Sequence[str]] = None,
         num_speech_groups: Optional[Sequence[int]] = None,
+        cut_ids: Optional[Sequence[str]] = None,
     ):
         """Encoders + prompt + merge.
 
@@ -270,7 +351,7 @@ class SpeechLLM(nn.Module):
         speech_lens (B, E) projected frames per encoder, per-encoder (frames, lengths)).
         """
         device = features.device
-        speech = self.encode(features, feature_lens)
+        speech = self.encode(features, feature_lens, cut_ids)
         b = features.shape[0]
         e = self.num_encoders
         groups = [e] * b if num_speech_groups is None else list(num_speech_groups)
@@ -288,7 +369,8 @@ class SpeechLLM(nn.Module):
     # ------------------------------------------------------------------ training
 
     def forward(
-        self, features: torch.Tensor, feature_lens: torch.Tensor, texts: Sequence[str]
+        self, features: torch.Tensor, feature_lens: torch.Tensor, texts: Sequence[str],
+        cut_ids: Optional[Sequence[str]] = None,
     ) -> Tuple[torch.Tensor, Dict[str, Union[int, float, torch.Tensor]]]:
         """Mean cross-entropy over transcript tokens (+ end token), and stats.
 
@@ -299,7 +381,7 @@ class SpeechLLM(nn.Module):
         groups = None
         if self.training and self.num_encoders > 1:
             groups = sample_speech_groups(self.num_encoders, features.shape[0])
-        merged, mask, labels, speech_lens, speech = self.prepare_inputs(features, feature_lens, texts, groups)
+        merged, mask, labels, speech_lens, speech = self.prepare_inputs(features, feature_lens, texts, groups, cut_ids)
         # RoPE positions counted from the first real token (left padding), as in generate().
         position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         decoder, head = decoder_and_head(self.llm)

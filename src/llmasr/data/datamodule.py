@@ -282,6 +282,9 @@ class AsrDataModule:
         group.add_argument("--bucketing-sampler", type=str2bool, default=True,
                            help="DynamicBucketingSampler (batches of similar durations) instead of SimpleCutSampler")
         group.add_argument("--num-buckets", type=int, default=30, help="buckets of the training sampler")
+        group.add_argument("--test-num-buckets", type=int, default=10,
+                           help="buckets of the decoding sampler (10: lhotse's default, the batches of the "
+                                "icefall/SpeechLLM decode scripts; a small test set decodes in bigger batches with 1-2)")
         group.add_argument("--strict-max-duration", type=str2bool, default=True,
                            help="training batches never exceed --max-duration (sizes each batch by the upper "
                                 "edge of its duration bucket); false: lhotse's budget, which the last cut of a "
@@ -444,11 +447,19 @@ class AsrDataModule:
 
     def test_dataloader(self, cuts: CutSet) -> DataLoader:
         """No shuffling, no filtering: lhotse DynamicBucketingSampler(max_duration, shuffle=False)
-        with its default 10 buckets, as icefall/SpeechLLM decode scripts (same batches, so
-        results that depend on padding are reproducible). Sets with fewer cuts than buckets use
-        one bucket per cut (lhotse cannot estimate more buckets than cuts)."""
-        sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
-                                          num_buckets=_num_buckets(cuts, 10, "test"), world_size=1, rank=0)
+        with ``--test-num-buckets`` buckets, by default lhotse's 10, as icefall/SpeechLLM decode
+        scripts (same batches, so results that depend on padding are reproducible). Sets with fewer
+        cuts than buckets use one bucket per cut (lhotse cannot estimate more buckets than cuts)."""
+        wanted = getattr(self.args, "test_num_buckets", 10)
+        if wanted < 1:
+            raise ValueError(f"--test-num-buckets must be >= 1, got {wanted}")
+        if wanted == 1:  # lhotse's bucketing needs >= 2 buckets; one bucket is the plain sampler
+            _num_buckets(cuts, 1, "test")  # the same "no cuts" check
+            sampler = SimpleCutSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
+                                       world_size=1, rank=0)
+        else:
+            sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
+                                              num_buckets=_num_buckets(cuts, wanted, "test"), world_size=1, rank=0)
         dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
         return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=self.args.num_workers)

@@ -114,7 +114,8 @@ def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_
     features = batch["features"].to(device, non_blocking=True)
     feature_lens = batch["feature_lens"].to(device, non_blocking=True)
     with torch.set_grad_enabled(is_training), autocast_ctx(params, device):
-        loss, stats = model(features, feature_lens, batch["texts"])
+        # cut ids: frozen-encoder outputs may be cached by cut (--cache-encoder-outputs)
+        loss, stats = model(features, feature_lens, batch["texts"], cut_ids=batch.get("cut_ids"))
     if not torch.isfinite(loss).all():
         path = save_bad_batch(batch, params.exp_dir)
         raise NonFiniteLossError(

@@ -95,6 +95,11 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fp16 autocast + GradScaler (default: true on CUDA unless --use-bf16, as SpeechLLM; "
                    "false on CPU).")
     g.add_argument("--use-bf16", type=_str2bool, default=False, help="bf16 autocast.")
+    g.add_argument("--cache-encoder-outputs", type=_str2bool, default=False,
+                   help="Keep the frozen encoder's output of every cut in CPU memory and reuse it in later "
+                   "steps/epochs (small corpora: the demo; needs fixed features - no SpecAugment or MUSAN).")
+    g.add_argument("--encoder-cache-max-gb", type=float, default=4.0,
+                   help="Memory limit of --cache-encoder-outputs per process (cuts beyond it are re-encoded).")
     g.add_argument("--inf-check", type=_str2bool, default=False,
                    help="Hooks that log modules producing non-finite outputs/gradients (slow).")
     g.add_argument("--save-every-n", type=int, default=4000,
@@ -438,6 +443,15 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         train_dl = data.train_dataloader(train_cuts, sampler_state_dict=sampler_state)
         valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
 
+        if params.cache_encoder_outputs:
+            changing = [flag for flag, on in (("--enable-spec-aug", getattr(args, "enable_spec_aug", False)),
+                                              ("--enable-musan", getattr(args, "enable_musan", False))) if on]
+            if changing:
+                raise ValueError(f"--cache-encoder-outputs reuses each cut's encoder output, but {' and '.join(changing)} "
+                                 "change the features every epoch: turn one of them off")
+            model.enable_encoder_cache(params.encoder_cache_max_gb)
+            logging.info(f"caching frozen-encoder outputs by cut id (up to {params.encoder_cache_max_gb} GB)")
+
         # ---- projector alignment (llmasr.aux_ctc): optional projector-only warm-up on its own
         # dataloader (the training sampler's position is untouched; skipped when resuming), then
         # the auxiliary CTC loss added inside SpeechLLM.forward. Both before the DDP/DeepSpeed wrap,
@@ -524,6 +538,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
                 save_batch_checkpoint=ckpt.save_batch,
             )
             logging.info("Epoch %d done: train loss %.4f", epoch, params.train_loss)
+            cache = getattr(unwrap_model(model), "encoder_cache", None)
+            if cache is not None:
+                logging.info(cache.summary())
             if world_size > 1:
                 dist_utils.check_replicas_in_sync(unwrap_model(model))
             if valid_dl is not None:
