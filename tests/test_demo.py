@@ -61,6 +61,8 @@ def test_plot_reads_the_training_log_and_writes_a_png(tmp_path):
         "2026-01-01 10:00:10,000 INFO [loop.py:245] Epoch 1, batch 10 (global 10), loss[loss=2.0, acc=0.5, aux_ctc=1.2, "
         "tokens=90], tot_loss[loss=3.1, acc=0.3, aux_ctc=1.5, tokens=800], batch size 8, lr 5.00e-04\n"
         "2026-01-01 10:01:00,000 INFO [recipe.py:470] Epoch 1 done: train loss 2.1\n"
+        "2026-01-01 10:01:05,000 INFO [loop.py:289] Epoch 1, global batch 75, validation: loss=6.5, acc=0.2, "
+        "tokens=93 (0.1s)\n"
         "2026-01-01 10:01:10,000 INFO [loop.py:245] Epoch 2, batch 5 (global 80), loss[loss=0.9, acc=0.8], "
         "tot_loss[loss=1.2, acc=0.7], batch size 8\n"
     )

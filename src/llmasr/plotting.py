@@ -35,7 +35,7 @@ def read_train_losses(
 ) -> List[Tuple[int, float]]:
     """``(global batch, loss)`` points from training log files.
 
-    A line counts when it has ``batch <n>`` followed by ``loss=<x>``. With ``prefer_tot_loss`` the
+    A line counts when it has ``batch <n>`` followed by ``loss=<x>`` (validation lines do not). With ``prefer_tot_loss`` the
     running average ``tot_loss[loss=...]`` is used when present (smoother curve). ``key`` picks
     another logged metric instead of ``loss`` (e.g. ``aux_ctc``, ``acc``). If a line carries
     ``(global <n>)`` or ``batch_idx_train=<n>`` that global index is used, else the ``batch``
@@ -45,7 +45,7 @@ def read_train_losses(
     for f in log_files:
         for line in Path(f).read_text(errors="replace").splitlines():
             m = _BATCH_LOSS.search(line)
-            if m is None:
+            if m is None or "validation:" in line:  # the validation loss is not a training point
                 continue
             batch = int(m.group(1))
             g = _GLOBAL.search(line)
