@@ -65,6 +65,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmasr.prompt import get_prompt_format, transcript_ids
+
 MODES = ("distance", "cosine", "dot")
 DEFAULT_TEMPERATURE = {"distance": 1.0, "cosine": 0.05, "dot": 1.0}
 
@@ -137,7 +139,7 @@ def aux_ctc_loss(
     Args:
         frames: (N, T, H) projector output; frame_lens: (N,) valid frames.
         target_ids: per utterance, the transcript's LLM token ids (no special tokens; see
-            :func:`transcript_token_ids`).
+            :func:`llmasr.prompt.transcript_ids`).
         embedding: (V, H) the LLM input embedding matrix (detached here).
         blank_id: vocabulary row used as CTC blank; must not occur in any target.
         num_negatives: 0 = the softmax runs over the whole vocabulary. > 0 = over the batch's
@@ -262,19 +264,11 @@ def greedy_ctc_ids(
 # --------------------------------------------------------------------------------------------
 
 
-def transcript_token_ids(tokenizer, texts: Sequence[str]) -> List[List[int]]:
-    """The transcripts' LLM token ids, tokenised exactly as the training prompt tokenises them
-    (``add_special_tokens=False``, see llmasr.prompt.build_prompts)."""
-    return [list(ids) for ids in tokenizer(list(texts), add_special_tokens=False)["input_ids"]]
-
-
 def resolve_blank_id(tokenizer, blank: Union[str, int, None], prompt_format=None) -> int:
     """``blank``: None/"pad" -> the prompt format's pad token; an int; or a token string."""
     if blank is None or blank == "pad":
         if prompt_format is None:
             raise ValueError("aux CTC blank 'pad' needs the prompt format")
-        from llmasr.prompt import get_prompt_format
-
         blank = get_prompt_format(prompt_format).pad_token
     if isinstance(blank, int) or (isinstance(blank, str) and blank.isdigit()):
         return int(blank)
@@ -361,20 +355,15 @@ class AuxCtc:
         loss = loss + self.aux_ctc.weight * aux
     """
 
-    def __init__(self, cfg: AuxCtcConfig, tokenizer, embedding: nn.Embedding, prompt_format=None):
+    def __init__(self, cfg: AuxCtcConfig, tokenizer, embedding: nn.Embedding, prompt_format):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.embedding = embedding  # the module: its weight is read at call time (dtype/device moves)
         self.blank_id = resolve_blank_id(tokenizer, cfg.blank, prompt_format)
-        # The transcript is aligned exactly as the LLM is trained on it (e.g. lower-cased for the
-        # speechllm format): aligning to other tokens ("WALTER" -> W/AL/TER instead of "walter")
-        # teaches the projector to spell a text the LLM never has to write.
-        if prompt_format is None:
-            self.transform_text = lambda text: text
-        else:
-            from llmasr.prompt import get_prompt_format
-
-            self.transform_text = get_prompt_format(prompt_format).transform_text
+        # The transcript is aligned exactly as the LLM is trained on it (llmasr.prompt.transcript_ids:
+        # e.g. lower-cased for the speechllm format); aligning to other tokens ("WALTER" -> W/AL/TER
+        # instead of "walter") teaches the projector to spell a text the LLM never has to write.
+        self.prompt_format = prompt_format
 
     @property
     def weight(self) -> float:
@@ -384,7 +373,7 @@ class AuxCtc:
         self, speech: Sequence[Tuple[torch.Tensor, torch.Tensor]], texts: Sequence[str], cut_ids=None
     ) -> Tuple[torch.Tensor, Dict[str, float]]:
         """Mean over encoders (MoSE: every projector is aligned) of :func:`aux_ctc_loss`."""
-        targets = transcript_token_ids(self.tokenizer, [self.transform_text(t) for t in texts])
+        targets = transcript_ids(self.tokenizer, self.prompt_format, texts)
         total, stats = None, {}
         for frames, lens in speech:
             loss, s = aux_ctc_loss(
@@ -524,7 +513,6 @@ __all__ = [
     "aux_ctc_loss",
     "min_ctc_frames",
     "greedy_ctc_ids",
-    "transcript_token_ids",
     "resolve_blank_id",
     "AuxCtcConfig",
     "AuxCtc",

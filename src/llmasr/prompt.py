@@ -229,6 +229,15 @@ def prompt_prefix_ids(tokenizer, fmt: Union[str, PromptFormat], num_speech_group
     return list(cache[key])
 
 
+def transcript_ids(tokenizer, fmt: Union[str, PromptFormat], texts: Sequence[str]) -> List[List[int]]:
+    """The transcripts' token ids exactly as training labels them: normalised with the format's
+    ``text_transform``, tokenised without special tokens (what :func:`build_prompts` appends after
+    the prompt, and what the projector alignment in llmasr.aux_ctc spells)."""
+    fmt = get_prompt_format(fmt)
+    texts = [fmt.transform_text(t) for t in texts]
+    return [list(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]] if texts else []
+
+
 def build_prompts(
     tokenizer,
     fmt: Union[str, PromptFormat],
@@ -270,14 +279,13 @@ def build_prompts(
         seqs = prefixes
         num_labelled = [0] * n
     else:
-        texts = [fmt.transform_text(t) for t in texts]
-        text_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if n else []
         seqs, num_labelled = [], []
-        for text, prefix, tids in zip(texts, prefixes, text_ids):
+        for text, prefix, tids in zip(texts, prefixes, transcript_ids(tokenizer, fmt, texts)):
             bad = [t for t in tids if t in special]
             if bad:
                 raise ValueError(
-                    f"transcript {text!r} contains special tokens {tokenizer.convert_ids_to_tokens(bad)}; "
+                    f"transcript {fmt.transform_text(text)!r} contains special tokens "
+                    f"{tokenizer.convert_ids_to_tokens(bad)}; "
                     "remove them from the supervision text"
                 )
             target = list(tids) + list(ids.suffix)

@@ -453,13 +453,13 @@ class AsrDataModule:
         wanted = getattr(self.args, "test_num_buckets", 10)
         if wanted < 1:
             raise ValueError(f"--test-num-buckets must be >= 1, got {wanted}")
-        if wanted == 1:  # lhotse's bucketing needs >= 2 buckets; one bucket is the plain sampler
-            _num_buckets(cuts, 1, "test")  # the same "no cuts" check
+        num_buckets = _num_buckets(cuts, wanted, "test")
+        if num_buckets == 1:  # lhotse's bucketing needs >= 2 buckets; one bucket is the plain sampler
             sampler = SimpleCutSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
                                        world_size=1, rank=0)
         else:
             sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
-                                              num_buckets=_num_buckets(cuts, wanted, "test"), world_size=1, rank=0)
+                                              num_buckets=num_buckets, world_size=1, rank=0)
         dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
         return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=self.args.num_workers)
