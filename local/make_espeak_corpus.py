@@ -8,7 +8,7 @@
   local/make_espeak_corpus.py --lang cmn --out-dir download --num-train 400 --num-test 50
   local/prepare.sh --corpus aishell --dl-dir download
 
-See llmasr.data.espeak (data/README.md) for voices, sentences and layout.
+See llmasr.demo.espeak (data/README.md) for voices, sentences and layout.
 """
 import argparse
 import logging
@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.data.espeak import make_espeak_corpus  # noqa: E402
+from llmasr.demo.espeak import make_espeak_corpus  # noqa: E402
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 
 from llmasr.config import parse_args_with_config  # noqa: E402
-from llmasr.decoding import get_decode_parser, run_decode  # noqa: E402
+from llmasr.recipes.decode import get_decode_parser, run_decode  # noqa: E402
 
 
 def main(argv=None):

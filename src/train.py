@@ -11,7 +11,7 @@ Resume with --start-epoch N (from epoch-(N-1).pt) or --start-batch B (from check
 DeepSpeed: torchrun --nproc_per_node 4 src/train.py --deepspeed true \
   --deepspeed-config local/conf/ds_zero2.json --optimizer adamw --base-lr 1e-4 ...
 """
-from llmasr.training.recipe import main
+from llmasr.recipes.train import main
 
 if __name__ == "__main__":
     main(mose=False)

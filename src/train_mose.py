@@ -9,7 +9,7 @@ train_mose.py). Same options as train.py; the encoder flags take comma-separated
 
 During training each encoder's <speech> group is dropped from a prompt with probability 1/N.
 """
-from llmasr.training.recipe import main
+from llmasr.recipes.train import main
 
 if __name__ == "__main__":
     main(mose=True)

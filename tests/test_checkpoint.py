@@ -25,7 +25,7 @@ def sl(golden_dir):
 
 @pytest.fixture(scope="module")
 def golden_model(sl):
-    from llmasr.model import add_model_arguments, build_model_from_args
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
 
     p = argparse.ArgumentParser()
     add_model_arguments(p)

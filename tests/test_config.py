@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from llmasr.config import parse_args_with_config
-from llmasr.model import str2bool
+from llmasr.config import str2bool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -58,8 +58,8 @@ def test_config_errors_name_the_file_and_key(tmp_path):
 def test_shipped_recipe_configs_parse_with_train_and_decode(name):
     import yaml
 
-    from llmasr.decoding import get_decode_parser
-    from llmasr.training.recipe import get_parser
+    from llmasr.recipes.decode import get_decode_parser
+    from llmasr.recipes.train import get_parser
 
     path = REPO / "local" / "conf" / name
     sections = yaml.safe_load(path.read_text())

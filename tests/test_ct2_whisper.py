@@ -15,8 +15,8 @@ import torch
 whisper = pytest.importorskip("whisper")
 
 from conftest import require_binary  # noqa: E402
-from llmasr import ct2_whisper  # noqa: E402
-from llmasr.ct2_whisper import CT2FormatError, read_ct2_model, reassemble  # noqa: E402
+from llmasr.demo import ct2_whisper  # noqa: E402
+from llmasr.demo.ct2_whisper import CT2FormatError, read_ct2_model, reassemble  # noqa: E402
 
 # Sentences Whisper-base transcribes from espeak-ng's en-us voice (checked by listening to the
 # model, not to this code); numbers and names avoided where Whisper formats them differently.

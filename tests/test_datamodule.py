@@ -285,7 +285,7 @@ def test_musan_stage_and_mixing(work, tmp_path):
 
 
 def test_encoder_and_data_feature_types_must_agree():
-    from llmasr.data.features import check_feature_type
+    from llmasr.features import check_feature_type
 
     check_feature_type("fbank", "fbank", 80, 80)
     check_feature_type("whisper-mel", "whisper", 128, 128)

@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from llmasr.decoding import GenerationOptions, _PerRowLimit, _RepetitionGuard
+from llmasr.generation import GenerationOptions, _PerRowLimit, _RepetitionGuard
 from llmasr.llm import load_llm
 from llmasr.model import SpeechLLM
 from llmasr.prompt import IGNORE_INDEX
@@ -285,7 +285,7 @@ def test_generation_caps(single):
 
 
 def _decode_args(sl, exp_dir, *extra):
-    from llmasr.decoding import get_decode_parser
+    from llmasr.recipes.decode import get_decode_parser
 
     return get_decode_parser().parse_args([
         "--exp-dir", str(exp_dir), "--max-duration", "300", "--num-workers", "0",
@@ -296,7 +296,7 @@ def _decode_args(sl, exp_dir, *extra):
 
 
 def test_decode_script_errors_before_model_build(golden_dir, tmp_path, monkeypatch):
-    from llmasr import decoding
+    from llmasr.recipes import decode as decoding
 
     sl = golden_dir / "speechllm"
     exp = tmp_path / "exp"
@@ -307,7 +307,7 @@ def test_decode_script_errors_before_model_build(golden_dir, tmp_path, monkeypat
     def no_build(*a, **k):
         raise AssertionError("the model must not be built")
 
-    monkeypatch.setattr("llmasr.model.build_model_from_args", no_build)
+    monkeypatch.setattr("llmasr.recipes.model_args.build_model_from_args", no_build)
     with pytest.raises(FileNotFoundError, match="epoch-3.pt"):
         decoding.run_decode(_decode_args(sl, exp, "--epoch", "3", "--avg", "2"))
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
@@ -363,8 +363,8 @@ def test_decode_mose_script_end_to_end(golden_dir, tmp_path, monkeypatch):
     import decode_mose  # src/decode_mose.py
 
     from llmasr.checkpoint import save_checkpoint
-    from llmasr.decoding import get_decode_parser
-    from llmasr.model import build_model_from_args
+    from llmasr.recipes.decode import get_decode_parser
+    from llmasr.recipes.model_args import build_model_from_args
 
     sl = golden_dir / "speechllm"
     enc = str(sl / "models/zipformer/tiny_a/pretrained.pt")

@@ -52,7 +52,7 @@ def test_quick_demo_learns(repo_dir, tmp_path):
 
 
 def test_plot_reads_the_training_log_and_writes_a_png(tmp_path):
-    from llmasr.plotting import plot_training_curves, read_train_losses
+    from llmasr.demo.plotting import plot_training_curves, read_train_losses
 
     log = tmp_path / "log-train-2026-01-01"
     log.write_text(

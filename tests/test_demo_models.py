@@ -10,7 +10,8 @@ import shutil
 import pytest
 import torch
 
-from llmasr import ct2_whisper, demo_models
+from llmasr.demo import ct2_whisper
+from llmasr.demo import models as demo_models
 
 
 def _installed() -> bool:

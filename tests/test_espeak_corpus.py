@@ -18,7 +18,7 @@ def prepared_en(tmp_path_factory):
 
 
 def test_number_words():
-    from llmasr.data.espeak import number_to_words, ordinal_words, year_words, zh_number
+    from llmasr.demo.espeak import number_to_words, ordinal_words, year_words, zh_number
 
     assert number_to_words(0) == "zero"
     assert number_to_words(42) == "forty two"
@@ -59,7 +59,7 @@ def test_librispeech_layout(prepared_en):
 
 def test_deterministic_and_seeded(tmp_path):
     require_binary("espeak-ng")
-    from llmasr.data import make_espeak_corpus
+    from llmasr.demo.espeak import make_espeak_corpus
 
     a = make_espeak_corpus(tmp_path / "a", num_train=3, num_test=2, num_dev=0, num_test_other=0, seed=11)
     b = make_espeak_corpus(tmp_path / "b", num_train=3, num_test=2, num_dev=0, num_test_other=0, seed=11)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmasr.firered.features import CmvnError, FireRedFeatureExtractor, load_wav_int16, pad_features, read_kaldi_cmvn
+from llmasr.features.firered import CmvnError, FireRedFeatureExtractor, load_wav_int16, pad_features, read_kaldi_cmvn
 from llmasr.firered.load import CheckpointError, load_aed, load_aed_dir, load_encoder
 from llmasr.firered.tokenizer import DictError, FireRedTokenizer
 
@@ -50,7 +50,7 @@ def test_lhotse_extractor_matches_reference(fr):
     from lhotse import CutSet, Recording
     from lhotse.dataset import OnTheFlyFeatures
 
-    from llmasr.firered.features import lhotse_extractor
+    from llmasr.features.firered import lhotse_extractor
 
     cuts = CutSet.from_cuts([Recording.from_file(fr.root / u["wav"], recording_id=u["uttid"]).to_cut()
                              for u in fr.exp["utts"]])

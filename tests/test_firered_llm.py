@@ -6,7 +6,7 @@ import argparse
 import pytest
 import torch
 
-from llmasr.firered.features import pad_features
+from llmasr.features.firered import pad_features
 from llmasr.firered.load import CheckpointError
 from llmasr.firered.llm import clean_text, load_firered_llm
 

@@ -52,7 +52,7 @@ def read_trans(root: Path) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _build_en(base: str) -> dict:
-    from llmasr.data import make_espeak_corpus
+    from llmasr.demo.espeak import make_espeak_corpus
 
     base = Path(base)
     dl_dir, work = base / "download", base / "work"
@@ -184,7 +184,7 @@ def test_kaldi_dir(prepared_en, tmp_path, monkeypatch):
     # The functions local/prepare.sh stages 1 and 3 run (in-process here: the shell wrapper is
     # covered by the LibriSpeech and AISHELL tests).
     from llmasr.data.corpus import compute_features, prepare_manifests
-    from llmasr.data.features import make_feature_extractor
+    from llmasr.features import make_feature_extractor
 
     prepare_manifests("kaldi", tmp_path / "mycorpus", tmp_path / "data" / "manifests", "mycorpus")
     compute_features(tmp_path / "data" / "manifests", tmp_path / "data" / "fbank", "mycorpus",
@@ -208,7 +208,7 @@ def test_aishell_path(tmp_path, monkeypatch):
     require_binary("espeak-ng")
     from lhotse.recipes import prepare_aishell
 
-    from llmasr.data import make_espeak_corpus
+    from llmasr.demo.espeak import make_espeak_corpus
 
     root = make_espeak_corpus(tmp_path / "dl", lang="cmn", num_train=4, num_dev=2, num_test=2, seed=3,
                               num_jobs=2)

@@ -43,7 +43,7 @@ def prepared_firered(tmp_path_factory, golden_dir):
 def test_stored_features_match_firered(prepared_firered, golden_dir, monkeypatch):
     from lhotse.dataset.collation import collate_features
 
-    from llmasr.firered.features import FireRedFeatureExtractor
+    from llmasr.features.firered import FireRedFeatureExtractor
 
     fbank = prepared_firered["fbank"]
     monkeypatch.chdir(prepared_firered["work"])  # feature paths are relative to where prepare.sh ran
@@ -151,7 +151,7 @@ def test_datamodule_batches_feed_the_firered_encoder(prepared_firered, golden_di
     import math
     import pickle
 
-    from llmasr.data.features import make_feature_extractor
+    from llmasr.features import make_feature_extractor
     from llmasr.firered.load import load_encoder
 
     monkeypatch.chdir(prepared_firered["work"])

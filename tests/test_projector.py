@@ -4,7 +4,8 @@ import math
 import pytest
 import torch
 
-from llmasr.projector import Projector, remap_linear12_keys, swoosh_r
+from llmasr.checkpoint import remap_linear12_keys
+from llmasr.projector import Projector, swoosh_r
 
 
 def _swoosh_r_ref(x: float) -> float:

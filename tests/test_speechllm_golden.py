@@ -36,7 +36,7 @@ def expected(sl):
 
 @pytest.fixture(scope="module")
 def model(sl):
-    from llmasr.model import add_model_arguments, build_model_from_args
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
 
     p = argparse.ArgumentParser()
     add_model_arguments(p)

@@ -56,7 +56,7 @@ def _build_data(root: Path) -> Path:
     from lhotse import (CutSet, Fbank, FbankConfig, NumpyFilesWriter, Recording, RecordingSet,
                         SupervisionSegment, SupervisionSet)
 
-    from llmasr.data import make_espeak_corpus
+    from llmasr.demo.espeak import make_espeak_corpus
 
     corpus = make_espeak_corpus(root / "download", lang="en", num_train=24, num_test=0, num_dev=4,
                                 num_test_other=0, seed=3, num_jobs=2)
@@ -119,7 +119,7 @@ def base_argv(env: dict, exp_dir: Path, mose: bool = False, **overrides) -> list
 
 
 def train(env, exp_dir, mose=False, **overrides):
-    from llmasr.training.recipe import main
+    from llmasr.recipes.train import main
 
     main(mose=mose, argv=base_argv(env, exp_dir, mose=mose, **overrides))
 
@@ -129,7 +129,7 @@ def load(path):
 
 
 def build_model(env, mose=False, seed=0, ds_rate=4):
-    from llmasr.model import add_model_arguments, build_model_from_args
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
 
     p = argparse.ArgumentParser()
     add_model_arguments(p, mose=mose)
@@ -162,7 +162,7 @@ def first_batches(env, n=1, max_duration=12.0):
 
 
 def make_params(exp_dir, **kw):
-    from llmasr.training.recipe import AttributeDict
+    from llmasr.recipes.train import AttributeDict
 
     p = AttributeDict(use_autocast=False, dtype=torch.float32, batch_idx_train=0, cur_epoch=1, exp_dir=Path(exp_dir),
                       grad_clip=0.0, optimizer_type="scaled_adam")
@@ -280,7 +280,7 @@ def test_schedulers():
 
 
 def test_help_lists_every_flag():
-    from llmasr.training.recipe import get_parser
+    from llmasr.recipes.train import get_parser
 
     text = get_parser().format_help() + get_parser(mose=True).format_help()
     for flag in ("--world-size", "--master-port", "--num-epochs", "--start-epoch", "--start-batch", "--exp-dir",

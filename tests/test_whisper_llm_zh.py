@@ -54,7 +54,7 @@ def wz(tmp_path_factory):
     from transformers import Qwen2Config, Qwen2ForCausalLM
     from whisper.model import ModelDimensions, Whisper
 
-    from llmasr.data import make_espeak_corpus
+    from llmasr.demo.espeak import make_espeak_corpus
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("whisper_llm_zh")
@@ -87,7 +87,7 @@ def wz(tmp_path_factory):
     decode_argv = _flags(conf["decode"], **models, max_duration=40, num_workers=0, max_new_tokens=20,
                          test_sets="test", lora_r=8)
     exp = root / "exp"
-    from llmasr.training.recipe import main as train_main
+    from llmasr.recipes.train import main as train_main
 
     cwd = os.getcwd()
     os.chdir(root)  # prepare.sh wrote feature paths relative to its working directory
@@ -100,7 +100,7 @@ def wz(tmp_path_factory):
 
 
 def _build_model(wz):
-    from llmasr.model import add_model_arguments, build_model_from_args
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
     import argparse
 
     p = argparse.ArgumentParser()
@@ -204,7 +204,7 @@ def test_repetition_penalty_independent_of_left_padding():
     in a left-padded batch equals the same row decoded alone."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    from llmasr.decoding import GenerationOptions, generate
+    from llmasr.generation import GenerationOptions, generate
     from llmasr.prompt import PromptIds
 
     torch.manual_seed(0)
@@ -326,7 +326,7 @@ def test_init_from_firered_loads_the_released_weights(golden_dir):
     import argparse
 
     from llmasr.firered.llm import load_firered_llm
-    from llmasr.model import add_model_arguments, build_model_from_args
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
 
     d = golden_dir / "firered" / "llm"
     p = argparse.ArgumentParser()
@@ -353,8 +353,8 @@ def test_init_from_firered_loads_the_released_weights(golden_dir):
 def test_feature_type_firered_matches_firered_front_end(golden_dir):
     import soundfile as sf
 
-    from llmasr.data.features import make_feature_extractor
-    from llmasr.firered.features import FireRedFeatureExtractor
+    from llmasr.features import make_feature_extractor
+    from llmasr.features.firered import FireRedFeatureExtractor
 
     d = golden_dir / "firered"
     wav = d / "wav" / "zh_0001.wav"

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
 from llmasr.firered.aed import FireRedAsrAed  # noqa: E402
-from llmasr.firered.features import pad_features  # noqa: E402
+from llmasr.features.firered import pad_features  # noqa: E402
 from llmasr.firered.load import load_aed_dir  # noqa: E402
 
 

@@ -71,10 +71,10 @@ def build_models(root: Path, cfg: dict, tokenizer_dir: Path) -> None:
 def run_one(args) -> dict:
     import torch
 
-    from llmasr.model import add_model_arguments, build_model_from_args
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
     from llmasr.training.loop import train_step
     from llmasr.training.optim import build_optimizer
-    from llmasr.training.recipe import AttributeDict
+    from llmasr.recipes.train import AttributeDict
     from llmasr.training.schedulers import FixedLRScheduler
 
     torch.set_num_threads(args.threads)

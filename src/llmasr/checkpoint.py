@@ -119,12 +119,35 @@ def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
     return ckpt
 
 
+_LINEAR12 = re.compile(r"^(.*?)linear([12])\.(weight|bias)$")
+
+
+def remap_linear12_keys(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
+    """Map a ``linear1/linear2`` projector state dict (FireRedASR ``encoder_projector``, icefall
+    ``whisper_llm_zh`` ``EncoderProjector``) onto :class:`llmasr.projector.Projector` keys ``proj.1`` / ``proj.3``.
+
+    Only keys starting with ``prefix`` are converted (the prefix is kept); every other key is
+    returned unchanged.
+    """
+    out: Dict[str, torch.Tensor] = {}
+    for key, value in state_dict.items():
+        if not key.startswith(prefix):
+            out[key] = value
+            continue
+        rest = key[len(prefix):]
+        m = _LINEAR12.match(rest)
+        if m is None:
+            out[key] = value
+            continue
+        head, which, kind = m.groups()
+        out[f"{prefix}{head}proj.{1 if which == '1' else 3}.{kind}"] = value
+    return out
+
+
 def to_our_layout(state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> Dict[str, torch.Tensor]:
     """Keys of other trainers' files mapped to ours: ``module.`` (DDP) stripped, icefall
     whisper_llm_zh / FireRedASR projector keys ``encoder_projector[.<k>].linear1/linear2.*`` ->
     ``encoder_projector[.<k>].proj.1/proj.3.*``. Other keys are returned unchanged."""
-    from llmasr.projector import remap_linear12_keys
-
     sd = dict(state_dict)
     if sd and next(iter(sd)).startswith("module."):  # saved from a DDP-wrapped model
         sd = {k[len("module."):] if k.startswith("module.") else k: v for k, v in sd.items()}
@@ -317,6 +340,7 @@ __all__ = [
     "epoch_checkpoints",
     "epoch_checkpoint_path",
     "to_our_layout",
+    "remap_linear12_keys",
     "iter_checkpoints",
     "find_checkpoints",
     "load_model_state",

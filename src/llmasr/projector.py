@@ -6,12 +6,11 @@ k consecutive encoder frames are concatenated (frame-major: ``[f0 | f1 | ... | f
 ``proj.3.*``, exactly those of SpeechLLM's ``EncoderProjector`` (zhu-han/SpeechLLM ``src/model.py``).
 
 FireRedASR's ``Adapter`` and icefall's ``whisper_llm_zh`` projector use the same computation with
-keys ``linear1.*`` / ``linear2.*``; :func:`remap_linear12_keys` converts such state dicts.
+keys ``linear1.*`` / ``linear2.*``; :func:`llmasr.checkpoint.remap_linear12_keys` converts such state dicts.
 """
 from __future__ import annotations
 
-import re
-from typing import Dict, Mapping, Tuple
+from typing import Mapping, Tuple
 
 import torch
 import torch.nn as nn
@@ -101,35 +100,10 @@ class Projector(nn.Module):
         return f"downsample_rate={self.downsample_rate}, activation={self.activation}"
 
 
-_LINEAR12 = re.compile(r"^(.*?)linear([12])\.(weight|bias)$")
-
-
-def remap_linear12_keys(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> Dict[str, torch.Tensor]:
-    """Map a ``linear1/linear2`` projector state dict (FireRedASR ``encoder_projector``, icefall
-    ``whisper_llm_zh`` ``EncoderProjector``) onto :class:`Projector` keys ``proj.1`` / ``proj.3``.
-
-    Only keys starting with ``prefix`` are converted (the prefix is kept); every other key is
-    returned unchanged.
-    """
-    out: Dict[str, torch.Tensor] = {}
-    for key, value in state_dict.items():
-        if not key.startswith(prefix):
-            out[key] = value
-            continue
-        rest = key[len(prefix):]
-        m = _LINEAR12.match(rest)
-        if m is None:
-            out[key] = value
-            continue
-        head, which, kind = m.groups()
-        out[f"{prefix}{head}proj.{1 if which == '1' else 3}.{kind}"] = value
-    return out
-
-
 def infer_projector_shape(state_dict: Mapping[str, torch.Tensor], prefix: str = "") -> Tuple[int, int]:
     """(k*C, H) of a Projector state dict (keys ``{prefix}proj.1.weight``)."""
     w = state_dict[f"{prefix}proj.1.weight"]
     return int(w.shape[1]), int(w.shape[0])
 
 
-__all__ = ["Projector", "SwooshR", "swoosh_r", "remap_linear12_keys", "infer_projector_shape", "ACTIVATIONS"]
+__all__ = ["Projector", "SwooshR", "swoosh_r", "infer_projector_shape", "ACTIVATIONS"]

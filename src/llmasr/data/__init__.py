@@ -1,11 +1,9 @@
-"""Data: corpus preparation (lhotse manifests + features), demo corpora, batching.
+"""Data: corpus preparation (lhotse manifests + features) and batching.
 
-- :func:`make_espeak_corpus` synthesises a LibriSpeech- or AISHELL-layout corpus with espeak-ng.
 - :mod:`llmasr.data.corpus` corpus readers, checks, manifests, features, validation (local/prepare.sh).
 - :class:`AsrDataModule` manifests -> DataLoaders (icefall conventions); :func:`mux` mixes corpora.
-- :func:`make_feature_extractor` the one mapping from ``--feature-type`` to a lhotse extractor.
 
-Names are imported lazily so that e.g. the corpus builder does not import torch/lhotse.
+Feature front ends are in :mod:`llmasr.features`. Names are imported lazily (the corpus readers need no torch).
 """
 import importlib
 
@@ -15,10 +13,6 @@ _EXPORTS = {
     "CutFilter": "datamodule",
     "mux": "datamodule",
     "str2bool": "datamodule",
-    "generate_sentences": "espeak",
-    "make_espeak_corpus": "espeak",
-    "read_corpus_transcripts": "espeak",
-    "make_feature_extractor": "features",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -357,7 +357,7 @@ def compute_features(
 
     import torch
 
-    from .features import default_storage_type
+    from llmasr.features import default_storage_type
 
     torch.set_num_threads(1)  # parallelism comes from num_jobs worker processes
     manifest_dir, fbank_dir = Path(manifest_dir), Path(fbank_dir)

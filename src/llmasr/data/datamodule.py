@@ -9,7 +9,7 @@ Batches are dicts::
 
 with the cuts of a batch ordered by decreasing duration (as lhotse's K2SpeechRecognitionDataset).
 ``--feature-type firered`` batches are FireRedASR's own: ``feature_lens`` are its snip_edges frame
-counts (``llmasr.firered.features.num_frames``, 2-3 fewer than the lhotse manifest's
+counts (``llmasr.features.firered.num_frames``, 2-3 fewer than the lhotse manifest's
 round(duration / 10 ms)), the padding value is 0.0 (FireRedASR's, after CMVN) and T = max(feature_lens),
 the same for stored and on-the-fly features.
 Training/validation cuts go through :class:`CutFilter` (duration limits and an optional transcript
@@ -45,7 +45,7 @@ from lhotse.utils import fix_random_seed
 from torch.utils.data import DataLoader
 
 from ..config import str2bool
-from .features import FEATURE_TYPES, make_feature_extractor
+from llmasr.features import FEATURE_TYPES, make_feature_extractor
 
 
 
@@ -150,7 +150,7 @@ class AsrDataset(torch.utils.data.Dataset):
 def _firered_batch(cuts: CutSet, features: torch.Tensor, lhotse_lens: torch.Tensor, stored: bool):
     """lhotse-collated FireRedASR features (rows up to round(duration / 10 ms), padded with anything)
     -> FireRedASR's batch: true frame counts, zero padding, T = max(feature_lens)."""
-    from llmasr.firered.features import SAMPLE_RATE, check_length, num_frames
+    from llmasr.features.firered import SAMPLE_RATE, check_length, num_frames
 
     lens = []
     for c, n in zip(cuts, lhotse_lens.tolist()):

@@ -7,7 +7,7 @@ dropout_rate`` build a randomly initialised encoder (training from scratch).
 
 Input features: 80-dim Kaldi fbank (kaldi-native-fbank, int16-valued samples) normalised with the
 model's global ``cmvn.ark`` (``feature_type = "kaldi-fbank-cmvn"``; see
-:class:`llmasr.firered.features.FireRedFeatureExtractor`). Output frames: 40 ms; frames at or beyond
+:class:`llmasr.features.firered.FireRedFeatureExtractor`). Output frames: 40 ms; frames at or beyond
 ``out_lens`` are padding (the encoder computes a few extra frames there, see
 :mod:`llmasr.firered.conformer`).
 """

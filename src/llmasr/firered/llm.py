@@ -33,12 +33,13 @@ import torch
 import torch.nn as nn
 from transformers import LogitsProcessorList
 
-from llmasr.decoding import GeneratedTokensRepetitionPenalty
-from llmasr.projector import Projector, remap_linear12_keys
+from llmasr.generation import GeneratedTokensRepetitionPenalty
+from llmasr.checkpoint import remap_linear12_keys
+from llmasr.projector import Projector
 from llmasr.prompt import IGNORE_INDEX, SPEECH_TOKEN, get_prompt_format, prompt_prefix_ids, resolve_prompt_ids
 
 from .conformer import ConformerEncoder
-from .features import FireRedFeatureExtractor
+from llmasr.features.firered import FireRedFeatureExtractor
 from .load import CheckpointError, load_encoder, load_package, load_state_dict_checked
 
 PROMPT_FORMAT = "firered"

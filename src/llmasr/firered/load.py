@@ -15,7 +15,7 @@ import torch.nn as nn
 
 from .aed import FireRedAsrAed
 from .conformer import ConformerEncoder
-from .features import FireRedFeatureExtractor
+from llmasr.features.firered import FireRedFeatureExtractor
 from .tokenizer import FireRedTokenizer
 
 PathLike = Union[str, Path]

@@ -30,7 +30,7 @@ import torch.nn as nn
 
 from .aed import FireRedAsrAed
 from .conformer import set_dropout
-from .features import SAMPLE_RATE, FireRedFeatureExtractor, check_length, pad_features
+from llmasr.features.firered import SAMPLE_RATE, FireRedFeatureExtractor, check_length, pad_features
 from llmasr.checkpoint import atomic_torch_save, average_checkpoints, load_checkpoint, save_checkpoint
 
 from .load import load_aed, load_package, load_state_dict_checked

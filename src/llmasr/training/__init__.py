@@ -7,5 +7,5 @@ and the recipe behind ``src/train.py`` / ``src/train_mose.py``.
 - :mod:`llmasr.training.logs`       per-rank log files, metrics, progress/ETA, tensorboard
 - :mod:`llmasr.training.loop`       train_step, train_one_epoch, compute_validation_loss, fault handling
 - :mod:`llmasr.training.deepspeed`  DeepSpeed engine, ZeRO checkpoints -> epoch-N.pt
-- :mod:`llmasr.training.recipe`     argument parser, checkpointing/resume, ``run``/``main``
+- :mod:`llmasr.recipes.train`     argument parser, checkpointing/resume, ``run``/``main``
 """

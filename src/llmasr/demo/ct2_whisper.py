@@ -24,8 +24,8 @@ dtype ids: 0 float32, 1 int8, 2 int16, 3 int32, 4 float16, 5 bfloat16.
 
 Usage::
 
-    python -m llmasr.ct2_whisper --output models/whisper-base/whisper-base.pt
-    python -m llmasr.ct2_whisper --model-bin model.bin --output whisper-base.pt --sha256 none
+    python -m llmasr.demo.ct2_whisper --output models/whisper-base/whisper-base.pt
+    python -m llmasr.demo.ct2_whisper --model-bin model.bin --output whisper-base.pt --sha256 none
 """
 from __future__ import annotations
 

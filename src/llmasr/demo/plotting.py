@@ -7,7 +7,7 @@ Input comes from what every training run already writes:
 - error rates measured at some global batches (``(batch, rate)``), e.g. from decoding epoch
   checkpoints.
 
-    from llmasr.plotting import plot_training_curves
+    from llmasr.demo.plotting import plot_training_curves
     plot_training_curves("exp/demo/curves.png", losses=[(10, 3.1), ...], wers=[(0, 350.0), (75, 40.0)],
                          reference={"Whisper-base zero-shot": 42.0})
 

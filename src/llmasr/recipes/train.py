@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import os
 import random
 import re
@@ -26,6 +25,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from llmasr.config import str2bool
 from llmasr.training import dist as dist_utils
 from llmasr.training.logs import Progress, make_tb_writer, setup_logger
 from llmasr.training.loop import (
@@ -49,10 +49,7 @@ class AttributeDict(dict):
         self[key] = value
 
 
-def _str2bool(v):
-    from llmasr.model import str2bool
-
-    return str2bool(v)
+_str2bool = str2bool
 
 
 def _optional_bool(v):
@@ -123,7 +120,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
 def get_parser(mose: bool = False) -> argparse.ArgumentParser:
     from llmasr.aux_ctc import add_aux_ctc_arguments
     from llmasr.data import AsrDataModule
-    from llmasr.model import add_model_arguments
+    from llmasr.recipes.model_args import add_model_arguments
 
     parser = argparse.ArgumentParser(
         description=("Train SpeechLLM-MoSE (several speech encoders)" if mose else "Train SpeechLLM")
@@ -369,9 +366,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
     from llmasr.aux_ctc import build_aux_ctc, maybe_projector_warmup
     from llmasr.checkpoint import load_checkpoint, load_model_state
     from llmasr.data import AsrDataModule
-    from llmasr.data.features import check_feature_type
+    from llmasr.features import check_feature_type
     from llmasr.llm import check_llm_dir
-    from llmasr.model import build_model_from_args
+    from llmasr.recipes.model_args import build_model_from_args
 
     params = get_params()
     params.update(vars(args))

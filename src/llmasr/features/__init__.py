@@ -25,7 +25,7 @@ def make_feature_extractor(
     batches use FireRedASR's count again).
     """
     if feature_type == "firered":
-        from llmasr.firered.features import lhotse_extractor
+        from llmasr.features.firered import lhotse_extractor
 
         if num_mel_bins != 80:
             raise ValueError(f"FireRedASR features have 80 mel bins, got --num-mel-bins {num_mel_bins}")

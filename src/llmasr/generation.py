@@ -1,0 +1,164 @@
+"""Batched generation (greedy / beam search with KV cache via HF ``generate``).
+
+Defaults reproduce zhu-han/SpeechLLM's ``model.decode``: ``max_new_tokens=200``, no sampling,
+``repetition_penalty=1.0``, ``length_penalty=1.0``, stop only at the format's end-of-turn token
+(``<|im_end|>``; explicit ids override the LLM's ``generation_config.json``), pad finished rows
+with the pad token. Unlike SpeechLLM, ``beam_size`` is honoured.
+
+Optional (off by default, so golden runs are unchanged):
+
+- ``max_new_tokens_per_speech_token``: per-utterance cap ``ceil(r * speech positions)`` (an
+  utterance with few speech tokens cannot run on for ``max_new_tokens``);
+- ``repetition_guard``: stop a row once its last tokens are one pattern (period 1..8 tokens)
+  repeated this many times - hallucination loops then cost a few steps instead of the limit.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, Optional
+
+import torch
+from transformers import LogitsProcessor
+
+from llmasr.prompt import PromptIds
+
+
+@dataclass
+class GenerationOptions:
+    beam_size: int = 1
+    max_new_tokens: int = 200
+    max_new_tokens_per_speech_token: Optional[float] = None
+    repetition_guard: int = 0  # 0 = off; else minimum number of repeats that stops a row
+    repetition_guard_max_period: int = 8
+    repetition_penalty: float = 1.0
+    length_penalty: float = 1.0
+    no_repeat_ngram_size: int = 0
+    extra: Dict[str, Any] = field(default_factory=dict)  # passed to generate() as is
+
+
+class _PerRowLimit:
+    """Stopping criterion: row i is done after ``limits[i]`` new tokens (beams expanded)."""
+
+    def __init__(self, limits: torch.Tensor, num_beams: int):
+        self.limits = limits.repeat_interleave(num_beams)
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        # With inputs_embeds only, input_ids holds just the generated tokens.
+        return torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device) >= self.limits.to(
+            input_ids.device
+        )
+
+
+class _RepetitionGuard:
+    """Stopping criterion: the tail is one pattern of period p <= max_period repeated >= repeats times."""
+
+    def __init__(self, repeats: int, max_period: int):
+        self.repeats = repeats
+        self.max_period = max_period
+
+    def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
+        n, t = input_ids.shape
+        done = torch.zeros(n, dtype=torch.bool, device=input_ids.device)
+        for period in range(1, self.max_period + 1):
+            span = period * self.repeats
+            if span > t:
+                break
+            tail = input_ids[:, t - span:]
+            done |= (tail[:, period:] == tail[:, :-period]).all(1)
+        return done
+
+
+class GeneratedTokensRepetitionPenalty(LogitsProcessor):
+    """Hugging Face's repetition penalty (logit < 0 -> * p, else / p, once per distinct token) over
+    the ids ``generate`` tracks. With ``inputs_embeds`` only, those are the generated tokens, as in
+    the released code (transformers 4.x). Applied by us rather than via ``repetition_penalty=`` because
+    transformers 5 additionally skips the first ``left-padding-length`` GENERATED tokens of each row when
+    an attention mask is given with ``inputs_embeds``, which would make batched results depend on padding.
+    """
+
+    def __init__(self, penalty: float):
+        if not penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
+        self.penalty = float(penalty)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
+        if input_ids.size(1) == 0:
+            return scores
+        picked = scores.gather(1, input_ids)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, input_ids, picked)
+
+
+def _stopping_criteria(criteria):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class _Wrap(StoppingCriteria):
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __call__(self, input_ids, scores, **kwargs):
+            return self.fn(input_ids, scores)
+
+    return StoppingCriteriaList([_Wrap(c) for c in criteria])
+
+
+def generate(
+    llm,
+    inputs_embeds: torch.Tensor,
+    attention_mask: torch.Tensor,
+    prompt_ids: PromptIds,
+    opts: Optional[GenerationOptions] = None,
+    num_speech_tokens: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Generate from merged embeddings (left-padded, mask False on padding). Returns (B, N) new ids."""
+    opts = opts or GenerationOptions()
+    if opts.beam_size < 1:
+        raise ValueError(f"beam size must be >= 1, got {opts.beam_size}")
+    max_new = int(opts.max_new_tokens)
+    criteria = []
+    if opts.max_new_tokens_per_speech_token is not None:
+        if num_speech_tokens is None:
+            raise ValueError("max_new_tokens_per_speech_token needs the number of speech tokens")
+        limits = torch.ceil(num_speech_tokens.float() * opts.max_new_tokens_per_speech_token).long().clamp(1, max_new)
+        max_new = int(limits.max())
+        criteria.append(_PerRowLimit(limits, opts.beam_size))
+    if opts.repetition_guard > 0:
+        criteria.append(_RepetitionGuard(opts.repetition_guard, opts.repetition_guard_max_period))
+    kwargs = dict(
+        inputs_embeds=inputs_embeds,
+        attention_mask=attention_mask.long(),
+        max_new_tokens=max_new,
+        num_beams=opts.beam_size,
+        do_sample=False,
+        min_length=1,
+        top_p=1.0,
+        # 1.0 also overrides a generation_config.json penalty; a real one is applied below
+        repetition_penalty=1.0,
+        length_penalty=opts.length_penalty,
+        temperature=1.0,
+        bos_token_id=prompt_ids.bos,
+        eos_token_id=prompt_ids.eos,
+        pad_token_id=prompt_ids.pad,
+    )
+    if opts.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = opts.no_repeat_ngram_size
+    if criteria:
+        kwargs["stopping_criteria"] = _stopping_criteria(criteria)
+    extra = dict(opts.extra)
+    if opts.repetition_penalty != 1.0:
+        # Our processor, not generate(repetition_penalty=): transformers 5 skips the first
+        # <left padding> generated tokens of each row with inputs_embeds + attention mask, so a
+        # batched utterance would be penalised differently from the same utterance alone.
+        from transformers import LogitsProcessorList
+
+        processors = LogitsProcessorList([GeneratedTokensRepetitionPenalty(opts.repetition_penalty)])
+        processors.extend(extra.pop("logits_processor", None) or [])
+        kwargs["logits_processor"] = processors
+    kwargs.update(extra)
+    out = llm.generate(**kwargs)
+    if not isinstance(out, torch.Tensor):  # return_dict_in_generate in extra
+        out = out.sequences
+    return out
+
+
+__all__ = ["GenerationOptions", "GeneratedTokensRepetitionPenalty", "generate"]

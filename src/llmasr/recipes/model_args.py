@@ -1,0 +1,173 @@
+"""Model flags shared by the training and decoding recipes, and building a :class:`SpeechLLM` from them."""
+from __future__ import annotations
+
+import argparse
+import logging
+from typing import List, Optional
+
+from llmasr.config import str2bool
+from llmasr.llm import LORA_TARGETS, load_llm
+from llmasr.model import SpeechLLM
+from llmasr.projector import ACTIVATIONS
+from llmasr.prompt import available_prompt_formats
+
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> None:
+    """SpeechLLM's model flags (plus LoRA/prompt/LLM loading options). With ``mose`` the encoder
+    flags take comma-separated lists (one entry per encoder, any number of encoders)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--llm-path", type=str, default="models/qwen2-1.5b-instruct",
+                   help="Local directory of the Hugging Face causal LM (weights + tokenizer).")
+    g.add_argument("--llm-gguf-file", type=str, default=None,
+                   help="Load the LLM (and tokenizer if the directory has none) from this GGUF file in --llm-path.")
+    g.add_argument("--llm-dtype", type=str, default="auto",
+                   help="LLM dtype: auto (float16 on CUDA like SpeechLLM, float32 on CPU), float32, float16, bfloat16.")
+    g.add_argument("--attn-implementation", type=str, default=None,
+                   help="eager, sdpa or flash_attention_2 (default: flash_attention_2 if installed on CUDA, else sdpa).")
+    if mose:
+        g.add_argument("--speech-encoder-type", type=str, default="large,large,large,large",
+                       help="Types of the speech encoders, comma-separated.")
+        g.add_argument("--speech-encoder-path", type=str,
+                       default="models/zipformer/librispeech/transducer_large/pretrained.pt,"
+                       "models/zipformer/librispeech/aed_crctc_large/pretrained.pt,"
+                       "models/zipformer/librispeech/crctc_large/pretrained.pt,"
+                       "models/zipformer/librispeech/transducer_crctc_large/pretrained.pt",
+                       help="Checkpoints of the speech encoders, comma-separated.")
+        g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
+                       help="Accepted for compatibility with SpeechLLM; unused.")
+    else:
+        g.add_argument("--speech-encoder-type", type=str, default="large", help="Type of the speech encoder.")
+        g.add_argument("--speech-encoder-path", type=str,
+                       default="models/zipformer/librispeech/transducer_crctc_large/pretrained.pt",
+                       help="Checkpoint of the speech encoder.")
+        g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
+                       help="Accepted for compatibility with SpeechLLM; unused.")
+    g.add_argument("--encoder-projector-ds-rate", type=int, default=4,
+                   help="Number of encoder frames concatenated into one LLM input position.")
+    g.add_argument("--projector-activation", type=str, default="swooshr", choices=sorted(ACTIVATIONS),
+                   help="swooshr (SpeechLLM) or relu (FireRedASR-LLM, icefall whisper_llm_zh).")
+    g.add_argument("--projector-dropout", type=float, default=0.1,
+                   help="Dropout on the concatenated frames before the projector (training only).")
+    g.add_argument("--use-lora", type=str2bool, default=True, help="Fine-tune the LLM with LoRA.")
+    g.add_argument("--lora-r", type=int, default=64)
+    g.add_argument("--lora-alpha", type=int, default=16)
+    g.add_argument("--lora-dropout", type=float, default=0.05)
+    g.add_argument("--unfreeze-llm", type=str2bool, default=True,
+                   help="Train the LLM (LoRA if --use-lora, else all weights); false freezes it (no LoRA).")
+    g.add_argument("--unfreeze-encoder", type=str2bool, default=False, help="Train the speech encoder(s).")
+    g.add_argument("--prompt-format", type=str, default="speechllm", help="One of: " + ", ".join(available_prompt_formats()))
+    g.add_argument("--use-prompt-embedding", type=str2bool, default=False,
+                   help="Really replace <start_speech>/<end_speech> (and text markers) by the trainable "
+                   "prompt_embedding rows. SpeechLLM's table has no effect; keep false for its checkpoints.")
+    g.add_argument("--resize-vocab", type=str2bool, default=False,
+                   help="Grow the LLM embedding when the speech tokens do not fit (new rows = mean row).")
+    g.add_argument("--init-from-firered", type=str, default=None, metavar="DIR",
+                   help="Start from a released FireRedASR-LLM directory: its model.pth.tar (encoder overrides, "
+                   "projector, LoRA) is loaded into the model. Use with --speech-encoder-type firered "
+                   "--speech-encoder-path DIR/asr_encoder.pth.tar --llm-path DIR/Qwen2-7B-Instruct "
+                   "--encoder-projector-ds-rate 2 --projector-activation relu --projector-dropout 0 "
+                   "--prompt-format firered.")
+
+
+def split_list(value: Optional[str]) -> List[str]:
+    return [] if value is None else [v.strip() for v in str(value).split(",") if v.strip()]
+
+
+def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=None, encoder_options=None) -> SpeechLLM:
+    """Build encoders (llmasr.encoders registry), LLM (+LoRA) and projectors from parsed flags.
+
+    The LLM dtype is ``dtype`` if given, else ``--llm-dtype``. Encoders and projectors stay float32
+    (their outputs are cast to the LLM dtype when spliced).
+    """
+    from llmasr.encoders import build_speech_encoder
+
+    types = split_list(args.speech_encoder_type)
+    paths = split_list(args.speech_encoder_path)
+    if not types:
+        raise ValueError("--speech-encoder-type is empty")
+    if len(paths) != len(types):
+        raise ValueError(
+            f"--speech-encoder-type lists {len(types)} encoders ({types}) but --speech-encoder-path has "
+            f"{len(paths)} ({paths})"
+        )
+    if not mose and len(types) != 1:
+        raise ValueError(f"{len(types)} speech encoders given; use the MoSE scripts for more than one")
+    encoders = [build_speech_encoder(t, p, **(encoder_options or {})) for t, p in zip(types, paths)]
+    llm, tokenizer = load_llm(
+        args.llm_path,
+        dtype=dtype if dtype is not None else getattr(args, "llm_dtype", "auto"),
+        attn_implementation=getattr(args, "attn_implementation", None),
+        use_lora=args.use_lora,
+        lora_r=getattr(args, "lora_r", 64),
+        lora_alpha=getattr(args, "lora_alpha", 16),
+        lora_dropout=getattr(args, "lora_dropout", 0.05),
+        lora_targets=LORA_TARGETS,
+        gguf_file=getattr(args, "llm_gguf_file", None),
+        resize_vocab=getattr(args, "resize_vocab", False),
+        unfreeze_llm=getattr(args, "unfreeze_llm", True),
+        speech_tokens_outside_vocab=getattr(args, "use_prompt_embedding", False),
+    )
+    model = SpeechLLM(
+        encoders,
+        llm,
+        tokenizer,
+        prompt_format=getattr(args, "prompt_format", "speechllm"),
+        downsample_rate=args.encoder_projector_ds_rate,
+        projector_activation=getattr(args, "projector_activation", "swooshr"),
+        projector_dropout=getattr(args, "projector_dropout", 0.1),
+        unfreeze_encoder=getattr(args, "unfreeze_encoder", False),
+        use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
+        mose=mose,
+    )
+    if getattr(args, "init_from_firered", None):
+        load_firered_weights(model, args.init_from_firered)
+    n_all = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    logging.info(f"SpeechLLM: {model.num_encoders} encoder(s) {types}, {n_all} parameters, {n_train} trainable")
+    return model
+
+
+def load_firered_weights(model: SpeechLLM, model_dir) -> None:
+    """Load a released FireRedASR-LLM ``model_dir/model.pth.tar`` into ``model``.
+
+    Its ``model_state_dict`` has our module names (``encoder.*``: any subset of the Conformer,
+    overriding ``asr_encoder.pth.tar``; ``encoder_projector.linear1/linear2.*``: the whole adapter;
+    ``llm.*``: LoRA weights). Every key must exist in the model with its shape and the projector
+    must be complete; the rest of the model keeps its loaded weights. The base LLM is not loaded a
+    second time (unlike :func:`llmasr.firered.llm.load_firered_llm`).
+    """
+    from pathlib import Path
+
+    from llmasr.checkpoint import to_our_layout
+    from llmasr.firered.load import load_package
+
+    path = Path(model_dir) / "model.pth.tar"
+    if not path.is_file():
+        raise FileNotFoundError(f"--init-from-firered {model_dir}: {path} does not exist")
+    if model.mose or model.prompt_format.name != "firered":
+        raise ValueError(f"--init-from-firered needs one encoder and --prompt-format firered "
+                         f"(got {model.num_encoders} encoder(s), format {model.prompt_format.name!r})")
+    pkg_args, sd = load_package(path)
+    ds = int(getattr(pkg_args, "encoder_downsample_rate", model.downsample_rate))
+    if ds != model.downsample_rate:
+        raise ValueError(f"{path} was trained with encoder_downsample_rate {ds}, but --encoder-projector-ds-rate "
+                         f"is {model.downsample_rate}")
+    sd = to_our_layout(sd, source=str(path))
+    own = model.state_dict()
+    unknown = sorted(k for k in sd if k not in own)
+    if unknown:
+        hint = " (build the model with LoRA: --use-lora true --unfreeze-llm true)" if any(".lora_" in k for k in unknown) else ""
+        raise RuntimeError(f"{path}: {len(unknown)} key(s) not in the model{hint}, e.g. {unknown[:4]}")
+    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
+    if shapes:
+        raise RuntimeError(f"{path}: shape mismatch (other encoder/LLM/LoRA rank?): "
+                           + "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in shapes[:4]))
+    missing_proj = sorted(k for k in own if k.startswith("encoder_projector.") and k not in sd)
+    if missing_proj:
+        raise RuntimeError(f"{path}: projector weights missing: {missing_proj}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    logging.info(f"initialised {len(sd)} tensors from {path}")
+
+
+__all__ = ["add_model_arguments", "build_model_from_args", "load_firered_weights", "split_list"]
