@@ -12,15 +12,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from llmasr.config import str2bool  # noqa: E402
 from llmasr.data.corpus import CorpusError, prepare_manifests  # noqa: E402
-
-
-def str2bool(v: str) -> bool:
-    if v.lower() in ("1", "true", "yes", "y"):
-        return True
-    if v.lower() in ("0", "false", "no", "n"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected a boolean, got {v!r}")
 
 
 def main() -> None:

