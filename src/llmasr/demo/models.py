@@ -51,7 +51,7 @@ def default_models_dir() -> Path:
     env = os.environ.get("LLMASR_DEMO_MODELS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "models" / "demo"
+    return Path(__file__).resolve().parents[3] / "models" / "demo"
 
 
 def _read_stamp(path: Path) -> Optional[dict]:
