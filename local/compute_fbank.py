@@ -22,7 +22,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from lhotse.features.base import FeatureExtractor  # noqa: E402
 
-from llmasr.data.corpus import CorpusError, combine_shuffled, compute_features  # noqa: E402
+from llmasr.config import UserError, run_cli  # noqa: E402
+from llmasr.data.corpus import combine_shuffled, compute_features  # noqa: E402
 from llmasr.features import FEATURE_TYPES, make_feature_extractor  # noqa: E402
 
 
@@ -31,10 +32,10 @@ def check_firered_cmvn(feature_type: str, cmvn) -> None:
     if feature_type != "firered":
         return
     if not cmvn:
-        raise ValueError("--feature-type firered needs --firered-cmvn, the cmvn.ark of the FireRedASR model "
+        raise UserError("--feature-type firered needs --firered-cmvn, the cmvn.ark of the FireRedASR model "
                          "(e.g. models/FireRedASR-AED-L/cmvn.ark)")
     if not os.path.isfile(cmvn) or not os.access(cmvn, os.R_OK):
-        raise ValueError(f"--firered-cmvn {cmvn}: cmvn.ark not found or not readable")
+        raise UserError(f"--firered-cmvn {cmvn}: cmvn.ark not found or not readable")
 
 
 def storage_extractor(feature_type: str, num_mel_bins: int, firered_cmvn=None) -> FeatureExtractor:
@@ -43,7 +44,12 @@ def storage_extractor(feature_type: str, num_mel_bins: int, firered_cmvn=None) -
     return make_feature_extractor(feature_type, num_mel_bins, firered_cmvn)
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    run_cli(_compute, argv)
+
+
+def _compute(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest-dir", type=Path, default=Path("data/manifests"))
     p.add_argument("--fbank-dir", type=Path, default=Path("data/fbank"))
@@ -57,16 +63,12 @@ def main() -> None:
     p.add_argument("--combine-train", nargs="*", default=None,
                    help="parts to concatenate+shuffle into <prefix>_cuts_train-all-shuf (missing ones ignored)")
     p.add_argument("--seed", type=int, default=42, help="shuffling seed of train-all-shuf")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
                         level=logging.INFO)
-    try:
-        extractor = storage_extractor(args.feature_type, args.num_mel_bins, args.firered_cmvn)
-        done = compute_features(args.manifest_dir, args.fbank_dir, args.prefix, extractor,
-                                num_jobs=args.nj, parts=args.parts)
-    except (CorpusError, ValueError) as e:  # CmvnError is a ValueError
-        logging.error(str(e))
-        sys.exit(1)
+    extractor = storage_extractor(args.feature_type, args.num_mel_bins, args.firered_cmvn)
+    done = compute_features(args.manifest_dir, args.fbank_dir, args.prefix, extractor,
+                            num_jobs=args.nj, parts=args.parts)
     if args.combine_train:
         train = [done[p] for p in args.combine_train if p in done]
         if not train:

@@ -4,7 +4,6 @@
 audio only for --feature-type firered, whose CMVN-normalised features cannot be mixed)."""
 import argparse
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -13,10 +12,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 from lhotse import CutSet, combine  # noqa: E402
 from lhotse.recipes import prepare_musan  # noqa: E402
 
+from llmasr.config import UserError, run_cli  # noqa: E402
 from llmasr.features import FEATURE_TYPES, default_storage_type, make_feature_extractor  # noqa: E402
+from llmasr.io import atomic_write  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    run_cli(_compute, argv)
+
+
+def _compute(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--musan-dir", type=Path, required=True)
     p.add_argument("--manifest-dir", type=Path, default=Path("data/manifests"))
@@ -25,7 +30,7 @@ def main() -> None:
     p.add_argument("--num-mel-bins", type=int, default=80)
     p.add_argument("--firered-cmvn", default=None, help="cmvn.ark of the FireRedASR model (firered only)")
     p.add_argument("--nj", type=int, default=1)
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
                         level=logging.INFO)
     out = args.fbank_dir / "musan_cuts.jsonl.gz"
@@ -33,8 +38,7 @@ def main() -> None:
         logging.info(f"{out} exists - skipping")
         return
     if not args.musan_dir.is_dir():
-        logging.error(f"MUSAN not found: {args.musan_dir}")
-        sys.exit(1)
+        raise UserError(f"MUSAN not found: {args.musan_dir}")
     manifests = prepare_musan(args.musan_dir, args.manifest_dir)
     recordings = combine(m["recordings"] for m in manifests.values())
     cuts = (CutSet.from_manifests(recordings=recordings).cut_into_windows(10.0)
@@ -54,9 +58,7 @@ def main() -> None:
             storage_type=default_storage_type(),
             progress_bar=False,
         )
-    tmp = args.fbank_dir / ".musan_cuts.tmp.jsonl.gz"
-    cuts.to_file(tmp)
-    os.replace(tmp, out)
+    atomic_write(out, cuts.to_file)
     logging.info(f"{out}: {len(cuts)} noise cuts")
 
 

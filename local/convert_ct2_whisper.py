@@ -10,7 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from llmasr.config import run_cli  # noqa: E402
 from llmasr.demo.ct2_whisper import main  # noqa: E402
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

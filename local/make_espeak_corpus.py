@@ -8,6 +8,11 @@
   local/make_espeak_corpus.py --lang cmn --out-dir download --num-train 400 --num-test 50
   local/prepare.sh --corpus aishell --dl-dir download
 
+  # the built-in demo's corpus: half open-domain text, more voices, + held-out test sets
+  local/make_espeak_corpus.py --out-dir download --num-train 600 --num-test 30 --markov-fraction 0.5 \
+    --more-voices --num-heldout 30
+  local/prepare.sh --corpus kaldi --name heldout --dl-dir download/heldout --feature-type whisper
+
 See llmasr.demo.espeak (data/README.md) for voices, sentences and layout.
 """
 import argparse
@@ -17,10 +22,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.demo.espeak import make_espeak_corpus  # noqa: E402
+from llmasr.config import run_cli  # noqa: E402
+from llmasr.demo.espeak import make_espeak_corpus, make_heldout_sets, read_corpus_transcripts  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    run_cli(_make, argv)
+
+
+def _make(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out-dir", type=Path, required=True, help="download dir (--dl-dir of prepare.sh)")
     p.add_argument("--lang", default="en", choices=["en", "cmn"])
@@ -32,13 +42,28 @@ def main() -> None:
     p.add_argument("--utts-per-speaker", type=int, default=10)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--nj", type=int, default=None, help="parallel synthesis jobs (default: min(8, cpus))")
-    args = p.parse_args()
+    p.add_argument("--markov-fraction", type=float, default=0.0,
+                   help="English: share of train/dev sentences from open-domain Markov text (essential-generators)")
+    p.add_argument("--markov-max-words", type=int, default=12)
+    p.add_argument("--more-voices", action="store_true", help="also espeak-ng's named voice variants")
+    p.add_argument("--num-heldout", type=int, default=0,
+                   help="also write the novel-shape and open-domain test sets (this many utterances each, voices "
+                   "not in training) as Kaldi dirs under <out-dir>/heldout (local/prepare.sh --corpus kaldi)")
+    args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
                         level=logging.INFO)
     root = make_espeak_corpus(args.out_dir, lang=args.lang, num_train=args.num_train, num_test=args.num_test,
                               num_dev=args.num_dev, num_test_other=args.num_test_other, seed=args.seed,
-                              utts_per_speaker=args.utts_per_speaker, num_jobs=args.nj)
+                              utts_per_speaker=args.utts_per_speaker, num_jobs=args.nj,
+                              markov_fraction=args.markov_fraction, markov_max_words=args.markov_max_words,
+                              more_voices=args.more_voices)
     logging.info(f"corpus written to {root}")
+    if args.num_heldout:
+        seen = {t.lower() if args.lang == "en" else t.replace(" ", "") for _, t in read_corpus_transcripts(root).values()}
+        heldout = make_heldout_sets(args.out_dir / "heldout", args.lang, num_per_set=args.num_heldout, seed=args.seed,
+                                    exclude=seen, num_jobs=args.nj)
+        logging.info(f"held-out sets written to {heldout} (local/prepare.sh --corpus kaldi --name heldout "
+                     f"--dl-dir {heldout})")
 
 
 if __name__ == "__main__":

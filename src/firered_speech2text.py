@@ -10,7 +10,8 @@
       --wav-scp data/test/wav.scp --output exp/firered/llm.txt --batch-size 1 --beam-size 3 \
       --decode-max-len 0 --decode-min-len 0 --repetition-penalty 3.0 --llm-length-penalty 1.0 --temperature 1.0
 
-Add --compat-reference-padding to reproduce the released code's batched results exactly.
+By default every utterance gets exactly the released code's batch-size-1 result, whatever --batch-size;
+add --compat-reference-padding to reproduce its batched results (padding frames attended) instead.
 """
 import argparse
 import logging
@@ -20,10 +21,15 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from llmasr.config import run_cli  # noqa: E402
 from llmasr.firered.decode import add_decode_args, run  # noqa: E402
 
 
 def main(argv=None):
+    return run_cli(_speech2text, argv)
+
+
+def _speech2text(argv):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_decode_args(parser)
     args = parser.parse_args(argv)

@@ -3,7 +3,13 @@
 
     python3 src/score.py exp/<dir>/<decode dir>/recogs-test-clean-*.txt [--mode cer] [--normalize en]
 """
-from llmasr.scoring import main
+from llmasr.config import run_cli
+from llmasr.scoring import main as score
+
+
+def main(argv=None):
+    return run_cli(score, argv)
+
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,14 @@ Resume with --start-epoch N (from epoch-(N-1).pt) or --start-batch B (from check
 DeepSpeed: torchrun --nproc_per_node 4 src/train.py --deepspeed true \
   --deepspeed-config local/conf/ds_zero2.json --optimizer adamw --base-lr 1e-4 ...
 """
-from llmasr.recipes.train import main
+from llmasr.config import run_cli
+from llmasr.recipes.train import main as train
+
+
+def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(lambda args: train(mose=False, argv=args), argv)
+
 
 if __name__ == "__main__":
-    main(mose=False)
+    main()

@@ -9,7 +9,14 @@ train_mose.py). Same options as train.py; the encoder flags take comma-separated
 
 During training each encoder's <speech> group is dropped from a prompt with probability 1/N.
 """
-from llmasr.recipes.train import main
+from llmasr.config import run_cli
+from llmasr.recipes.train import main as train
+
+
+def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(lambda args: train(mose=True, argv=args), argv)
+
 
 if __name__ == "__main__":
-    main(mose=True)
+    main()

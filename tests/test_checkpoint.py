@@ -2,6 +2,7 @@
 import argparse
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -90,7 +91,7 @@ def test_load_model_state_roundtrip_and_errors(golden_model, sl):
     for k, v in sd.items():
         assert torch.equal(mine[k], v), k
 
-    with pytest.raises(RuntimeError, match="unexpected key"):
+    with pytest.raises(RuntimeError, match=r"does not match the model: 1 unexpected: encoder_projector\.extra\.weight"):
         load_model_state(golden_model, {**sd, "encoder_projector.extra.weight": torch.zeros(1)})
     lora_free = {k: v for k, v in sd.items() if ".lora_" not in k}
     with pytest.raises(RuntimeError, match="no LoRA weights"):
@@ -135,17 +136,46 @@ def test_epoch_and_iter_selection(tmp_path, sl):
     sd = averaged_checkpoint(tmp_path, iteration=400, avg=3)
     assert sd["w"].item() == 300.0 and (tmp_path / "iter-400-avg-3.pt").is_file()
 
-    # epoch averaging writes epoch-2-avg-2.pt, identical to the recipe's, and reuses it while newer
+    # epoch averaging writes epoch-2-avg-2.pt, identical to the recipe's file
     sd = averaged_checkpoint(tmp_path, epoch=2, avg=2)
     out = tmp_path / "epoch-2-avg-2.pt"
     shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
     written = torch.load(out, map_location="cpu", weights_only=False)
-    assert set(written) == {"model"}
-    assert all(torch.equal(written["model"][k], shipped[k]) for k in shipped)
-    torch.save({"model": {k: v * 0 for k, v in sd.items()}}, out)  # newer than the inputs -> reused
-    reused = averaged_checkpoint(tmp_path, epoch=2, avg=2)
-    assert all(float(v.abs().sum()) == 0.0 for v in reused.values())
-    os.utime(tmp_path / "epoch-2.pt")  # an input got newer -> recomputed
-    os.utime(out, (0, 0))
+    assert set(written) == {"model"} and list(written["model"]) == list(shipped)
+    assert all(torch.equal(written["model"][k], shipped[k]) and torch.equal(sd[k], shipped[k]) for k in shipped)
+    # a different file planted under that name, newer than the inputs: never read, recomputed and replaced
+    torch.save({"model": {k: v * 0 for k, v in sd.items()}}, out)
+    os.utime(out, (time.time() + 3600,) * 2)
     again = averaged_checkpoint(tmp_path, epoch=2, avg=2)
-    assert all(torch.equal(again[k], shipped[k]) for k in shipped)
+    rewritten = torch.load(out, map_location="cpu", weights_only=False)["model"]
+    assert all(torch.equal(again[k], shipped[k]) and torch.equal(rewritten[k], shipped[k]) for k in shipped)
+
+
+def test_decode_ignores_a_planted_averaged_checkpoint(sl, tmp_path, monkeypatch):
+    """decode --epoch 2 --avg 2 with a stale/foreign epoch-2-avg-2.pt newer than its inputs: the
+    recogs are still the reference recipe's (the true average was used) and the file is replaced."""
+    import decode  # src/decode.py
+
+    exp = tmp_path / "exp"
+    exp.mkdir()
+    for e in (1, 2):
+        shutil.copy(sl / f"exp/baseline/epoch-{e}.pt", exp / f"epoch-{e}.pt")
+    e1 = torch.load(exp / "epoch-1.pt", map_location="cpu", weights_only=False)["model"]
+    torch.save({"model": e1}, exp / "epoch-2-avg-2.pt")  # epoch 1 alone: decodes differently
+    os.utime(exp / "epoch-2-avg-2.pt", (time.time() + 3600,) * 2)
+    monkeypatch.chdir(sl)  # the manifests' feature paths are relative to the golden directory
+    decode.main([
+        "--exp-dir", str(exp), "--epoch", "2", "--avg", "2", "--max-duration", "300", "--num-workers", "0",
+        "--llm-path", "models/llm", "--speech-encoder-type", "tiny_a",
+        "--speech-encoder-path", "models/zipformer/tiny_a/pretrained.pt",
+        "--speech-encoder-bpe-path", "models/zipformer/bpe.model", "--manifest-dir", "data/fbank",
+        "--attn-implementation", "eager", "--normalize", "speechllm",
+    ])
+    want_dir = sl / "expected/baseline/recogs/epoch-2-avg-2-beam-1"
+    wanted = sorted(want_dir.glob("recogs-*.txt"))
+    assert len(wanted) == 2
+    for want in wanted:
+        assert (exp / "decode-epoch-2-avg-2-beam1" / want.name).read_text() == want.read_text(), want.name
+    shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
+    ours = torch.load(exp / "epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
+    assert list(ours) == list(shipped) and all(torch.equal(ours[k], shipped[k]) for k in shipped)

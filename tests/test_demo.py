@@ -10,12 +10,14 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from conftest import require_binary
 
 
+@pytest.mark.timeout(1500)  # 3-10 min on 2 CPU cores (pytest.ini's default limit is 300 s)
 def test_quick_demo_learns(repo_dir, tmp_path):
     require_binary("espeak-ng")
     require_binary("sox")
@@ -49,6 +51,50 @@ def test_quick_demo_learns(repo_dir, tmp_path):
         assert list(decode_dir.glob(f"{kind}-*")), f"no {kind}-* in {decode_dir}"
     assert (exp_dir / "epoch-1.pt").is_file()
     assert list((exp_dir / "log").glob("log-train*"))
+    # The summary files the demo names exist.
+    (files_line,) = [line for line in proc.stdout.splitlines() if "recogs-*, errs-*," in line]
+    named = files_line.split("recogs-*, errs-*,")[1].split(", ")
+    assert len(named) == 3 and all((decode_dir / n.strip()).is_file() for n in named), files_line
+
+    # Three test sets, each decoded after training; the table has a column per set.
+    assert sorted(result["test_sets"]) == ["novel_shape", "open_domain", "template"]
+    assert sorted(result["after_rates"]) == sorted(result["test_sets"])
+    assert all(0 <= r < 150 for r in result["after_rates"].values()), result["after_rates"]
+    headers = [" ".join(line.split()) for line in proc.stdout.splitlines() if line.strip().startswith("system")]
+    assert headers == ["system template novel_shape open_domain"] * 2, headers  # WER, Whisper-normalised WER
+
+    check_transcribe(repo_dir, tmp_path, result, decode_dir, env)
+
+
+def check_transcribe(repo_dir, tmp_path, result, decode_dir, env):
+    """src/transcribe.py with the quick demo's model on the novel-shape clips (a wav.scp) and one
+    of them resampled to 8 kHz (a file argument): the same transcripts as src/decode.py."""
+    from llmasr.scoring import normalize_text, read_recogs
+
+    wav_scp = Path(result["heldout_dir"]) / "novel_shape" / "wav.scp"
+    first_id, first_wav = wav_scp.read_text().splitlines()[0].split()
+    narrowband = tmp_path / "narrowband.wav"
+    subprocess.run(["sox", first_wav, "-r", "8000", str(narrowband)], check=True)
+    out_file = tmp_path / "hyps.txt"
+    proc = subprocess.run(
+        [sys.executable, str(repo_dir / "src" / "transcribe.py"), *result["decode_args"], "--epoch", "1",
+         "--wav-scp", str(wav_scp), str(narrowband), "--output", str(out_file)],
+        cwd=str(repo_dir), env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line.split("\t") for line in proc.stdout.splitlines()]
+    assert out_file.read_text() == proc.stdout
+    ids = [line.split()[0] for line in wav_scp.read_text().splitlines()]
+    assert [line[0] for line in lines] == ids + ["narrowband"] and all(len(line) == 2 for line in lines)
+    ours = {uid: normalize_text(text, "en").split() for uid, text in lines}
+    (recogs,) = decode_dir.glob("recogs-heldout_cuts_novel_shape-*.txt")
+    decoded = {cut: hyp for cut, _, hyp in read_recogs(recogs)}
+    # on-the-fly features vs decode.py's stored (lilcom-compressed) ones: greedy search may
+    # still take another word here and there, not another sentence
+    same = sum(ours[uid] == decoded[uid] for uid in ids)
+    assert same >= 0.75 * len(ids), (ours, decoded)
+    shared = sum(a == b for a, b in zip(ours["narrowband"], decoded[first_id]))
+    assert shared >= 0.5 * len(decoded[first_id]), (ours["narrowband"], decoded[first_id])
 
 
 def test_plot_reads_the_training_log_and_writes_a_png(tmp_path):

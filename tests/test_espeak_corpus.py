@@ -72,7 +72,7 @@ def test_deterministic_and_seeded(tmp_path):
 
 
 def test_sentence_variety():
-    from llmasr.data import generate_sentences
+    from llmasr.demo.espeak import generate_sentences
 
     en = generate_sentences("en", 1000, seed=0)
     assert len(set(en)) == 1000
@@ -104,3 +104,80 @@ def test_mandarin_layout_and_cli(tmp_path):
         info = sf.info(str(w))
         assert (info.samplerate, info.channels, info.subtype) == (16000, 1, "PCM_16")
     assert sorted(w.parts[-3] for w in wavs.values()) == ["dev", "test", "train", "train", "train"]
+
+
+def test_markov_text_is_speakable_open_domain_text():
+    """The open-domain training text: lower-case words espeak-ng reads as written, at most
+    max_words long, seeded, and far more varied than the templates."""
+    import random
+
+    from llmasr.demo.espeak import generate_sentences, markov_sentence
+
+    a = [markov_sentence(random.Random(i), max_words=10) for i in range(200)]
+    assert a == [markov_sentence(random.Random(i), max_words=10) for i in range(200)]
+    for s in a:
+        words = s.split()
+        assert 4 <= len(words) <= 10, s
+        assert all(re.fullmatch(r"[a-z]+('[a-z]+)?", w) for w in words), s
+    vocab = {w for s in a for w in s.split()}
+    template_vocab = {w for s in generate_sentences("en", 200, seed=0) for w in s.split()}
+    # measured: ~1300 distinct words in 200 Markov sentences, ~330 in 200 template sentences
+    assert len(vocab) > 2 * len(template_vocab) and len(vocab - template_vocab) > 800
+
+
+def test_heldout_sentences_come_from_other_sources():
+    from llmasr.demo.espeak import EN_OPEN_DOMAIN, generate_sentences, heldout_sentences
+
+    train = generate_sentences("en", 5000, seed=0)
+    # the first three words of a template sentence nearly fix its template ("the train to",
+    # "my phone number"): no novel-shape sentence may open like a training sentence
+    openings = {" ".join(s.split()[:3]) for s in train}
+    novel = heldout_sentences("en", "novel_shape", 60, seed=0)
+    assert len(set(novel)) == 60 and not openings & {" ".join(s.split()[:3]) for s in novel}
+    vocab = {w for s in train for w in s.split()}
+    # in-vocabulary: the names, places, numbers (measured: 81 % of the words; the frames' own words are new)
+    assert sum(w in vocab for s in novel for w in s.split()) > 0.75 * sum(len(s.split()) for s in novel)
+    open_domain = heldout_sentences("en", "open_domain", 30, seed=0)
+    assert set(open_domain) <= set(EN_OPEN_DOMAIN) and len(set(open_domain)) == 30
+    assert heldout_sentences("en", "open_domain", 30, seed=0) == open_domain
+    # excluded texts (the training transcripts) never come back
+    assert not set(heldout_sentences("en", "open_domain", 30, seed=0, exclude=set(open_domain[:5]))) & set(open_domain[:5])
+    zh = heldout_sentences("cmn", "novel_shape", 20, seed=0) + heldout_sentences("cmn", "open_domain", 20, seed=0)
+    assert all(" " not in s for s in zh) and not set(zh) & set(generate_sentences("cmn", 3000, seed=0))
+    with pytest.raises(ValueError, match="open-domain"):
+        heldout_sentences("en", "open_domain", len(EN_OPEN_DOMAIN) + 1)
+
+
+def test_heldout_sets_kaldi_dirs_and_unseen_voices(tmp_path):
+    """make_heldout_sets: Kaldi data dirs (read by prepare.sh --corpus kaldi) whose voices no
+    training corpus uses, and a corpus mixing Markov text into train/dev only."""
+    require_binary("espeak-ng")
+    import json
+
+    from llmasr.data.corpus import scan_kaldi
+    from llmasr.demo.espeak import HELDOUT_SETS, make_espeak_corpus, make_heldout_sets, read_corpus_transcripts
+
+    root = make_espeak_corpus(tmp_path / "c", num_train=8, num_dev=2, num_test=2, num_test_other=0, seed=3,
+                              markov_fraction=0.5, more_voices=True, num_jobs=2)
+    trans = read_corpus_transcripts(root)
+    plain = read_corpus_transcripts(make_espeak_corpus(tmp_path / "p", num_train=8, num_dev=2, num_test=2,
+                                                       num_test_other=0, seed=3, num_jobs=2))
+
+    def texts(t, subset):
+        return {text for sub, text in t.values() if sub == subset}
+
+    train = texts(trans, "train-clean-100")
+    assert len(train) == 8 and len(train & texts(plain, "train-clean-100")) == 4  # half from the Markov text
+    assert texts(trans, "test-clean") == texts(plain, "test-clean")  # the template test set is unchanged
+    out = make_heldout_sets(tmp_path / "h", "en", num_per_set=3, seed=3, exclude={t.lower() for t in train},
+                            num_jobs=2)
+    parts = scan_kaldi(out)
+    assert sorted(parts) == sorted(HELDOUT_SETS) and all(len(u) == 3 for u in parts.values())
+    for utts in parts.values():
+        for u in utts:
+            info = sf.info(u.audio)
+            assert (info.samplerate, info.channels) == (16000, 1) and u.text and u.speaker
+    train_voices = {v for _, _, v, _, _ in json.loads((root / "espeak_corpus.json").read_text())["speakers"]}
+    heldout_voices = {v for _, _, v, _, _ in json.loads((out / "espeak_heldout.json").read_text())["speakers"]}
+    train_variants = {v.split("+")[1] for v in train_voices}
+    assert not {v.split("+")[1] for v in heldout_voices} & train_variants

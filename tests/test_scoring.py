@@ -65,8 +65,11 @@ def test_normalize_none_keeps_text_and_splits_on_whitespace():
     text = "Hello,  World! don't"
     assert normalize_text(text, "none") == text
     assert tokenize_for_scoring(text, "none") == ["Hello,", "World!", "don't"]
-    # Character level on the raw text (icefall's compute_CER): whitespace is not a character.
-    assert tokenize_for_scoring("ab c", "none", char_level=True) == ["a", "b", "c"]
+    # Character level on the raw text: every character counts, spaces and punctuation included
+    # (icefall whisper_llm_zh's list(hyp)); a character list comes back unchanged.
+    assert tokenize_for_scoring("ab c。", "none", char_level=True) == ["a", "b", " ", "c", "。"]
+    assert tokenize_for_scoring(["a", " ", "b"], "none", char_level=True) == ["a", " ", "b"]
+    assert tokenize_for_scoring("ab c。", "en", char_level=True) == ["a", "b", "c"]
 
 
 def test_tokenize_zh_mixed():
@@ -332,3 +335,80 @@ def test_recogs_tokens_roundtrip_quotes(tmp_path):
     line = (tmp_path / "recogs-t-s.txt").read_text(encoding="utf-8").splitlines()[0]
     assert ast.literal_eval(line.split("ref=", 1)[1]) == ["it's", 'say"hi"', "a\\b"]
     assert read_recogs(tmp_path / "recogs-t-s.txt") == [("u", results[0][1], results[0][2])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Each recipe's own scoring is the default (src/decode.py): its numbers, its recogs lines
+
+
+def _recipe_scoring(prompt_format, scoring=None, normalize=None):
+    import argparse
+
+    from llmasr.prompt import get_prompt_format
+    from llmasr.recipes.decode import scoring_choice
+
+    return scoring_choice(argparse.Namespace(scoring=scoring, normalize=normalize), get_prompt_format(prompt_format))
+
+
+def test_default_scoring_follows_the_prompt_formats_recipe():
+    assert _recipe_scoring("speechllm") == ("wer", "none")
+    assert _recipe_scoring("whisper_llm_zh") == ("cer", "none")
+    assert _recipe_scoring("whisper_llm_zh", scoring="cer") == ("cer", "none")
+    # explicit overrides win; another metric than the recipe's takes llmasr.scoring's default
+    assert _recipe_scoring("whisper_llm_zh", normalize="zh") == ("cer", "zh")
+    assert _recipe_scoring("speechllm", scoring="cer") == ("cer", None)
+    assert _recipe_scoring("firered") == ("wer", None)
+
+
+def _golden_recogs_dirs(root):
+    dirs = sorted(d for d in root.iterdir() if d.is_dir())
+    assert dirs, f"no recogs runs under {root}"
+    return dirs
+
+
+def test_whisper_llm_zh_default_scoring_reproduces_the_recipes_files(golden_dir, tmp_path):
+    """The recipe's own recogs/errs/wer-summary files: the same recogs lines, the same counts and CER
+    (every hypothesis character counts, spaces/punctuation/U+FFFD included)."""
+    from llmasr.prompt import get_prompt_format
+
+    fmt = get_prompt_format("whisper_llm_zh")
+    metric, normalize = _recipe_scoring(fmt)
+    for run in _golden_recogs_dirs(golden_dir / "whisper_llm_zh" / "expected" / "recogs"):
+        (recogs,) = run.glob("recogs-*.txt")
+        (errs,) = run.glob("errs-*.txt")
+        (summary,) = run.glob("wer-summary-*.txt")
+        # the recipe's inputs: supervision text (its spaces go: text_transform) and the decoded string
+        results = [(c, fmt.transform_text(" ".join(ref)), "".join(hyp)) for c, ref, hyp in read_recogs(recogs)]
+        out = tmp_path / run.name
+        rate = write_results(out, "aishell_test", "x", results, mode=metric, normalize=normalize)
+        assert (out / "recogs-aishell_test-x.txt").read_text(encoding="utf-8") == recogs.read_text(encoding="utf-8")
+        ours = (out / "errs-aishell_test-x.txt").read_text(encoding="utf-8").splitlines()
+        theirs = errs.read_text(encoding="utf-8").splitlines()
+        # (icefall heads the file "%WER = ..." even for its CER)
+        assert ours[0] == theirs[0].replace("%WER", "%CER") and ours[1:] == theirs[1:], run.name
+        header, row = summary.read_text(encoding="utf-8").splitlines()
+        assert header == "settings\tCER" and rate == float(row.split("\t")[1]), run.name
+        assert (out / "wer-summary-aishell_test.txt").read_text(encoding="utf-8") == f"settings\tCER\nx\t{rate}\n"
+
+
+def test_speechllm_default_scoring_is_the_recipes_raw_wer(golden_dir, tmp_path):
+    """SpeechLLM scores hyp.split() against its lower-cased reference words, nothing else."""
+    from llmasr.prompt import get_prompt_format
+
+    fmt = get_prompt_format("speechllm")
+    metric, normalize = _recipe_scoring(fmt)
+    base = golden_dir / "speechllm" / "expected" / "baseline" / "recogs"
+    checked = 0
+    for run in _golden_recogs_dirs(base):
+        for recogs in sorted(run.glob("recogs-*.txt")):
+            entries = read_recogs(recogs)
+            # upper-case references as in the manifests: the format lower-cases them
+            results = [(c, fmt.transform_text(" ".join(ref).upper()), " ".join(hyp)) for c, ref, hyp in entries]
+            out = tmp_path / run.name
+            rate = write_results(out, "t", recogs.stem, results, mode=metric, normalize=normalize)
+            written = (out / f"recogs-t-{recogs.stem}.txt").read_text(encoding="utf-8")
+            assert written == recogs.read_text(encoding="utf-8")
+            s = compute_error_stats(entries)  # the recipe's own word lists, as icefall's write_error_stats counts
+            assert rate == float(f"{100.0 * s.num_errors / s.num_ref:.2f}")
+            checked += 1
+    assert checked >= 2

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from llmasr.checkpoint import average_checkpoints, load_model_state
+from llmasr.scoring import compute_error_stats, read_recogs
 
 RUNS = ["epoch-2-avg-2-beam-1", "epoch-2-avg-2-beam-2", "epoch-2-avg-2-single-beam-1"]
 
@@ -128,13 +129,16 @@ def test_decode_script_reproduces_recogs(sl, tmp_path, monkeypatch, beam):
         "--llm-path", "models/llm", "--speech-encoder-type", "tiny_a",
         "--speech-encoder-path", "models/zipformer/tiny_a/pretrained.pt",
         "--speech-encoder-bpe-path", "models/zipformer/bpe.model", "--manifest-dir", "data/fbank",
-        "--attn-implementation", "eager", "--normalize", "speechllm",
+        "--attn-implementation", "eager",  # (scoring: the speechllm format's default, the recipe's raw WER)
     ])
     assert set(rates) == {"librispeech_test_clean", "librispeech_test_other"}
     out = exp / f"decode-epoch-2-avg-2-beam{beam}"
     want_dir = sl / "expected/baseline/recogs" / f"epoch-2-avg-2-beam-{beam}"
     for want in sorted(want_dir.glob("recogs-*.txt")):
         assert (out / want.name).read_text() == want.read_text(), want.name
+        # the recipe's WER: its own word lists, counted as icefall's write_error_stats does
+        s = compute_error_stats(read_recogs(want))
+        assert rates[want.name.split("-")[1]] == float(f"{100.0 * s.num_errors / s.num_ref:.2f}"), want.name
     shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
     ours = torch.load(exp / "epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
     assert all(torch.equal(ours[k], shipped[k]) for k in shipped) and set(ours) == set(shipped)

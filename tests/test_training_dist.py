@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import require_module
 from test_training import base_argv, build_model, first_batches, load, training_env
 
 REPO = Path(__file__).resolve().parents[1]
@@ -63,7 +64,7 @@ def test_ddp_two_processes_keep_replicas_identical(env, tmp_path):
 
 
 def test_deepspeed_zero2_trains_and_its_checkpoint_decodes(env, tmp_path):
-    pytest.importorskip("deepspeed")
+    require_module("deepspeed")  # requirements.txt (local/setup.sh installs it with --no-build-isolation)
     from llmasr.checkpoint import load_checkpoint, load_model_state
 
     exp = tmp_path / "ds"

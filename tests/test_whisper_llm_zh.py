@@ -20,10 +20,10 @@ import pytest
 import torch
 import yaml
 
-from conftest import require_binary
+from conftest import GOLDEN, require_binary, require_module
 
 REPO = Path(__file__).resolve().parents[1]
-GOLDEN_LLM = REPO.parent / "shared" / "golden" / "speechllm" / "models" / "llm"
+GOLDEN_LLM = GOLDEN / "speechllm" / "models" / "llm"  # $LLMASR_GOLDEN or ../shared/golden
 CONFIG = REPO / "local" / "conf" / "whisper_llm_zh_aishell.yaml"
 # flags of the recipe config that name real model/data locations or cluster settings (replaced here)
 EPOCHS = 20
@@ -47,7 +47,7 @@ def _env() -> dict:
 
 
 @pytest.fixture(scope="module")
-def wz(tmp_path_factory):
+def wz(tmp_path_factory, golden_dir):  # golden_dir: a clear failure when the fixtures are missing
     """Models + data + one training run (EPOCHS epochs), shared by the tests of this file."""
     require_binary("espeak-ng")
     require_binary("sox")
@@ -150,7 +150,7 @@ def _icefall_layout(sd: dict) -> dict:
 # --------------------------------------------------------------------------- unit level
 
 
-def test_text_transform_shared_by_labels_and_references():
+def test_text_transform_shared_by_labels_and_references(golden_dir):
     from transformers import AutoTokenizer
 
     from llmasr.prompt import add_speech_tokens, build_prompts, get_prompt_format
@@ -159,7 +159,7 @@ def test_text_transform_shared_by_labels_and_references():
     add_speech_tokens(tok)
     assert get_prompt_format("whisper_llm_zh").transform_text(" 今天 天气\t好 ") == "今天天气好"
     assert get_prompt_format("speechllm").transform_text("HELLO World") == "hello world"
-    assert get_prompt_format("firered").transform_text("Hello 世界") == "Hello 世界"
+    assert get_prompt_format("firered").transform_text("Hello, 世界！") == "hello 世界"  # FireRed's clean_text
     # training labels see the normalised transcript
     _, _, spaced = build_prompts(tok, "whisper_llm_zh", ["今天 天气 好"])
     _, _, joined = build_prompts(tok, "whisper_llm_zh", ["今天天气好"])
@@ -167,9 +167,9 @@ def test_text_transform_shared_by_labels_and_references():
     _, _, upper = build_prompts(tok, "speechllm", ["HELLO WORLD"])
     _, _, lower = build_prompts(tok, "speechllm", ["hello world"])
     assert torch.equal(upper, lower)
-    _, _, kept = build_prompts(tok, "firered", ["HELLO WORLD"])
-    _, _, kept_lower = build_prompts(tok, "firered", ["hello world"])
-    assert not torch.equal(kept, kept_lower)
+    _, _, upper = build_prompts(tok, "firered", ["HELLO, WORLD."])
+    _, _, lower = build_prompts(tok, "firered", ["hello world"])
+    assert torch.equal(upper, lower)
     # label ids: the transcript without spaces + <|im_end|>
     text_ids = tok("今天天气好", add_special_tokens=False)["input_ids"]
     assert spaced[0][spaced[0] != -100].tolist() == text_ids + [tok.convert_tokens_to_ids("<|im_end|>")]
@@ -250,14 +250,39 @@ def test_train_loss_falls_and_decode_writes_cer(wz):
     assert [k for k in ck if k.startswith("encoder.")] == ["encoder.positional_embedding"]
 
     rates = _decode(wz, exp, "--epoch", str(EPOCHS), "--avg", "2")
-    assert set(rates) == {"aishell_test"} and 0 <= rates["aishell_test"]
+    assert set(rates) == {"aishell_test"}
     out = exp / f"decode-epoch-{EPOCHS}-avg-2-beam1-maxnew20"
-    assert (out / "cer-summary-aishell_test.txt").is_file() or (out / "wer-summary-aishell_test.txt").is_file()
-    summary = next(out.glob("*-summary-aishell_test.txt")).read_text()
-    assert "CER" in summary
-    recogs = _read_recogs(out)
-    refs = [ln for ln in recogs.splitlines() if "ref=" in ln]
-    assert len(refs) == 3 and all(" " not in ln.split("ref=", 1)[1].replace("', '", "") for ln in refs)
+    suffix = f"decode-beam1-maxnew20-epoch-{EPOCHS}-avg-2"
+    # Exactly icefall's three result files (+ the decode log); no skipped-* list: every cut was decoded.
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("log-"))
+    assert written == [f"errs-aishell_test-{suffix}.txt", f"recogs-aishell_test-{suffix}.txt",
+                       "wer-summary-aishell_test.txt"], written
+    assert len(list(out.glob(f"log-{suffix}-*"))) == 1
+    assert (out / "wer-summary-aishell_test.txt").read_text() == f"settings\tCER\n{suffix}\t{rates['aishell_test']}\n"
+
+    # The CER recomputed here from the recogs file (parsed here, edit distances from kaldialign):
+    # every character is a token (icefall's CER, spaces included); the references are the test
+    # transcripts without spaces.
+    import ast
+
+    import kaldialign
+    from lhotse import CutSet
+
+    texts = {c.id: c.supervisions[0].text for c in
+             CutSet.from_file(wz["root"] / "data" / "fbank_whisper80" / "aishell_cuts_test.jsonl.gz")}
+    recogs = {}
+    for line in _read_recogs(out).splitlines():
+        cut_id, rest = line.split(":\t", 1)
+        side, tokens = rest.split("=", 1)
+        recogs.setdefault(cut_id, {})[side] = ast.literal_eval(tokens)
+    assert sorted(recogs) == sorted(texts) and len(texts) == 3
+    for cut_id, r in recogs.items():
+        assert r["ref"] == [ch for ch in texts[cut_id] if not ch.isspace()], (r["ref"], texts[cut_id])
+        assert all(len(tok) == 1 for tok in r["hyp"]), r["hyp"]
+    errors = sum(kaldialign.edit_distance(r["ref"], r["hyp"])["total"] for r in recogs.values())
+    cer = 100.0 * errors / sum(len(r["ref"]) for r in recogs.values())
+    assert rates["aishell_test"] == pytest.approx(cer, abs=0.005), (rates, cer)  # (written with 2 decimals)
+    assert (out / f"errs-aishell_test-{suffix}.txt").read_text().startswith(f"%CER = {cer:.2f}\n")
 
 
 def test_icefall_checkpoints_decode_unchanged(wz, tmp_path):
@@ -295,7 +320,7 @@ def _free_port() -> int:
 
 
 def test_deepspeed_zero1_whisper_config_on_cpu(wz, tmp_path):
-    pytest.importorskip("deepspeed")
+    require_module("deepspeed")  # requirements.txt: missing -> failure, not a skip
     from llmasr.checkpoint import load_checkpoint
 
     exp = tmp_path / "ds"

@@ -23,48 +23,27 @@ import glob
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
+from llmasr.io import CheckpointError, atomic_torch_save, load_state_dict_strict, load_torch_file, unwrap_model
+
 PathLike = Union[str, Path]
 
 _RESERVED = ("model", "optimizer", "scheduler", "grad_scaler", "sampler")
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    # DDP / DeepSpeed engines keep the real model in .module
-    while hasattr(model, "module") and isinstance(getattr(model, "module"), nn.Module):
-        model = model.module
-    return model
-
-
 def trainable_state_dict(model: nn.Module) -> Dict[str, torch.Tensor]:
     """``state_dict()`` without frozen parameters (SpeechLLM's ``exclude_frozen_parameters``)."""
-    model = _unwrap(model)
+    model = unwrap_model(model)
     sd = model.state_dict()
     for name, p in model.named_parameters():
         if not p.requires_grad and name in sd:
             del sd[name]
     return sd
-
-
-def atomic_torch_save(obj: Any, path: PathLike) -> None:
-    """torch.save to a temporary file in the same directory, then rename over ``path``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def save_checkpoint(
@@ -95,26 +74,21 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: PathLike, map_location="cpu") -> Dict[str, Any]:
-    """Load a checkpoint dict (``weights_only=False``: SpeechLLM's files pickle ``pathlib.Path``).
+    """Load a checkpoint dict safely (:func:`llmasr.io.load_torch_file`).
 
     Returns a dict with at least ``"model"`` (a bare state dict is wrapped)."""
+    ckpt = load_torch_file(path, "checkpoint", map_location=map_location)
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
-    try:
-        ckpt = torch.load(str(path), map_location=map_location, weights_only=False)
-    except Exception as e:
-        raise RuntimeError(f"checkpoint {str(path)!r} is corrupt or not a torch checkpoint: {e}") from e
     if not isinstance(ckpt, dict):
-        raise RuntimeError(f"checkpoint {str(path)!r} holds a {type(ckpt).__name__}, expected a dict")
+        raise CheckpointError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected a dict")
     if "model" not in ckpt:
         if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
             ckpt = {"model": ckpt}
         else:
-            raise RuntimeError(f"checkpoint {str(path)!r} has no 'model' entry (keys: {sorted(ckpt)[:10]})")
+            raise CheckpointError(f"checkpoint {path} has no 'model' entry (keys: {sorted(ckpt)[:10]})")
     sd = ckpt["model"]
     if not isinstance(sd, dict):
-        raise RuntimeError(f"checkpoint {str(path)!r}: 'model' is a {type(sd).__name__}, expected a state dict")
+        raise CheckpointError(f"checkpoint {path}: 'model' is a {type(sd).__name__}, expected a state dict")
     ckpt["model"] = to_our_layout(sd, source=str(path))
     return ckpt
 
@@ -257,15 +231,16 @@ def find_checkpoints(exp_dir: PathLike, epoch: Optional[int] = None, avg: int = 
 def averaged_checkpoint(exp_dir: PathLike, epoch: Optional[int] = None, avg: int = 1,
                         iteration: Optional[int] = None, save: bool = True) -> Dict[str, torch.Tensor]:
     """State dict for ``--epoch/--avg`` or ``--iter/--avg``. ``avg > 1`` averages and (``save``)
-    writes ``epoch-E-avg-N.pt`` / ``iter-I-avg-N.pt``, reused when newer than its inputs."""
+    writes the result as ``epoch-E-avg-N.pt`` / ``iter-I-avg-N.pt`` (SpeechLLM's layout).
+
+    The average is always recomputed, as the reference recipes do: an existing averaged file is
+    never read back, since nothing short of reading every input again (which is what averaging
+    costs) could show it still belongs to them."""
     paths = find_checkpoints(exp_dir, epoch, avg, iteration)
     if avg == 1:
         return load_checkpoint(paths[0])["model"]
     tag = f"iter-{iteration}" if iteration else f"epoch-{epoch}"
     out = Path(exp_dir) / f"{tag}-avg-{avg}.pt"
-    if out.is_file() and out.stat().st_mtime >= max(p.stat().st_mtime for p in paths):
-        logging.info(f"using existing averaged checkpoint {out}")
-        return load_checkpoint(out)["model"]
     logging.info(f"averaging {[p.name for p in paths]}")
     sd = average_checkpoints(paths)
     if save:
@@ -289,44 +264,33 @@ def _describe_layout(keys: Iterable[str]) -> str:
 
 def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str = "checkpoint") -> None:
     """Load like SpeechLLM (``strict=False``: keys absent from the checkpoint - the frozen encoder
-    and base LLM weights - keep their values) but refuse silent mismatches:
-
-    - unexpected keys (the checkpoint belongs to another model / encoder count / LoRA setting),
-    - missing keys of trainable parameters (e.g. LoRA weights absent),
-    - shape mismatches.
+    and base LLM weights - keep their values) but refuse silent mismatches
+    (:func:`llmasr.io.load_state_dict_strict`): unexpected keys (the checkpoint belongs to another
+    model / encoder count / LoRA setting), missing trainable parameters (e.g. LoRA weights absent),
+    shape mismatches; the error explains MoSE/single-encoder and LoRA layout differences.
     """
-    model = _unwrap(model)
+    model = unwrap_model(model)
     own = model.state_dict()
-    keys = set(state_dict)
-    unexpected = sorted(keys - set(own))
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    missing_trainable = sorted(trainable - keys)
-    if unexpected or missing_trainable:
-        layout_ckpt, layout_model = _describe_layout(keys), _describe_layout(own)
-        lines = [f"{source} does not match the model:"]
+
+    def hints(mismatch) -> List[str]:
+        out = []
+        layout_ckpt, layout_model = _describe_layout(state_dict), _describe_layout(own)
         if layout_ckpt != layout_model:
-            lines.append(f"  the checkpoint has {layout_ckpt}, the model has {layout_model} "
-                         "(single-encoder vs MoSE scripts, or a different number of encoders)")
-        if any(".lora_" in k for k in unexpected):
-            lines.append("  the checkpoint has LoRA weights the model lacks (pass --use-lora true / --unfreeze-llm true)")
-        if any(".lora_" in k for k in missing_trainable) and not any(".lora_" in k for k in keys):
-            lines.append("  the checkpoint has no LoRA weights (was it trained with --unfreeze-llm false or "
-                         "--use-lora false? pass the same flags)")
-        if unexpected:
-            lines.append(f"  {len(unexpected)} unexpected key(s), e.g. {unexpected[:4]}")
-        if missing_trainable:
-            lines.append(f"  {len(missing_trainable)} trainable parameter(s) missing, e.g. {missing_trainable[:4]}")
-        raise RuntimeError("\n".join(lines))
-    bad_shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in state_dict.items() if v.shape != own[k].shape]
-    if bad_shapes:
-        raise RuntimeError(
-            f"{source} does not match the model: shape mismatch for {len(bad_shapes)} key(s), e.g. "
-            + "; ".join(f"{k}: checkpoint {a} vs model {b}" for k, a, b in bad_shapes[:4])
-            + " (different LLM, encoder, projector rate or LoRA rank?)"
-        )
-    result = model.load_state_dict(dict(state_dict), strict=False)
-    assert not result.unexpected_keys, result.unexpected_keys
-    logging.info(f"loaded {len(keys)} tensors from {source}; {len(result.missing_keys)} model tensors keep their "
+            out.append(f"the checkpoint has {layout_ckpt}, the model has {layout_model} "
+                       "(single-encoder vs MoSE scripts, or a different number of encoders)")
+        if any(".lora_" in k for k in mismatch.unexpected):
+            out.append("the checkpoint has LoRA weights the model lacks (pass --use-lora true / --unfreeze-llm true)")
+        if any(".lora_" in k for k in mismatch.missing) and not any(".lora_" in k for k in state_dict):
+            out.append("the checkpoint has no LoRA weights (was it trained with --unfreeze-llm false or "
+                       "--use-lora false? pass the same flags)")
+        if mismatch.shapes:
+            out.append("different LLM, encoder, projector rate or LoRA rank?")
+        return out
+
+    kept = load_state_dict_strict(model, state_dict, source, allow_missing=[k for k in own if k not in trainable],
+                                  hints=hints)
+    logging.info(f"loaded {len(state_dict)} tensors from {source}; {len(kept)} model tensors keep their "
                  "pretrained values (frozen encoder / LLM)")
 
 
@@ -336,7 +300,6 @@ __all__ = [
     "average_checkpoints",
     "averaged_checkpoint",
     "trainable_state_dict",
-    "atomic_torch_save",
     "epoch_checkpoints",
     "epoch_checkpoint_path",
     "to_our_layout",

@@ -18,8 +18,81 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
+import re
+import sys
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
+
+DEBUG_ENV = "LLMASR_DEBUG"
+
+
+class UserError(RuntimeError, ValueError):
+    """Bad input - a path, a flag combination, a data file - as opposed to a bug. Entry scripts run
+    through :func:`run_cli` print its message as one line and exit 1; tracebacks are for bugs.
+    (Both a RuntimeError and a ValueError: callers written against either keep working.)"""
+
+
+def _user_error_types() -> Tuple[type, ...]:
+    # FileNotFoundError: a missing input names its file (ours always do, the OS's too).
+    # CheckpointError: an unreadable or mismatching checkpoint file (llmasr.io, same layer).
+    from llmasr.io import CheckpointError
+
+    return UserError, FileNotFoundError, CheckpointError
+
+
+def user_message(e: BaseException) -> str:
+    """The one-line message of a user error. An exception re-raised by a DataLoader worker carries
+    "Caught X in DataLoader worker process N. Original Traceback ..."; its original message is the
+    text after the traceback's last line naming the type."""
+    text = str(e)
+    if "Original Traceback" in text:
+        name = re.escape(type(e).__qualname__)
+        last = None
+        for last in re.finditer(rf"^(?:[\w.]+\.)?{name}: ", text, re.M):
+            pass
+        if last is not None:
+            text = text[last.end():]
+    return " ".join(line.strip() for line in text.strip().splitlines() if line.strip()) or type(e).__name__
+
+
+def run_cli(main: Callable[[List[str]], Any], argv: Optional[Sequence[str]] = None) -> Any:
+    """Run an entry script's ``main(argv)``. A user error (:class:`UserError`, a missing file, an
+    unusable checkpoint) becomes one ``<script>: error: <message>`` line on stderr (and in the log
+    files the script opened) and exit status 1. ``--debug`` anywhere on the command line (removed
+    before ``main`` sees it) or ``LLMASR_DEBUG=1`` lets it through with its traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return main(argv)
+    except _user_error_types() as e:
+        if debug:
+            raise
+        message = user_message(e)
+        record = logging.makeLogRecord({"levelno": logging.ERROR, "levelname": "ERROR", "msg": message})
+        for handler in logging.getLogger().handlers:
+            if isinstance(handler, logging.FileHandler):  # the console gets the line below
+                handler.handle(record)
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def read_text_lines(path: Union[str, Path], what: str = "") -> List[Tuple[int, str]]:
+    """``(line number, line)`` of a UTF-8 text file, without line ends; a line that is not UTF-8
+    is a :class:`UserError` naming the file and the line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what + ' ' if what else ''}{path}: no such file")
+    out = []
+    for lineno, raw in enumerate(path.read_bytes().splitlines(), 1):
+        try:
+            out.append((lineno, raw.decode("utf-8")))
+        except UnicodeDecodeError as e:
+            raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1}); "
+                            f"convert the file to UTF-8, e.g. iconv -f <its encoding> -t UTF-8") from None
+    return out
 
 
 def str2bool(v: Union[str, bool]) -> bool:
@@ -37,22 +110,22 @@ def load_config_section(path: Path, section: str, required: bool = True) -> Dict
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--config {path}: no such file")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".json":
-        data = json.loads(text)
-    else:
-        import yaml
+    text = "\n".join(line for _, line in read_text_lines(path, "--config"))
+    import yaml
 
-        data = yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:  # their messages give the line and column
+        raise UserError(f"--config {path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'} ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"--config {path}: expected a mapping with a {section!r} section")
+        raise UserError(f"--config {path}: expected a mapping with a {section!r} section")
     if section not in data:
         if not required:
             return {}
-        raise ValueError(f"--config {path}: no {section!r} section (sections: {', '.join(map(str, data))})")
+        raise UserError(f"--config {path}: no {section!r} section (sections: {', '.join(map(str, data))})")
     values = data[section] or {}
     if not isinstance(values, dict):
-        raise ValueError(f"--config {path}: section {section!r} must map flag names to values")
+        raise UserError(f"--config {path}: section {section!r} must map flag names to values")
     return values
 
 
@@ -73,7 +146,7 @@ def config_to_argv(parser: argparse.ArgumentParser, values: Dict[str, Any], sour
         flag = _flag(key)
         action = actions.get(flag)
         if action is None:
-            raise ValueError(f"{source}: {key!r} is not a flag of this script (see --help)")
+            raise UserError(f"{source}: {key!r} is not a flag of this script (see --help)")
         if value is None:
             continue
         if action.nargs == 0:  # store_true / store_false: present or absent

@@ -37,16 +37,17 @@ class GenerationOptions:
 
 
 class _PerRowLimit:
-    """Stopping criterion: row i is done after ``limits[i]`` new tokens (beams expanded)."""
+    """Stopping criterion: utterance i is done after ``limits[i]`` new tokens."""
 
-    def __init__(self, limits: torch.Tensor, num_beams: int):
-        self.limits = limits.repeat_interleave(num_beams)
+    def __init__(self, limits: torch.Tensor):
+        self.limits = limits
 
     def __call__(self, input_ids: torch.Tensor, scores=None, **kwargs) -> torch.Tensor:
-        # With inputs_embeds only, input_ids holds just the generated tokens.
-        return torch.full((input_ids.shape[0],), input_ids.shape[1], device=input_ids.device) >= self.limits.to(
-            input_ids.device
-        )
+        # Rows are utterance-major: 1 (greedy), num_beams, or the 2 * num_beams candidates that
+        # transformers' beam search checks per utterance. With inputs_embeds only, input_ids holds
+        # just the generated tokens.
+        limits = self.limits.to(input_ids.device).repeat_interleave(input_ids.shape[0] // self.limits.numel())
+        return torch.full_like(limits, input_ids.shape[1]) >= limits
 
 
 class _RepetitionGuard:
@@ -121,7 +122,7 @@ def generate(
             raise ValueError("max_new_tokens_per_speech_token needs the number of speech tokens")
         limits = torch.ceil(num_speech_tokens.float() * opts.max_new_tokens_per_speech_token).long().clamp(1, max_new)
         max_new = int(limits.max())
-        criteria.append(_PerRowLimit(limits, opts.beam_size))
+        criteria.append(_PerRowLimit(limits))
     if opts.repetition_guard > 0:
         criteria.append(_RepetitionGuard(opts.repetition_guard, opts.repetition_guard_max_period))
     kwargs = dict(

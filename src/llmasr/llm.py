@@ -21,6 +21,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn as nn
 
+from llmasr.config import UserError
 from llmasr.prompt import SPECIAL_TOKENS, add_speech_tokens
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "gate_proj", "down_proj")
@@ -121,7 +122,7 @@ def load_tokenizer(path: Union[str, Path], gguf_file: Optional[str] = None):
             return AutoTokenizer.from_pretrained(str(path))
         return AutoTokenizer.from_pretrained(str(path), gguf_file=gguf_file)
     except Exception as e:  # re-raise with the directory named
-        raise RuntimeError(f"could not load the tokenizer of {str(path)!r}: {e}") from e
+        raise UserError(f"could not load the tokenizer of {str(path)!r}: {e}") from e
 
 
 def resize_embeddings_for(llm: nn.Module, num_tokens: int, pad_to_multiple_of: int = 64) -> None:
@@ -157,11 +158,24 @@ def _check_ids_fit(tokenizer, rows: int) -> None:
     too_big = [(t, i) for t, i in zip(SPECIAL_TOKENS, ids) if i >= rows]
     if not too_big:
         return
-    raise ValueError(
+    raise UserError(
         f"the LLM embedding has {rows} rows but the speech tokens got ids {too_big} (tokenizer size "
         f"{len(tokenizer)}): this LLM has no spare vocabulary rows. Pass --resize-vocab true "
         "(adds rows initialised to the mean embedding) or --use-prompt-embedding true."
     )
+
+
+def _broken_weight_file(path: Path) -> Optional[str]:
+    """'<file>: <problem>' for the first ``*.safetensors`` file of ``path`` that cannot be opened."""
+    from safetensors import safe_open
+
+    for f in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError (header), OSError
+            return f"{f}: {e} (truncated or corrupt: download it again)"
+    return None
 
 
 def load_llm(
@@ -199,7 +213,7 @@ def load_llm(
         if gguf_file is None:
             _fix_rope_theta(config, path)
     except (OSError, ValueError, ImportError) as e:
-        raise RuntimeError(f"could not read the LLM config of {str(path)!r}: {e}") from e
+        raise UserError(f"could not read the LLM config of {str(path)!r}: {e}") from e
     if not speech_tokens_outside_vocab and not resize_vocab:
         # fail before loading (possibly GBs of) weights
         _check_ids_fit(tokenizer, config.get_text_config().vocab_size)
@@ -208,8 +222,13 @@ def load_llm(
             llm = AutoModelForCausalLM.from_pretrained(str(path), gguf_file=gguf_file, **kwargs)
         else:
             llm = AutoModelForCausalLM.from_pretrained(str(path), config=config, **kwargs)
-    except (OSError, ValueError, ImportError) as e:
-        raise RuntimeError(f"could not load the LLM from {str(path)!r}: {e}") from e
+    except Exception as e:
+        broken = _broken_weight_file(path)
+        if broken is not None:  # (the safetensors error does not name the file)
+            raise UserError(f"could not load the LLM weights {broken}") from e
+        if isinstance(e, (OSError, ValueError, ImportError)):
+            raise UserError(f"could not load the LLM from {str(path)!r}: {e}") from e
+        raise
     logging.info(f"loaded LLM {path} ({type(llm).__name__}, {dtype}, attention={attn})")
 
     if not speech_tokens_outside_vocab:  # (allowed when prompt_embedding rows replace them)

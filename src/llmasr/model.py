@@ -8,16 +8,27 @@ its checkpoints load unchanged:
 - ``encoder_projector``: :class:`~llmasr.projector.Projector` (keys ``encoder_projector.proj.1.*``),
   or an ``nn.ModuleList`` for MoSE (``encoder_projector.<k>.proj.*``);
 - ``llm``: the (peft-wrapped) causal LM (``llm.base_model.model.model.layers...lora_A.default.weight``);
-- ``prompt_embedding``: ``Embedding(4, H)``. SpeechLLM meant its rows to replace the embeddings of
-  ``<start_text>``, ``<end_text>``, ``<start_speech>``, ``<end_speech>``, but its write goes to a
-  copy, so the table never changes an output. We keep it (trainable, saved, averaged - checkpoints
-  keep their keys) and, like the original, ignore it unless ``use_prompt_embedding=True`` (then the
-  rows really replace those token embeddings; for new models, e.g. LLMs without spare vocab rows).
+- ``prompt_embedding``: ``Embedding(4, H)``, only in SpeechLLM's layout (prompt format
+  "speechllm") or with ``use_prompt_embedding=True``; other recipes' models (icefall
+  whisper_llm_zh, FireRedASR-LLM) have no such table, so their checkpoints lack the key. SpeechLLM
+  meant its rows to replace the embeddings of ``<start_text>``, ``<end_text>``, ``<start_speech>``,
+  ``<end_speech>``, but its write goes to a copy, so the table never changes an output. We keep it
+  (trainable, saved, averaged - checkpoints keep their keys) and, like the original, ignore it unless
+  ``use_prompt_embedding=True`` (then the rows really replace those token embeddings; for new models,
+  e.g. LLMs without spare vocab rows).
 
 Speech splicing: the k-th ``<speech>`` of a prompt is replaced by the first ``encoder_out_lens // ds``
 projected frames of the k-th encoder (MoSE training: a random subset of encoders, in random order,
 for prompts whose groups were dropped). Merged rows are left-padded with zero vectors (mask False);
-no padded speech frame reaches the LLM.
+no padded speech frame reaches the LLM, so a row's result does not depend on its batch.
+
+``compat_reference_padding=True`` reproduces recipes whose results do depend on the batch (icefall
+whisper_llm_zh; README.md says what it means for each system): encoders with a ``mask_padding``
+attribute (Whisper) attend to the batch padding, and every row gets all ``T // ds`` projected frames
+of the padded batch, the frames computed from padding included. Decode prompts are then rows of
+equal length (no padding, all-ones mask, positions 0..L-1: what generate() builds when given no
+mask, as whisper_llm_zh calls it); in training the LLM gets positions 0..L-1 over the left-padded
+rows, as whisper_llm_zh's training passes no position ids.
 """
 from __future__ import annotations
 
@@ -50,7 +61,10 @@ class SpeechLLM(nn.Module):
         prompt_format: name or :class:`~llmasr.prompt.PromptFormat`.
         downsample_rate, projector_activation, projector_dropout: see :class:`Projector`.
         unfreeze_encoder: train the encoders (else frozen: eval mode, no_grad, even in ``train()``).
+            SpeechLLM alone owns this for every encoder type; encoders are plain modules.
         use_prompt_embedding: really use the ``prompt_embedding`` rows (off: SpeechLLM behaviour).
+        compat_reference_padding: splice the padded batch's frames like icefall whisper_llm_zh (see
+            the module docstring); also settable as an attribute.
     """
 
     def __init__(
@@ -66,6 +80,7 @@ class SpeechLLM(nn.Module):
         use_prompt_embedding: bool = False,
         mose: Optional[bool] = None,
         num_prompt: int = 4,
+        compat_reference_padding: bool = False,
     ):
         super().__init__()
         encoders = list(encoders)
@@ -92,10 +107,15 @@ class SpeechLLM(nn.Module):
             self.encoder = encoders[0]
             self.encoder_projector = projectors[0]
         self.llm = llm
-        self.prompt_embedding = nn.Embedding(num_prompt, hidden)
 
         self.tokenizer = tokenizer
         self.prompt_format = get_prompt_format(prompt_format)
+        # Only SpeechLLM's layout has the table: a key the other recipes' checkpoints never had
+        # must not be required when they load.
+        self.prompt_embedding = (
+            nn.Embedding(num_prompt, hidden)
+            if self.prompt_format.name == "speechllm" or use_prompt_embedding else None
+        )
         self.prompt_ids = resolve_prompt_ids(tokenizer, self.prompt_format)
         self.use_prompt_embedding = use_prompt_embedding
         # Optional auxiliary CTC of the projector output against the LLM token embeddings
@@ -110,6 +130,7 @@ class SpeechLLM(nn.Module):
         self.feature_dim = feature_dims.pop()
         for e in encoders:
             e.requires_grad_(unfreeze_encoder)
+        self.compat_reference_padding = compat_reference_padding
         if use_prompt_embedding:
             self._init_prompt_embedding()
         self.train(False)
@@ -141,6 +162,21 @@ class SpeechLLM(nn.Module):
         return len(self.encoders)
 
     @property
+    def compat_reference_padding(self) -> bool:
+        return self._compat_reference_padding
+
+    @compat_reference_padding.setter
+    def compat_reference_padding(self, value: bool) -> None:
+        if value and getattr(self, "encoder_cache", None) is not None:
+            raise ValueError("compat_reference_padding makes encoder outputs depend on the batch; "
+                             "it cannot be combined with the encoder output cache")
+        # One switch: encoders that can ignore the batch padding (``mask_padding``) follow it.
+        self._compat_reference_padding = bool(value)
+        for e in self.encoders:
+            if hasattr(e, "mask_padding"):
+                e.mask_padding = not value
+
+    @property
     def llm_trainable(self) -> bool:
         return any(p.requires_grad for p in self.llm.parameters())
 
@@ -160,6 +196,9 @@ class SpeechLLM(nn.Module):
         """Keep frozen-encoder outputs by cut id (see :class:`EncoderOutputCache`)."""
         if self.unfreeze_encoder:
             raise ValueError("the encoder output cache needs a frozen encoder (--unfreeze-encoder is on)")
+        if self.compat_reference_padding:
+            raise ValueError("the encoder output cache needs batch-independent encoder outputs "
+                             "(--compat-reference-padding is on)")
         self.encoder_cache = EncoderOutputCache(int(max_gb * 2**30))
         return self.encoder_cache
 
@@ -172,6 +211,7 @@ class SpeechLLM(nn.Module):
         cut id and only the cuts not seen before are encoded.
         """
         out = []
+        # A frozen encoder runs without autograd (no activations kept), whatever mode the caller is in.
         grad = self.unfreeze_encoder and self.training and torch.is_grad_enabled()
         for idx, (encoder, projector) in enumerate(zip(self.encoders, self.projectors)):
             with torch.set_grad_enabled(grad):
@@ -179,7 +219,10 @@ class SpeechLLM(nn.Module):
                     enc_out, enc_lens = self._encode_cached(idx, encoder, features, feature_lens, cut_ids)
                 else:
                     enc_out, enc_lens = encoder(features, feature_lens)
-            out.append(projector(enc_out.to(projector.proj[1].weight.dtype), enc_lens))
+            frames, lens = projector(enc_out.to(projector.proj[1].weight.dtype), enc_lens)
+            if self.compat_reference_padding:  # every row: all T // ds frames of the padded batch
+                lens = torch.full_like(lens, frames.shape[1])
+            out.append((frames, lens))
         return out
 
     def _encode_cached(self, idx, encoder, features, feature_lens, cut_ids):
@@ -207,6 +250,9 @@ class SpeechLLM(nn.Module):
         # Ids beyond the embedding (only possible for tokens replaced below / by speech) look up row 0.
         embeds = emb(input_ids.masked_fill(input_ids >= rows, 0))
         if self.use_prompt_embedding:
+            if self.prompt_embedding is None:
+                raise ValueError("use_prompt_embedding is on but this model was built without a prompt_embedding "
+                                 "table (build it with use_prompt_embedding=True)")
             for k, tok in enumerate(self.prompt_ids.prompt_embedding):
                 if tok < 0:
                     continue
@@ -334,8 +380,13 @@ class SpeechLLM(nn.Module):
         if self.training and self.num_encoders > 1:
             groups = sample_speech_groups(self.num_encoders, features.shape[0])
         merged, mask, labels, speech_lens, speech = self.prepare_inputs(features, feature_lens, texts, groups, cut_ids)
-        # RoPE positions counted from the first real token (left padding), as in generate().
-        position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        if self.compat_reference_padding:
+            # whisper_llm_zh's training passes no position ids: the LLM counts from the first
+            # (left-padded) position.
+            position_ids = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+        else:
+            # RoPE positions counted from the first real token (left padding), as in generate().
+            position_ids = (mask.long().cumsum(-1) - 1).clamp(min=0)
         decoder, head = decoder_and_head(self.llm)
         hidden = decoder(
             inputs_embeds=merged, attention_mask=mask.long(), position_ids=position_ids, use_cache=False
@@ -352,8 +403,9 @@ class SpeechLLM(nn.Module):
         # whose group was dropped everywhere) are tied in with weight 0 so DDP/DeepSpeed need no
         # find_unused_parameters.
         dangling = []
-        if not self.use_prompt_embedding and self.prompt_embedding.weight.requires_grad:
-            dangling.append(self.prompt_embedding.weight.sum())
+        table = self.prompt_embedding
+        if table is not None and not self.use_prompt_embedding and table.weight.requires_grad:
+            dangling.append(table.weight.sum())
         if groups is not None:
             dangling.extend(frames.sum() for frames, _ in speech if frames.requires_grad)
         if dangling and torch.is_grad_enabled():

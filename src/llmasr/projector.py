@@ -15,26 +15,7 @@ from typing import Mapping, Tuple
 import torch
 import torch.nn as nn
 
-
-def swoosh_r(x: torch.Tensor) -> torch.Tensor:
-    """SwooshR(x) = log(1 + exp(x - 1)) - 0.08 x - 0.313261687 (the constant is log(1 + e^-1), so
-    SwooshR(0) = 0).
-
-    Evaluated as log1p(exp(x - 1)) (k2's float formula) with the exact asymptote ``x - 1`` where
-    exp would overflow, so it is finite for every finite input in every dtype.
-    """
-    x_offset = x - 1.0
-    # Beyond the threshold log1p(exp(z)) == z to the last bit (float64: 40, float32/bfloat16: 20,
-    # float16: 10, where exp(10) still fits); the clamp keeps exp finite.
-    limit = {torch.float64: 40.0, torch.float16: 10.0}.get(x.dtype, 20.0)
-    softplus = torch.where(x_offset > limit, x_offset, torch.log1p(torch.exp(x_offset.clamp(max=limit))))
-    return softplus - 0.08 * x - 0.313261687
-
-
-class SwooshR(nn.Module):
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return swoosh_r(x)
-
+from llmasr.activations import SwooshR, swoosh_r  # noqa: F401 (swoosh_r re-exported)
 
 ACTIVATIONS = {
     "swooshr": SwooshR,

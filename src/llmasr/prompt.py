@@ -21,6 +21,7 @@ order so ids match its checkpoints).
 from __future__ import annotations
 
 import random
+import re
 import weakref
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -46,10 +47,22 @@ def _remove_spaces(text: str) -> str:
     return "".join(text.split())
 
 
+_FIRERED_PUNC = re.compile(r"[，。？！,.!?《》（）·“”、\\/]")
+_CJK = re.compile(r"([\u3400-\u4dbf\u4e00-\u9fff])")
+
+
+def firered_clean_text(text: str) -> str:
+    """FireRedASR-LLM's transcript clean-up (its ``clean_text``): drop punctuation, no spaces around
+    Chinese characters, single spaces between English words, lower-case."""
+    text = re.sub(r"\s+", " ", _FIRERED_PUNC.sub("", text))
+    return "".join(p for p in _CJK.split(text.strip()) if p.strip()).strip().lower()
+
+
 TEXT_TRANSFORMS: Dict[str, Callable[[str], str]] = {
     "none": lambda text: text,
     "lower": str.lower,
     "remove_spaces": _remove_spaces,
+    "firered_clean": firered_clean_text,
 }
 
 
@@ -70,6 +83,12 @@ class PromptFormat:
     # Normalisation of the transcript, applied to training targets (build_prompts) and to the
     # references at decode time, so both see the same text: a name from TEXT_TRANSFORMS.
     text_transform: str = "none"
+    # How the recipe behind this format scores its decodes, so that src/decode.py reproduces its
+    # numbers by default (--scoring / --normalize override): the metric ("wer": whitespace-separated
+    # words, "cer": characters) and llmasr.scoring's normalisation ("none": the recipe's raw tokens,
+    # every character counting for CER). None: not pinned (WER, llmasr.scoring's default).
+    score_metric: Optional[str] = None
+    score_normalize: Optional[str] = None
 
     def __post_init__(self):
         if self.text_transform not in TEXT_TRANSFORMS:
@@ -113,8 +132,10 @@ def available_prompt_formats() -> List[str]:
 
 
 # zhu-han/SpeechLLM: no system message, <start_speech><speech><end_speech> per encoder; its
-# datamodule lower-cases every supervision text (training and the decode references).
-register_prompt_format(PromptFormat(name="speechllm", text_transform="lower"))
+# datamodule lower-cases every supervision text (training and the decode references). Its decode
+# scores raw WER: hyp.split() against the lower-cased reference words.
+register_prompt_format(PromptFormat(name="speechllm", text_transform="lower", score_metric="wer",
+                                    score_normalize="none"))
 
 # ---------------------------------------------------------------------------------------------
 # Other recipes register their formats here (FireRedASR-LLM, icefall whisper_llm_zh), e.g.
@@ -124,20 +145,21 @@ register_prompt_format(PromptFormat(name="speechllm", text_transform="lower"))
 
 # FireRedASR-LLM (FireRedTeam/FireRedASR ``LlmTokenizerWrapper.preprocess_texts``): its own template,
 # no system message, one <speech> token followed by the instruction; training appends the cleaned
-# transcript and <|im_end|> (no trailing newline).
-# The transcript is used as given (FireRed's punctuation/space clean-up, llmasr.firered.llm.clean_text,
-# is not applied by this format).
-register_prompt_format(PromptFormat(name="firered", speech_group=SPEECH_TOKEN, user_content="{speech}请转写音频为文字"))
+# transcript (firered_clean_text, also applied to the decode references) and <|im_end|> (no trailing
+# newline).
+register_prompt_format(PromptFormat(name="firered", speech_group=SPEECH_TOKEN, user_content="{speech}请转写音频为文字",
+                                    text_transform="firered_clean"))
 
 # icefall egs/speech_llm/ASR_LLM/whisper_llm_zh (train.py/decode.py ``preprocess``): its own Jinja
 # template, no system message; user turn "<speech>请转写音频为文字"; training target = transcript with
 # spaces removed + <|im_end|> (no trailing newline), everything up to "assistant\n" and the padding
 # masked; decode prompt ends with "<|im_start|>assistant\n"; pad <|endoftext|>, bos <|im_start|>,
 # eos <|im_end|>. Same token layout as "firered"; its transcripts (and CER references) have every
-# space removed.
+# space removed. Its decode scores CER over list(hyp): every character of the hypothesis counts,
+# spaces and punctuation included (store_transcripts(char_level=True), write_error_stats(compute_CER=True)).
 register_prompt_format(
     PromptFormat(name="whisper_llm_zh", speech_group=SPEECH_TOKEN, user_content="{speech}请转写音频为文字",
-                 text_transform="remove_spaces")
+                 text_transform="remove_spaces", score_metric="cer", score_normalize="none")
 )
 
 
@@ -330,6 +352,7 @@ __all__ = [
     "PromptFormat",
     "PromptIds",
     "TEXT_TRANSFORMS",
+    "firered_clean_text",
     "register_prompt_format",
     "get_prompt_format",
     "available_prompt_formats",

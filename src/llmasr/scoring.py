@@ -6,7 +6,9 @@ Text goes through two steps before it is aligned:
 
    - ``"none"``: the text is used as it is. Tokens are whitespace-separated words, exactly the
      word lists the original SpeechLLM decode scores (``ref_text.split()`` / ``hyp_text.split()``;
-     its data module already lower-cases the references).
+     its data module already lower-cases the references); for CER every character is a token,
+     spaces and punctuation included (``list(text)``, icefall ``whisper_llm_zh``'s CER: its
+     reference has no spaces, its hypothesis is scored as the LLM wrote it).
    - ``"en"``: Unicode NFKC (full-width forms -> ASCII), lower-case, every punctuation / symbol /
      control character becomes a space (as Whisper's and icefall's English normalisers do; invisible
      format characters such as soft hyphens are dropped), an apostrophe is kept only inside a word
@@ -21,11 +23,10 @@ Text goes through two steps before it is aligned:
 
 2. :func:`tokenize_for_scoring`: ``"zh"`` gives one token per CJK character (Han, kana, Hangul)
    and one token per run of other non-space characters, i.e. each English word (or number) is a
-   token (the usual mixed-error-rate convention, as wenet's ``compute-wer.py``). For a purely Chinese
-   test set this is the same character list icefall's ``whisper_llm_zh`` scores, except that we
-   never count spaces or punctuation as characters. ``"none"`` / ``"en"`` split on whitespace, or,
-   with ``char_level=True``, give every non-space character (icefall's ``compute_CER`` on the
-   joined text).
+   token (the usual mixed-error-rate convention, as wenet's ``compute-wer.py``); spaces and
+   punctuation never count. ``"none"`` / ``"en"`` split on whitespace; with ``char_level=True``
+   ``"en"`` gives every non-space character and ``"none"`` every character (icefall's
+   ``compute_CER``: ``list("".join(tokens))``).
 
 Alignments come from ``kaldialign.align`` (icefall's choice) with unit costs, so the total error
 count is the Levenshtein distance and the WER equals jiwer's; the split into substitutions,
@@ -41,7 +42,6 @@ from __future__ import annotations
 import argparse
 import ast
 import logging
-import os
 import re
 import unicodedata
 from collections import defaultdict
@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import kaldialign
+
+from llmasr.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -136,9 +138,12 @@ def tokenize_for_scoring(text: Text, mode: str = "en", char_level: bool = False)
     """Normalise ``text`` and split it into scoring tokens.
 
     ``text`` may also be a token list (e.g. what icefall stores in ``recogs-*`` files); it is
-    joined with single spaces first. ``char_level`` applies to ``"none"``/``"en"`` only: ``"zh"``
-    always scores CJK characters one by one and English words whole.
+    joined with single spaces first (``"none"`` with ``char_level``: joined without separator, so a
+    character list comes back unchanged). ``char_level`` applies to ``"none"``/``"en"`` only:
+    ``"zh"`` always scores CJK characters one by one and English words whole.
     """
+    if mode == "none" and char_level:
+        return list(text if isinstance(text, str) else "".join(_as_token_list(text, "text")))
     if not isinstance(text, str):
         text = " ".join(_as_token_list(text, "text"))
     text = normalize_text(text, mode)
@@ -272,19 +277,6 @@ def _tokenize_results(results, metric: str, normalize: str) -> List[Tuple[str, L
         except TypeError as e:
             raise TypeError(f"cut {cut_id!r}: {e}") from None
     return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def _format_recogs(aligned) -> str:
@@ -438,11 +430,11 @@ def write_results(
 
     recogs_path = out_dir / f"recogs-{test_set_name}-{suffix}.txt"
     errs_path = out_dir / f"errs-{test_set_name}-{suffix}.txt"
-    _atomic_write_text(recogs_path, _format_recogs(aligned))
-    _atomic_write_text(errs_path, _format_errs(stats, aligned, metric_name))
+    atomic_write_text(recogs_path, _format_recogs(aligned))
+    atomic_write_text(errs_path, _format_errs(stats, aligned, metric_name))
     summary[suffix] = rate
     table = sorted(summary.items(), key=lambda kv: (kv[1], kv[0]))
-    _atomic_write_text(
+    atomic_write_text(
         summary_path, f"settings\t{metric_name}\n" + "".join(f"{k}\t{v}\n" for k, v in table)
     )
 

@@ -19,7 +19,9 @@ resulting manifests are identical to the recipes' on clean data (tests/test_prep
 """
 from __future__ import annotations
 
+import gzip
 import io
+import json
 import logging
 import os
 import subprocess
@@ -41,14 +43,23 @@ from lhotse import (
     validate_recordings_and_supervisions,
 )
 from lhotse.audio import AudioSource
+from lhotse.cut import Cut
+from lhotse.lazy import LazyManifestIterator
+from lhotse.serialization import decode_json_line, deserialize_item
+
+from llmasr.config import UserError, read_text_lines
+from llmasr.io import atomic_write, atomic_write_text
 
 SAMPLING_RATE = 16000
+# Shortest utterance kept: FireRedASR's front end needs 85 ms for its minimum of 7 frames, lhotse's
+# fbank 25 ms for one frame; nothing shorter holds a word a model could learn or transcribe.
+MIN_SECONDS = 0.1
 LIBRISPEECH_PARTS = ("train-clean-100", "train-clean-360", "train-other-500", "dev-clean", "dev-other",
                      "test-clean", "test-other", "train-clean-5", "dev-clean-2")
 AISHELL_PARTS = ("train", "dev", "test")
 
 
-class CorpusError(RuntimeError):
+class CorpusError(UserError):
     """The corpus cannot be read at all (wrong directory, missing transcript file ...)."""
 
 
@@ -62,6 +73,7 @@ class Utt:
     recording_id: Optional[str] = None  # defaults to id
     start: float = 0.0
     end: Optional[float] = None  # None: until the end of the recording (Kaldi segments "-1" too)
+    problem: Optional[str] = None  # found by the reader (e.g. a transcript without audio): skipped
 
 
 # --------------------------------------------------------------------------------------------
@@ -84,7 +96,7 @@ def scan_librispeech(corpus_dir, parts: Optional[Sequence[str]] = None) -> Dict[
     for part in present:
         utts = []
         for trans in sorted((corpus_dir / part).rglob("*.trans.txt")):
-            for lineno, line in enumerate(trans.read_text(encoding="utf-8").splitlines(), 1):
+            for lineno, line in read_text_lines(trans):
                 if not line.strip():
                     continue
                 fields = line.strip().split(maxsplit=1)
@@ -105,7 +117,7 @@ def scan_aishell(corpus_dir) -> Dict[str, List[Utt]]:
         raise CorpusError(f"AISHELL transcript not found: {trans} (check --dl-dir; expected "
                           f"<dl-dir>/aishell/data_aishell/{{wav,transcript}})")
     texts = {}
-    for line in trans.read_text(encoding="utf-8").splitlines():
+    for _, line in read_text_lines(trans):
         fields = line.split()
         if fields:
             texts[fields[0]] = text_normalize(" ".join(fields[1:])).strip().replace(" ", "")
@@ -127,7 +139,7 @@ def _read_kaldi_map(path: Path, required: bool = True) -> Dict[str, str]:
             raise CorpusError(f"Kaldi data dir file missing: {path}")
         return {}
     out = {}
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for lineno, line in read_text_lines(path):
         if not line.strip():
             continue
         fields = line.strip().split(maxsplit=1)
@@ -145,7 +157,7 @@ def scan_kaldi_dir(data_dir, language: Optional[str] = None) -> List[Utt]:
     utt2spk = _read_kaldi_map(data_dir / "utt2spk", required=False)
     utts = []
     if (data_dir / "segments").is_file():
-        for lineno, line in enumerate((data_dir / "segments").read_text().splitlines(), 1):
+        for lineno, line in read_text_lines(data_dir / "segments"):
             fields = line.split()
             if not fields:
                 continue
@@ -160,6 +172,12 @@ def scan_kaldi_dir(data_dir, language: Optional[str] = None) -> List[Utt]:
     else:
         for uid, audio in wav_scp.items():
             utts.append(Utt(uid, audio, text.get(uid), utt2spk.get(uid), language))
+    listed = {u.id for u in utts}
+    where = "segments" if (data_dir / "segments").is_file() else "wav.scp"
+    for uid in text:
+        if uid not in listed:
+            utts.append(Utt(uid, "", text[uid], utt2spk.get(uid), language,
+                            problem=f"in {data_dir / 'text'} but not in {where}: no audio"))
     return utts
 
 
@@ -237,14 +255,14 @@ def build_manifests(
     """Check utterances and build manifests; returns (recordings, supervisions, skipped) where
     skipped lists ``(utt_id, audio, reason)``."""
     skipped: List[Tuple[str, str, str]] = []
-    audios = sorted({u.audio for u in utts})
+    audios = sorted({u.audio for u in utts if u.problem is None})
     with ThreadPoolExecutor(max(1, num_jobs)) as ex:
         checked = dict(zip(audios, ex.map(lambda a: _check_recording(a, resample), audios)))
     recordings: Dict[str, Recording] = {}
     supervisions = []
     seen = set()
     for u in utts:
-        info, problem = checked[u.audio]
+        info, problem = (None, u.problem) if u.problem is not None else checked[u.audio]
         rec_id = u.recording_id or u.id
         if problem is None and u.id in seen:
             problem = "duplicate utterance id"
@@ -257,6 +275,9 @@ def build_manifests(
             end = rec.duration if u.end is None else u.end
             if u.start < 0 or end > rec.duration + 0.01 or end <= u.start:
                 problem = f"segment {u.start:.2f}-{end:.2f} s outside the audio (duration {rec.duration:.2f} s)"
+            elif min(end, rec.duration) - u.start < MIN_SECONDS:
+                problem = (f"too short ({min(end, rec.duration) - u.start:.3f} s < {MIN_SECONDS} s: "
+                           f"too little audio for features)")
         if problem is not None:
             skipped.append((u.id, u.audio, problem))
             continue
@@ -280,14 +301,11 @@ def report_skipped(skipped: Sequence[Tuple[str, str, str]], tsv: Optional[Path],
     for uid, audio, reason in skipped:
         logging.warning(f"{what}: skipping utterance {uid} ({audio}): {reason}")
     if skipped:
-        counts = Counter(r.split(" (")[0] if r.startswith("unreadable") else r.split(",")[0]
-                         for _, _, r in skipped)
+        counts = Counter(r.split(" (")[0].split(",")[0] for _, _, r in skipped)  # the reason without details
         logging.warning(f"{what}: skipped {len(skipped)} utterance(s): "
                         + ", ".join(f"{k}: {v}" for k, v in sorted(counts.items())))
     if tsv is not None:
-        tmp = tsv.with_name(tsv.name + ".tmp")
-        tmp.write_text("".join(f"{u}\t{a}\t{r}\n" for u, a, r in skipped), encoding="utf-8")
-        os.replace(tmp, tsv)
+        atomic_write_text(tsv, "".join(f"{u}\t{a}\t{r}\n" for u, a, r in skipped))
 
 
 def prepare_manifests(
@@ -386,6 +404,13 @@ def compute_features(
                 cuts = cuts.trim_to_supervisions(keep_overlapping=False)
             # Cut id = utterance id (lhotse would append "-<index>"), so results name utterances.
             cuts = CutSet.from_cuts(c.with_id(c.supervisions[0].id) for c in cuts)
+            other_rate = [c for c in cuts if c.sampling_rate != SAMPLING_RATE]
+            if other_rate:
+                # (manifests not written by stage 1, which resamples or skips such audio): the
+                # extractors compute 16 kHz features and would silently treat other rates as 16 kHz
+                logging.warning(f"{prefix} {part}: resampling {len(other_rate)} cuts to {SAMPLING_RATE} Hz "
+                                f"(first: {other_rate[0].id} at {other_rate[0].sampling_rate} Hz)")
+                cuts = CutSet.from_cuts(c.resample(SAMPLING_RATE) for c in cuts)
             logging.info(f"{prefix} {part}: computing {extractor.name} features ({extractor.feature_dim(SAMPLING_RATE)} "
                          f"dims) for {len(cuts)} cuts with {num_jobs} jobs")
             with_feats = cuts.compute_and_store_features(
@@ -402,9 +427,7 @@ def compute_features(
                 skipped = [(cid, str(cuts[cid].recording.sources[0].source), "audio failed to load during "
                             "feature extraction") for cid in lost]
                 report_skipped(skipped, fbank_dir / f"{prefix}_skipped_{part}.tsv", f"{prefix} {part}")
-            tmp_path = fbank_dir / f".{prefix}_cuts_{part}.tmp.jsonl.gz"
-            CutSet.from_cuts(with_feats).to_file(tmp_path)
-            os.replace(tmp_path, out[part])
+            atomic_write(out[part], CutSet.from_cuts(with_feats).to_file)
     finally:
         if executor is not None:
             executor.shutdown()
@@ -417,10 +440,37 @@ def combine_shuffled(cut_paths: Iterable[Path], out_path: Path, seed: int = 42) 
 
     cuts = [c for p in cut_paths for c in load_manifest_lazy(p)]
     random.Random(seed).shuffle(cuts)
-    tmp = out_path.with_name("." + out_path.name + ".tmp.jsonl.gz")
-    CutSet.from_cuts(cuts).to_file(tmp)
-    os.replace(tmp, out_path)
+    atomic_write(out_path, CutSet.from_cuts(cuts).to_file)
     return len(cuts)
+
+
+# --------------------------------------------------------------------------------------------
+# Reading cuts
+# --------------------------------------------------------------------------------------------
+class _CheckedCutManifest(LazyManifestIterator):
+    """lhotse's lazy JSONL reader; a line that is not UTF-8, not JSON or not a cut is an error
+    naming the file and the line (lhotse's own reader fails with a bare decoder error)."""
+
+    def __iter__(self):
+        path = self.path
+        with (gzip.open if str(path).endswith(".gz") else open)(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                try:
+                    item = deserialize_item(decode_json_line(raw.decode("utf-8")))
+                except UnicodeDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not UTF-8 text (byte {raw[e.start]:#04x} at column "
+                                    f"{e.start + 1}); rewrite the manifest as UTF-8") from None
+                except json.JSONDecodeError as e:
+                    raise UserError(f"{path}:{lineno}: not a JSON line ({e})") from None
+                if not isinstance(item, Cut):
+                    raise UserError(f"{path}:{lineno}: a {type(item).__name__}, not a cut: pass a cuts manifest "
+                                    f"(<prefix>_cuts_<part>.jsonl.gz)")
+                yield item
+
+
+def load_cuts_lazy(path) -> CutSet:
+    """A cuts manifest (``.jsonl[.gz]``), read lazily; bad lines are reported with file:line."""
+    return CutSet(_CheckedCutManifest(path))
 
 
 # --------------------------------------------------------------------------------------------
@@ -435,7 +485,10 @@ def validate_cuts_file(path, read_features: bool = True, num_jobs: int = 1, fram
     path = Path(path)
     if not path.is_file():
         return [f"{path}: manifest not found"]
-    cuts = list(load_manifest_lazy(path))
+    try:
+        cuts = list(load_cuts_lazy(path))
+    except UserError as e:
+        return [str(e)]
     problems: List[str] = []
     if not cuts:
         problems.append(f"{path}: no cuts")

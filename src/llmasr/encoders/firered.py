@@ -7,9 +7,15 @@ dropout_rate`` build a randomly initialised encoder (training from scratch).
 
 Input features: 80-dim Kaldi fbank (kaldi-native-fbank, int16-valued samples) normalised with the
 model's global ``cmvn.ark`` (``feature_type = "kaldi-fbank-cmvn"``; see
-:class:`llmasr.features.firered.FireRedFeatureExtractor`). Output frames: 40 ms; frames at or beyond
-``out_lens`` are padding (the encoder computes a few extra frames there, see
-:mod:`llmasr.firered.conformer`).
+:class:`llmasr.features.firered.FireRedFeatureExtractor`). Output frames: 40 ms.
+
+Output lengths: this encoder reports ``T_enc(T) = ((T + 3) // 2) // 2`` frames per utterance of T
+input frames (``lengths_include_context``), not the valid length ``L = ((T - 3) // 2 + 1 - 3) // 2 + 1``
+(1 or 2 frames less): the released FireRedASR-LLM splices every frame of an utterance padded by the
+encoder's own 6 context frames, so these lengths make :class:`llmasr.model.SpeechLLM` (decoding,
+fine-tuning, encoder cache, aux CTC) see exactly the frames the release sees at batch size 1, whatever
+the batch. The extra frames depend only on the utterance (keys >= L are masked inside, see
+:mod:`llmasr.firered.conformer`), and the masks inside still use L.
 """
 from __future__ import annotations
 
@@ -39,6 +45,7 @@ def build_firered_encoder(encoder_type: str = "firered", path: Optional[str] = N
         cfg.update(options)
         encoder = ConformerEncoder(cfg["idim"], cfg["n_layers_enc"], cfg["n_head"], cfg["d_model"],
                                    cfg["residual_dropout"], cfg["dropout_rate"], cfg["kernel_size"], cfg["pe_maxlen"])
+    encoder.lengths_include_context = True
     if dropout is not None:
         set_dropout(encoder, dropout)
     if device is not None or dtype is not None:

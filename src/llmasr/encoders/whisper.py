@@ -8,8 +8,12 @@ The encoder is openai-whisper's ``AudioEncoder`` (same modules, same parameter n
   monkey-patch the package: the original ``AudioEncoder.forward`` stays untouched);
 - handles padded batches: padded input frames are zeroed before each convolution and masked
   out as attention keys, so every utterance's valid output frames equal what the encoder gives
-  for that utterance alone (the icefall patch attends to the batch padding; set
-  ``mask_padding=False`` to reproduce that exactly).
+  for that utterance alone (the icefall patch attends to the batch padding; ``mask_padding=False``
+  reproduces that exactly - :class:`llmasr.model.SpeechLLM` sets it from its
+  ``compat_reference_padding`` switch).
+
+A plain module: freezing, train/eval mode and autograd are the owner's business
+(:class:`llmasr.model.SpeechLLM`, ``--unfreeze-encoder``).
 
 Input: Whisper log-mel features (N, T, n_mels), T <= 3000 (30 s at 10 ms), as computed by
 lhotse's ``WhisperFbank`` or :func:`whisper_log_mel` (identical). Output: (N, T', n_audio_state)
@@ -19,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 from typing import Dict, Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -29,6 +32,8 @@ import whisper
 from whisper.model import AudioEncoder, ModelDimensions
 
 from llmasr.encoders import register_encoder
+from llmasr.encoders.zipformer_modules import cpu_fp32_conv
+from llmasr.io import load_torch_file
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -104,7 +109,6 @@ class WhisperEncoder(AudioEncoder):
         n_head: int,
         n_layer: int,
         mask_padding: bool = True,
-        freeze: bool = True,
     ):
         super().__init__(n_mels, n_ctx, n_state, n_head, n_layer)
         self.n_head = n_head
@@ -112,25 +116,11 @@ class WhisperEncoder(AudioEncoder):
         self.feature_dim = n_mels
         self.max_frames = 2 * n_ctx  # input frames: 3000 = 30 s
         self.mask_padding = mask_padding
-        self.frozen = False
-        if freeze:
-            self.freeze()
 
     @classmethod
     def from_dims(cls, dims: Union[ModelDimensions, Mapping[str, int]], **options) -> "WhisperEncoder":
         d = dims if isinstance(dims, Mapping) else dims.__dict__
         return cls(d["n_mels"], d["n_audio_ctx"], d["n_audio_state"], d["n_audio_head"], d["n_audio_layer"], **options)
-
-    def freeze(self) -> "WhisperEncoder":
-        """Frozen: no gradients, eval mode, forward runs without autograd."""
-        self.frozen = True
-        for p in self.parameters():
-            p.requires_grad_(False)
-        return self.eval()
-
-    def train(self, mode: bool = True) -> "WhisperEncoder":
-        # A frozen encoder stays in eval mode when the whole SpeechLLM is put in train mode.
-        return super().train(mode and not self.frozen)
 
     @staticmethod
     def output_lengths(feature_lens: torch.Tensor) -> torch.Tensor:
@@ -138,12 +128,6 @@ class WhisperEncoder(AudioEncoder):
 
     def forward(self, features: torch.Tensor, feature_lens: Optional[torch.Tensor] = None):
         """features (N, T, n_mels), feature_lens (N,) -> (out (N, T', C), out_lens (N,))."""
-        if self.frozen:
-            with torch.no_grad():
-                return self._forward(features, feature_lens)
-        return self._forward(features, feature_lens)
-
-    def _forward(self, features: torch.Tensor, feature_lens: Optional[torch.Tensor]):
         if features.dim() != 3 or features.shape[-1] != self.feature_dim:
             raise ValueError(
                 f"Whisper encoder expects features (N, T, {self.feature_dim}), got {tuple(features.shape)}"
@@ -166,11 +150,11 @@ class WhisperEncoder(AudioEncoder):
             # unpadded utterance (their own zero padding).
             in_mask = torch.arange(t, device=x.device)[None, :] < feature_lens[:, None]  # (N, T)
             x = x * in_mask[:, None, :].to(x.dtype)
-            x = F.gelu(self.conv1(x))
+            x = F.gelu(cpu_fp32_conv(self.conv1, x))
             x = x * in_mask[:, None, :].to(x.dtype)
         else:
-            x = F.gelu(self.conv1(x))
-        x = F.gelu(self.conv2(x))
+            x = F.gelu(cpu_fp32_conv(self.conv1, x))
+        x = F.gelu(cpu_fp32_conv(self.conv2, x))  # convs in fp32 on CPU (half ones can hang in oneDNN)
         x = x.permute(0, 2, 1)  # (N, T', C)
         # Positional embedding cut to the input length (icefall's patch); for T = 3000 this is
         # exactly openai-whisper's forward.
@@ -208,20 +192,9 @@ class WhisperEncoder(AudioEncoder):
 
 
 def _torch_load(path: str):
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Weights only load failed" not in str(e):
-            raise ValueError(f"cannot read Whisper checkpoint {path}: not a torch checkpoint ({e})") from None
-    except Exception as e:
-        raise ValueError(f"cannot read Whisper checkpoint {path}: {type(e).__name__}: {e}") from None
-    # icefall's save_checkpoint() stores params/optimizer objects next to the model; those need
-    # full unpickling. The file is a local one the user pointed us to.
-    logging.warning("%s is not a weights-only checkpoint; loading it with weights_only=False", path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise ValueError(f"cannot read Whisper checkpoint {path}: {type(e).__name__}: {e}") from None
+    # icefall training checkpoints (params with Paths and numpy values next to the model) load
+    # too: those types are on the allow-list.
+    return load_torch_file(path, "Whisper checkpoint")
 
 
 def extract_encoder_state_dict(checkpoint, path: str = "<checkpoint>") -> Tuple[Dict[str, torch.Tensor], Optional[Dict[str, int]]]:
@@ -309,11 +282,11 @@ def build_whisper_encoder(encoder_type: str = "whisper", path: Optional[str] = N
     """``--speech-encoder-type whisper[-large-v2|...] --speech-encoder-path model.pt``.
 
     Options: ``n_head`` (override for non-standard checkpoints without dims),
-    ``mask_padding`` (default True), ``freeze`` (default True).
+    ``mask_padding`` (default True; SpeechLLM sets it from ``compat_reference_padding``).
     """
     if path is None:
         raise ValueError(f"--speech-encoder-type {encoder_type} needs --speech-encoder-path (a local Whisper .pt)")
-    known = {k: options.pop(k) for k in ("n_head", "mask_padding", "freeze") if k in options}
+    known = {k: options.pop(k) for k in ("n_head", "mask_padding") if k in options}
     if options:
         logging.warning("whisper encoder: ignoring unknown options %s", sorted(options))
     model = load_whisper_encoder(path, **known)

@@ -19,9 +19,6 @@ import dataclasses
 import json
 import logging
 import os
-import pickle
-import re
-import zipfile
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
@@ -30,6 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from llmasr.encoders import register_encoder
+from llmasr.io import load_state_dict_strict, load_torch_file
 from llmasr.encoders.zipformer_modules import Conv2dSubsampling, Zipformer2
 
 logger = logging.getLogger(__name__)
@@ -251,11 +249,6 @@ class ZipformerEncoder(nn.Module):
 
 # Parts of an icefall AsrModel that are not the encoder.
 IGNORED_PREFIXES = ("decoder.", "joiner.", "simple_am_proj.", "simple_lm_proj.", "ctc_output.", "attention_decoder.")
-ENCODER_PREFIXES = ("encoder_embed.", "encoder.")
-
-
-def _first_line(e: Exception) -> str:
-    return re.sub(r"\x1b\[[0-9;]*m", "", str(e)).strip().splitlines()[0]
 
 
 def read_checkpoint(path: str) -> Dict[str, Tensor]:
@@ -263,20 +256,8 @@ def read_checkpoint(path: str) -> Dict[str, Tensor]:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Zipformer checkpoint not found: {path}")
-    try:
-        # mmap avoids holding a second full copy of a large model while its weights are copied in;
-        # only zip-format files (torch.save's default since 1.6) can be mapped.
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
-    except pickle.UnpicklingError as e:
-        if "weights_only" in str(e):
-            raise ValueError(
-                f"Zipformer checkpoint {path} holds Python objects besides tensors (e.g. an icefall "
-                f"training checkpoint epoch-N.pt); export it with icefall's export.py (pretrained.pt) "
-                f"or save {{'model': model.state_dict()}}. Loader said: {_first_line(e)}"
-            ) from None
-        raise ValueError(f"Zipformer checkpoint {path} is corrupt or truncated: {e}") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        raise ValueError(f"Zipformer checkpoint {path} is corrupt or truncated: {e}") from None
+    # mmap avoids holding a second full copy of a large model while its weights are copied in.
+    obj = load_torch_file(path, "Zipformer checkpoint", mmap=True)
     if isinstance(obj, Mapping) and isinstance(obj.get("model"), Mapping):
         obj = obj["model"]
     if not isinstance(obj, Mapping) or not all(isinstance(v, Tensor) for v in obj.values()):
@@ -307,7 +288,7 @@ def _infer_shape_hint(sd: Mapping[str, Tensor]) -> str:
         return ""
     n = max(layers) + 1
     return (
-        f"; the checkpoint looks like num_encoder_layers="
+        f"the checkpoint looks like num_encoder_layers="
         f"{','.join(str(layers.get(i, '?')) for i in range(n))} "
         f"encoder_dim={','.join(str(dims.get(i, '?')) for i in range(n))}"
     )
@@ -316,42 +297,26 @@ def _infer_shape_hint(sd: Mapping[str, Tensor]) -> str:
 def load_zipformer_checkpoint(model: ZipformerEncoder, path: str, config_source: str = "") -> None:
     """Load icefall ``pretrained.pt`` / this project's encoder checkpoint into ``model`` (strictly)."""
     sd = read_checkpoint(path)
-    kept = {k: v for k, v in sd.items() if k.startswith(ENCODER_PREFIXES)}
-    other = [k for k in sd if not k.startswith(ENCODER_PREFIXES) and not k.startswith(IGNORED_PREFIXES)]
-    expected = model.state_dict()
-    missing = [k for k in expected if k not in kept]
-    unexpected = other + [k for k in kept if k not in expected]
-    mismatched = [
-        f"{k}: checkpoint {tuple(kept[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in kept
-        if k in expected and kept[k].shape != expected[k].shape
-    ]
-    if missing or unexpected or mismatched:
-        lines = [f"Zipformer checkpoint {path} does not match the assumed config"
-                 f" ({config_source or 'given'}: {model.config.describe()}){_infer_shape_hint(sd)}."]
-        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", mismatched)):
-            if items:
-                more = f" ... (+{len(items) - 5} more)" if len(items) > 5 else ""
-                lines.append(f"  {len(items)} {title}: {', '.join(items[:5])}{more}")
+
+    def hints(mismatch):
+        out = [_infer_shape_hint(sd)] if _infer_shape_hint(sd) else []
         json_path = _params_json(path)
         if json_path is not None:
             try:
-                lines.append(f"  ({json_path} describes: {config_from_json(str(json_path)).describe()})")
+                out.append(f"{json_path} describes: {config_from_json(str(json_path)).describe()}")
             except ValueError as e:
-                lines.append(f"  ({e})")
-        if any(".causal_conv." in k or ".chunkwise_conv." in k for k in unexpected):
-            lines.append("  (this is a causal/streaming Zipformer; only non-streaming models are supported)")
-        raise ValueError("\n".join(lines))
-    model.load_state_dict(kept, strict=True)
+                out.append(str(e))
+        if any(".causal_conv." in k or ".chunkwise_conv." in k for k in mismatch.unexpected):
+            out.append("this is a causal/streaming Zipformer; only non-streaming models are supported")
+        return out
+
+    load_state_dict_strict(model, sd, f"Zipformer checkpoint {path}", ignore_unexpected_prefixes=IGNORED_PREFIXES,
+                           context=f"{config_source or 'given config'}: {model.config.describe()}", hints=hints)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # Registry
 # ---------------------------------------------------------------------------------------------------------
-
-# Options that concern the caller (freezing is done outside), accepted and not used here.
-_CALLER_OPTIONS = ("frozen", "freeze")
-
 
 def build_zipformer(
     config: ZipformerConfig,
@@ -362,10 +327,11 @@ def build_zipformer(
     dtype: Optional[torch.dtype] = None,
     **options,
 ) -> ZipformerEncoder:
-    """Build the encoder for ``config`` (random init if ``path`` is None) and load ``path``."""
-    unknown = [k for k in options if k not in _CALLER_OPTIONS]
-    if unknown:
-        logger.warning("Zipformer encoder ignores options %s", unknown)
+    """Build the encoder for ``config`` (random init if ``path`` is None) and load ``path``.
+
+    A plain module: freezing is :class:`llmasr.model.SpeechLLM`'s (``--unfreeze-encoder``)."""
+    if options:
+        logger.warning("Zipformer encoder ignores options %s", list(options))
     model = ZipformerEncoder(config, dropout=dropout)
     if path is not None:
         load_zipformer_checkpoint(model, path, config_source=config_source)

@@ -14,11 +14,13 @@ with plain autograd. Optional plain dropout (``dropout``) stands in for icefall'
 
 Mixed precision: like icefall under autocast, the residual stream stays in fp32 (BiasNorm promotes to its
 fp32 parameters), attention softmax, BiasNorm statistics and the Swoosh activations are computed in fp32.
+On CPU every convolution runs in fp32 even under fp16/bf16 autocast or with fp16/bf16 inputs
+(:func:`cpu_fp32_conv`): oneDNN can spend minutes JIT-compiling half-precision depthwise kernels.
 """
 from __future__ import annotations
 
 import math
-from typing import List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -27,26 +29,70 @@ from torch import Tensor
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Elementwise pieces
+# Convolutions on CPU: always fp32
 # ---------------------------------------------------------------------------------------------------------
 
-
-def swoosh_l(x: Tensor) -> Tensor:
-    """SwooshL(x) = log(1 + exp(x - 4)) - 0.08 x - 0.035, evaluated in fp32, returned in x's dtype."""
-    x32 = x.float()
-    # In-place on softplus' output is autograd-safe (its backward uses the input) and saves two temporaries.
-    return F.softplus(x32 - 4.0).add_(x32, alpha=-0.08).sub_(0.035).to(x.dtype)
+_HALF = (torch.float16, torch.bfloat16)
 
 
-def swoosh_r(x: Tensor) -> Tensor:
-    """SwooshR(x) = log(1 + exp(x - 1)) - 0.08 x - 0.313261687, in fp32, returned in x's dtype."""
-    x32 = x.float()
-    return F.softplus(x32 - 1.0).add_(x32, alpha=-0.08).sub_(0.313261687).to(x.dtype)
+def _cpu_autocast_half() -> bool:
+    try:
+        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except TypeError:  # torch < 2.4
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return on and dtype in _HALF
 
 
-class SwooshR(nn.Module):
+def cpu_fp32_functional_conv(conv_fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
+                             **kwargs) -> Tensor:
+    """``conv_fn(x, weight, bias, **kwargs)`` (e.g. ``F.conv2d``), computed in fp32 on CPU whenever it
+    would otherwise run in fp16/bf16 (half input or weight, or CPU autocast to a half dtype).
+
+    oneDNN's half-precision depthwise kernels (``brdgmm_dw_convolution``) can take minutes to
+    JIT-compile on x86 CPUs with AVX-512 FP16/AMX (small channel counts are the worst case), and fp32
+    is as fast or faster on CPU anyway. The result has the incoming dtype of ``x`` (under autocast
+    an fp32 input gives an fp32 output); gradients flow back through the casts. Other devices and
+    fp32/fp64 computations are untouched.
+    """
+    if x.device.type != "cpu" or x.dtype == torch.float64 or not (
+        x.dtype in _HALF or weight.dtype in _HALF or _cpu_autocast_half()
+    ):
+        return conv_fn(x, weight, bias, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        y = conv_fn(x.float(), weight.float(), None if bias is None else bias.float(), **kwargs)
+    return y.to(x.dtype)
+
+
+def cpu_fp32_conv(conv: nn.Module, x: Tensor) -> Tensor:
+    """``conv(x)`` for an ``nn.Conv1d``/``nn.Conv2d``, in fp32 on CPU as :func:`cpu_fp32_functional_conv`.
+
+    fp32 modules are still called as modules (their hooks run); half modules run functionally.
+    """
+    if x.device.type != "cpu" or x.dtype == torch.float64 or not (
+        x.dtype in _HALF or conv.weight.dtype in _HALF or _cpu_autocast_half()
+    ):
+        return conv(x)
+    with torch.autocast("cpu", enabled=False):
+        if conv.weight.dtype == torch.float32 and (conv.bias is None or conv.bias.dtype == torch.float32):
+            y = conv(x.float())
+        else:
+            y = conv._conv_forward(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float())
+    return y.to(x.dtype)
+
+
+class Conv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters and state-dict keys) that runs in fp32 on CPU
+    (:func:`cpu_fp32_functional_conv`)."""
+
     def forward(self, x: Tensor) -> Tensor:
-        return swoosh_r(x)
+        return cpu_fp32_functional_conv(self._conv_forward, x, self.weight, self.bias)
+
+from llmasr.activations import SwooshR, swoosh_l, swoosh_r
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Elementwise pieces
+# ---------------------------------------------------------------------------------------------------------
 
 
 def _shared_dropout(x: Tensor, p: float, shared_dim: int, training: bool) -> Tensor:
@@ -101,9 +147,9 @@ class ConvNeXt(nn.Module):
         super().__init__()
         padding = ((kernel_size[0] - 1) // 2, (kernel_size[1] - 1) // 2)
         hidden = channels * hidden_ratio
-        self.depthwise_conv = nn.Conv2d(channels, channels, kernel_size, groups=channels, padding=padding)
-        self.pointwise_conv1 = nn.Conv2d(channels, hidden, kernel_size=1)
-        self.pointwise_conv2 = nn.Conv2d(hidden, channels, kernel_size=1)
+        self.depthwise_conv = Conv2d(channels, channels, kernel_size, groups=channels, padding=padding)
+        self.pointwise_conv1 = Conv2d(channels, hidden, kernel_size=1)
+        self.pointwise_conv2 = Conv2d(hidden, channels, kernel_size=1)
         _scale_init_(self.pointwise_conv2, 0.01)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -132,14 +178,14 @@ class Conv2dSubsampling(nn.Module):
         if in_channels < 7:
             raise ValueError(f"Conv2dSubsampling needs at least 7 feature bins, got {in_channels}")
         self.conv = nn.Sequential(
-            nn.Conv2d(1, layer1_channels, kernel_size=3, padding=(0, 1)),  # 0: time unpadded, freq padded
+            Conv2d(1, layer1_channels, kernel_size=3, padding=(0, 1)),  # 0: time unpadded, freq padded
             nn.Identity(),  # 1: ScaleGrad (gradient-only in icefall)
             nn.Identity(),  # 2: Balancer (gradient-only)
             SwooshR(),  # 3
-            nn.Conv2d(layer1_channels, layer2_channels, kernel_size=3, stride=2),  # 4
+            Conv2d(layer1_channels, layer2_channels, kernel_size=3, stride=2),  # 4
             nn.Identity(),  # 5: Balancer
             SwooshR(),  # 6
-            nn.Conv2d(layer2_channels, layer3_channels, kernel_size=3, stride=(1, 2)),  # 7
+            Conv2d(layer2_channels, layer3_channels, kernel_size=3, stride=(1, 2)),  # 7
             nn.Identity(),  # 8: Balancer
             SwooshR(),  # 9
         )
@@ -308,8 +354,11 @@ class ConvolutionModule(nn.Module):
         # Depthwise conv over time, run as a 2-D conv on the (N, C, 1, T) channels-last *view* of our
         # (N, T, C) tensor: no transposed copies, and oneDNN's channels-last depthwise kernel is 10-100x
         # faster on CPU than Conv1d on (N, C, T). Same weights (C, 1, K) viewed as (C, 1, 1, K).
+        # On CPU in fp32 even under half autocast (cpu_fp32_functional_conv: oneDNN's fp16/bf16 depthwise
+        # kernel can take minutes to JIT-compile).
         conv = self.depthwise_conv
-        y = F.conv2d(
+        y = cpu_fp32_functional_conv(
+            F.conv2d,
             y.unsqueeze(1).permute(0, 3, 1, 2),
             conv.weight.unsqueeze(2),
             conv.bias,

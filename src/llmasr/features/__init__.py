@@ -10,6 +10,8 @@ from typing import Optional
 from lhotse import Fbank, FbankConfig, WhisperFbank, WhisperFbankConfig
 from lhotse.features.base import FeatureExtractor
 
+from llmasr.config import UserError
+
 FEATURE_TYPES = ("fbank", "whisper", "firered")
 
 
@@ -28,15 +30,15 @@ def make_feature_extractor(
         from llmasr.features.firered import lhotse_extractor
 
         if num_mel_bins != 80:
-            raise ValueError(f"FireRedASR features have 80 mel bins, got --num-mel-bins {num_mel_bins}")
+            raise UserError(f"FireRedASR features have 80 mel bins, got --num-mel-bins {num_mel_bins}")
         return lhotse_extractor(firered_cmvn)
     if feature_type == "fbank":
         return Fbank(FbankConfig(num_mel_bins=num_mel_bins))
     if feature_type == "whisper":
         if num_mel_bins not in (80, 128):
-            raise ValueError(f"Whisper features have 80 or 128 mel bins, got --num-mel-bins {num_mel_bins}")
+            raise UserError(f"Whisper features have 80 or 128 mel bins, got --num-mel-bins {num_mel_bins}")
         return WhisperFbank(WhisperFbankConfig(num_filters=num_mel_bins))
-    raise ValueError(f"unknown --feature-type {feature_type!r}; expected one of {FEATURE_TYPES}")
+    raise UserError(f"unknown --feature-type {feature_type!r}; expected one of {FEATURE_TYPES}")
 
 
 # What each encoder's ``feature_type`` (llmasr.encoders) needs from the data side (--feature-type).
@@ -49,12 +51,12 @@ def check_feature_type(encoder_feature_type: Optional[str], data_feature_type: s
     manifests to a Whisper encoder): the model would train/decode on garbage without any error."""
     want = ENCODER_FEATURE_TYPES.get(encoder_feature_type or "")
     if want is not None and want != data_feature_type:
-        raise ValueError(
+        raise UserError(
             f"the speech encoder takes {encoder_feature_type!r} features: use --feature-type {want} "
             f"(and manifests prepared with local/prepare.sh --feature-type {want}), not --feature-type {data_feature_type}"
         )
     if want == "whisper" and encoder_feature_dim and num_mel_bins and encoder_feature_dim != num_mel_bins:
-        raise ValueError(f"the Whisper encoder takes {encoder_feature_dim} mel bins: use --num-mel-bins {encoder_feature_dim}")
+        raise UserError(f"the Whisper encoder takes {encoder_feature_dim} mel bins: use --num-mel-bins {encoder_feature_dim}")
 
 
 def default_storage_type():

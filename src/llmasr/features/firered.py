@@ -11,15 +11,17 @@ manifests and on-the-fly features; it appends zero frames up to lhotse's frame c
 from __future__ import annotations
 
 import os
-import struct
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import List, Sequence, Tuple, Union
 
+import kaldiio
 import numpy as np
 import torch
 from lhotse.features.base import FeatureExtractor, register_extractor
 from lhotse.utils import compute_num_frames
+
+from llmasr.config import UserError
 
 FEATURE_DIM = 80
 SAMPLE_RATE = 16000
@@ -27,51 +29,8 @@ SAMPLE_RATE = 16000
 MIN_FRAMES = 7
 
 
-class CmvnError(ValueError):
+class CmvnError(UserError):
     pass
-
-
-def _parse_binary_matrix(data: bytes, path: str) -> np.ndarray:
-    # Kaldi binary matrix without a key: "\0B" "DM " (float64) or "FM " (float32),
-    # then "\4" + int32 rows, "\4" + int32 cols, then row-major data.
-    if not data.startswith(b"\0B"):
-        raise CmvnError(f"{path}: not a Kaldi binary matrix (expected header '\\0B')")
-    token = data[2:5]
-    if token == b"DM ":
-        dtype, size = np.float64, 8
-    elif token == b"FM ":
-        dtype, size = np.float32, 4
-    else:
-        raise CmvnError(f"{path}: unsupported matrix type {token!r} (expected 'DM ' or 'FM ')")
-    pos = 5
-    dims = []
-    for what in ("rows", "cols"):
-        if len(data) < pos + 5 or data[pos] != 4:
-            raise CmvnError(f"{path}: truncated or malformed header ({what})")
-        dims.append(struct.unpack("<i", data[pos + 1 : pos + 5])[0])
-        pos += 5
-    rows, cols = dims
-    if rows <= 0 or cols <= 0:
-        raise CmvnError(f"{path}: bad matrix shape ({rows}, {cols})")
-    need = rows * cols * size
-    if len(data) - pos != need:
-        raise CmvnError(
-            f"{path}: matrix ({rows}, {cols}) needs {need} data bytes, file has {len(data) - pos}"
-        )
-    return np.frombuffer(data, dtype=dtype, count=rows * cols, offset=pos).reshape(rows, cols).astype(np.float64)
-
-
-def _parse_text_matrix(text: str, path: str) -> np.ndarray:
-    body = text.strip()
-    if "[" not in body or not body.endswith("]"):
-        raise CmvnError(f"{path}: not a Kaldi matrix (neither binary nor '[ ... ]' text)")
-    body = body[body.index("[") + 1 : -1]
-    rows = [r.split() for r in body.strip().split("\n") if r.strip()]
-    try:
-        mat = np.array([[float(v) for v in r] for r in rows], dtype=np.float64)
-    except ValueError as e:
-        raise CmvnError(f"{path}: bad number in text matrix: {e}") from None
-    return mat
 
 
 def read_kaldi_cmvn(path: Union[str, Path], expected_dim: int = FEATURE_DIM) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -79,15 +38,11 @@ def read_kaldi_cmvn(path: Union[str, Path], expected_dim: int = FEATURE_DIM) -> 
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CMVN file not found: {path}")
-    with open(path, "rb") as f:
-        data = f.read()
-    if data.startswith(b"\0B"):
-        stats = _parse_binary_matrix(data, path)
-    else:
-        try:
-            stats = _parse_text_matrix(data.decode("utf-8"), path)
-        except UnicodeDecodeError:
-            raise CmvnError(f"{path}: not a Kaldi matrix (expected binary header '\\0B')") from None
+    try:
+        # kaldiio reads Kaldi binary (float32/float64) and text matrices stored without a key.
+        stats = np.asarray(kaldiio.load_mat(path), dtype=np.float64)
+    except Exception as e:  # kaldiio raises ValueError/RuntimeError/struct errors for malformed files
+        raise CmvnError(f"{path}: not a readable Kaldi matrix ({type(e).__name__}: {e})".replace("\n", " ")) from None
     if stats.ndim != 2 or stats.shape[0] != 2:
         raise CmvnError(f"{path}: CMVN stats must have 2 rows, got shape {tuple(stats.shape)}")
     dim = stats.shape[1] - 1
@@ -141,7 +96,7 @@ def load_wav_int16(path: Union[str, Path]) -> Tuple[np.ndarray, int]:
         raise FileNotFoundError(f"wav not found: {path}")
     samples, sr = sf.read(str(path), dtype="int16", always_2d=True)
     if samples.shape[1] != 1:
-        raise ValueError(f"{path}: expected mono audio, got {samples.shape[1]} channels")
+        raise UserError(f"{path}: expected mono audio, got {samples.shape[1]} channels")
     return samples[:, 0], sr
 
 
@@ -169,7 +124,7 @@ class FireRedFeatureExtractor:
     def from_file(self, path: Union[str, Path]) -> np.ndarray:
         samples, sr = load_wav_int16(path)
         if sr != SAMPLE_RATE:
-            raise ValueError(f"{path}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
+            raise UserError(f"{path}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
         return self.from_samples(samples, sr)
 
     def __call__(self, wavs: Sequence[Union[str, Path, np.ndarray]]) -> Tuple[torch.Tensor, torch.Tensor, List[float]]:
@@ -181,7 +136,7 @@ class FireRedFeatureExtractor:
             else:
                 samples, sr = load_wav_int16(w)
                 if sr != SAMPLE_RATE:
-                    raise ValueError(f"{w}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
+                    raise UserError(f"{w}: FireRedASR expects {SAMPLE_RATE} Hz audio, got {sr} Hz")
                 feats.append(self.from_samples(samples, sr))
                 durs.append(len(samples) / sr)
             check_length(feats[-1].shape[0], w if not isinstance(w, np.ndarray) else f"input #{i}")
@@ -191,7 +146,7 @@ class FireRedFeatureExtractor:
 
 def check_length(frames: int, what) -> None:
     if frames < MIN_FRAMES:
-        raise ValueError(f"{what}: too short for FireRedASR ({frames} frames; at least {MIN_FRAMES} frames = "
+        raise UserError(f"{what}: too short for FireRedASR ({frames} frames; at least {MIN_FRAMES} frames = "
                          f"{400 + (MIN_FRAMES - 1) * 160} samples at 16 kHz are needed)")
 
 

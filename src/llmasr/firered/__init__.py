@@ -5,5 +5,8 @@
 - ``conformer``  the Conformer encoder (also registered as speech encoder "firered")
 - ``aed``        Transformer decoder, batched beam search, AED model + loss
 - ``load``       loading released packages with strict checks and clear errors
-- ``llm``        FireRedASR-LLM (encoder + adapter + Qwen2 with LoRA) loading and decoding
+- ``llm``        a released FireRedASR-LLM directory loaded into :class:`llmasr.model.SpeechLLM`, decoding options
+- ``decode``     speech2text (``src/firered_speech2text.py``)
+- ``aed_recipe`` the AED in the shared training/decoding recipes (``src/train_aed.py``, ``src/decode_aed.py``,
+  ``src/export_aed.py``)
 """

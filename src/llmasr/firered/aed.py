@@ -16,7 +16,7 @@ results. The loop is vectorised over utterances x beams with a key/value cache.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -272,12 +272,17 @@ class FireRedAsrAed(nn.Module):
                  "pe_maxlen", "sos_id", "eos_id", "pad_id", "odim", "n_layers_dec")
 
     @classmethod
-    def from_args(cls, args, source: str = "<args>") -> "FireRedAsrAed":
+    def arch_args(cls, args, source: str = "<args>") -> Dict[str, Any]:
+        """The constructor arguments in a package's ``args`` (Namespace or dict); all must be there."""
         get = args.get if isinstance(args, dict) else lambda k, d=None: getattr(args, k, d)
         missing = [k for k in cls.ARG_NAMES if get(k, None) is None]
         if missing:
             raise ValueError(f"{source}: model args lack {missing}")
-        return cls(**{k: get(k) for k in cls.ARG_NAMES})
+        return {k: get(k) for k in cls.ARG_NAMES}
+
+    @classmethod
+    def from_args(cls, args, source: str = "<args>") -> "FireRedAsrAed":
+        return cls(**cls.arch_args(args, source))
 
     def decode_maxlens(self, feat_lens: torch.Tensor, padded_frames: int, decode_max_len: int = 0,
                        compat_reference_padding: bool = False) -> torch.Tensor:

@@ -4,11 +4,18 @@ Structure (per block): x + 1/2 FFN(x) -> rel-pos MHSA (separate LayerNorms on q,
 un-normalised input) -> conv module -> x + 1/2 FFN(x) -> LayerNorm.
 
 Time axis: the released model right-pads the input with ``context - 1 = 6`` zero frames before the
-two stride-2 3x3 convolutions, so the output has ``T_enc = ((T + 3) // 2 - 1) // 2`` frames while the valid
+two stride-2 3x3 convolutions, so the output has ``T_enc = ((T + 3) // 2) // 2`` frames while the valid
 length is computed from the unpadded length, ``L = ((T - 3) // 2 + 1 - 3) // 2 + 1``. Frames >= L are
 masked as attention keys and zeroed inside the conv module, but they are still computed (as queries)
 and returned; downstream code must respect ``out_lens``. Input frames >= ``feature_lens`` are set to 0
 first, so the output does not depend on the batch's padding value.
+
+Reported lengths (:attr:`ConformerEncoder.lengths_include_context`): L by default (the AED masks its
+cross-attention with them). The released FireRedASR-LLM instead feeds its adapter every frame of the
+utterance padded only by the encoder's own context, ``T_enc(T)`` frames (frames L..T_enc(T)-1 come from
+the zero padding), so the registered speech encoder reports ``T_enc(T)`` per utterance. Because frames
+>= L are masked as keys and zeroed in the conv module, frames < T_enc(T) of a row are the same in any
+padded batch as alone; only frames >= T_enc(T) depend on the batch.
 """
 from __future__ import annotations
 
@@ -19,14 +26,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmasr.encoders.zipformer_modules import cpu_fp32_conv
+
 
 def subsampled_lengths(lengths: torch.Tensor) -> torch.Tensor:
     """Valid encoder frames for ``lengths`` input frames (two 3x3 stride-2 convs, no padding)."""
     return ((lengths - 3) // 2 + 1 - 3) // 2 + 1
 
 
-def padded_encoder_length(num_frames: int, right_pad: int = 6) -> int:
-    """Encoder output frames for a (padded) input of ``num_frames`` frames."""
+def padded_encoder_length(num_frames, right_pad: int = 6):
+    """Encoder output frames for a (padded) input of ``num_frames`` frames (int or tensor)."""
     t = num_frames + right_pad
     return ((t - 3) // 2 + 1 - 3) // 2 + 1
 
@@ -66,7 +75,7 @@ class Conv2dSubsampling(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.unsqueeze(1)
         for layer in self.conv:
-            x = layer(x)
+            x = cpu_fp32_conv(layer, x) if isinstance(layer, nn.Conv2d) else layer(x)
         n, c, t, f = x.shape
         return self.out(x.transpose(1, 2).reshape(n, t, c * f))
 
@@ -189,10 +198,11 @@ class ConformerConvolution(nn.Module):
         """x (N, T, d); valid (N, T) bool. Padding frames are zeroed before and after the convs."""
         pad = ~valid[:, :, None]
         out = self.pre_layer_norm(x).masked_fill(pad, 0.0).transpose(1, 2)
-        out = F.glu(self.pointwise_conv1(out), dim=1)
-        out = self.depthwise_conv(out).transpose(1, 2)
+        # Convs in fp32 on CPU (oneDNN's fp16/bf16 depthwise kernel can take minutes to JIT-compile).
+        out = F.glu(cpu_fp32_conv(self.pointwise_conv1, out), dim=1)
+        out = cpu_fp32_conv(self.depthwise_conv, out).transpose(1, 2)
         out = self.swish(self.batch_norm(out)).transpose(1, 2)
-        out = self.dropout(self.pointwise_conv2(out)).transpose(1, 2).masked_fill(pad, 0.0)
+        out = self.dropout(cpu_fp32_conv(self.pointwise_conv2, out)).transpose(1, 2).masked_fill(pad, 0.0)
         return out + x
 
 
@@ -224,6 +234,9 @@ class ConformerEncoder(nn.Module):
 
     feature_dim = 80
     feature_type = "kaldi-fbank-cmvn"
+    # forward's lengths: False -> L (valid frames, also used for the masks inside), True -> T_enc(T),
+    # the frames the released FireRedASR-LLM splices for an utterance (see the module docstring).
+    lengths_include_context = False
 
     def __init__(
         self,
@@ -254,8 +267,8 @@ class ConformerEncoder(nn.Module):
         lens = feature_lens.to(features.device)
         beyond = torch.arange(features.size(1), device=features.device)[None, :] >= lens[:, None]
         features = features.masked_fill(beyond[:, :, None], 0.0)
-        if pad:
-            features = F.pad(features, (0, 0, 0, self.input_preprocessor.context - 1), value=0.0)
+        right_pad = self.input_preprocessor.context - 1 if pad else 0
+        features = F.pad(features, (0, 0, 0, right_pad), value=0.0)
         x = self.input_preprocessor(features)
         out_lens = subsampled_lengths(feature_lens.to(x.device))
         valid = torch.arange(x.size(1), device=x.device)[None, :] < out_lens[:, None]
@@ -263,6 +276,8 @@ class ConformerEncoder(nn.Module):
         pos_emb = self.dropout(self.positional_encoding(x.size(1)))
         for layer in self.layer_stack:
             x = layer(x, pos_emb, valid)
+        if self.lengths_include_context:
+            return x, padded_encoder_length(feature_lens.to(x.device), right_pad)
         return x, out_lens
 
 

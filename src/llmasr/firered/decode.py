@@ -1,4 +1,19 @@
-"""Decoding wav lists with released FireRedASR-AED / FireRedASR-LLM directories (speech2text)."""
+"""Decoding wav lists with released FireRedASR-AED / FireRedASR-LLM directories (speech2text).
+
+FireRedASR-LLM (:class:`llmasr.model.SpeechLLM`, loaded by :func:`llmasr.firered.llm.load_firered_llm`):
+
+* default: every utterance gives the release's batch-size-1 result, alone or in any batch. Its
+  ``<speech>`` becomes the ``T_enc(T) // 2`` adapter frames the release splices for it alone (the
+  encoder reports ``T_enc(T)``, see :mod:`llmasr.encoders.firered`), rows are left-padded with the
+  attention mask passed to ``generate``, and each row may generate as many tokens as it has speech
+  positions (with ``--decode-max-len 0``).
+* ``--compat-reference-padding`` (``SpeechLLM.compat_reference_padding``): the release's batched
+  behaviour - every row gets all adapter frames of the padded batch, every position is attended, and
+  ``max_new_tokens`` is the padded adapter length.
+
+FireRedASR-AED: by default each utterance's step limit is its own padded encoder length (batch-size-1
+results); ``--compat-reference-padding`` uses the padded batch's, as the release.
+"""
 from __future__ import annotations
 
 import argparse
@@ -10,6 +25,9 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
+
+from llmasr.config import UserError, read_text_lines
+from llmasr.io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +60,10 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
     opt("llm-length-penalty", type=float, default=0.0)
     opt("temperature", type=float, default=1.0)
     opt("compat-reference-padding", action="store_true",
-        help="reproduce the released code's batch behaviour: AED step limit = padded encoder length of "
-             "the batch; LLM uses all padded adapter frames and no attention mask. Without it a batch "
-             "gives each utterance its own limit/valid frames (AED: identical to batch size 1).")
+        help="reproduce the released code's BATCHED results: AED step limit = padded encoder length of "
+             "the batch; LLM: every row gets all adapter frames of the padded batch, no attention mask, "
+             "max_new_tokens = padded adapter length. Without it every utterance gives the released "
+             "code's batch-size-1 result, whatever the batch size.")
     opt("device", default="cuda" if torch.cuda.is_available() else "cpu")
     opt("dtype", default=None, choices=["float32", "float16", "bfloat16"],
         help="LLM dtype (default: float16 if the package says use_fp16, else float32)")
@@ -81,17 +100,18 @@ def wav_list(args) -> List[Tuple[str, str]]:
 
 
 def read_text(path: str) -> Dict[str, str]:
+    """'uttid text' lines (a line that is not UTF-8 is an error naming the file and line)."""
     out = {}
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(maxsplit=1)
-            if parts:
-                out[parts[0]] = parts[1] if len(parts) > 1 else ""
+    for _, line in read_text_lines(path, "--ref-text"):
+        parts = line.split(maxsplit=1)
+        if parts:
+            out[parts[0]] = parts[1] if len(parts) > 1 else ""
     return out
 
 
 class Recognizer:
-    def __init__(self, asr_type: str, model_dir: str, device: str = "cpu", dtype: Optional[str] = None):
+    def __init__(self, asr_type: str, model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
+                 compat_reference_padding: bool = False):
         self.asr_type = asr_type
         self.device = torch.device(device)
         if asr_type == "aed":
@@ -101,7 +121,8 @@ class Recognizer:
         else:
             from .llm import load_firered_llm
 
-            self.features, self.model = load_firered_llm(model_dir, dtype=dtype)
+            self.features, self.model = load_firered_llm(model_dir, dtype=dtype,
+                                                         compat_reference_padding=compat_reference_padding)
         self.model.to(self.device)
 
     @torch.no_grad()
@@ -113,17 +134,18 @@ class Recognizer:
                                          args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
                                          compat_reference_padding=args.compat_reference_padding)
             return [self.tokenizer.detokenize(h[0]["yseq"].tolist()) for h in hyps]
-        ids = self.model.transcribe(feats, lens, args.beam_size, args.decode_max_len, args.decode_min_len,
-                                    args.repetition_penalty, args.llm_length_penalty, args.temperature,
-                                    compat_reference_padding=args.compat_reference_padding)
-        return self.model.decode_text(ids)
+        from .llm import generation_options
+
+        return self.model.decode(feats, lens, **generation_options(
+            args.beam_size, args.decode_max_len, args.decode_min_len, args.repetition_penalty,
+            args.llm_length_penalty, args.temperature))
 
 
 def run(args) -> List[Tuple[str, str]]:
     wavs = wav_list(args)
     if not wavs:
         raise ValueError("no wavs to decode")
-    rec = Recognizer(args.asr_type, args.model_dir, args.device, args.dtype)
+    rec = Recognizer(args.asr_type, args.model_dir, args.device, args.dtype, args.compat_reference_padding)
     results: List[Tuple[str, str]] = []
     start = time.time()
     for i in range(0, len(wavs), args.batch_size):
@@ -135,19 +157,15 @@ def run(args) -> List[Tuple[str, str]]:
     elapsed = time.time() - start
     logger.info(f"decoded {len(results)} utterances in {elapsed:.2f} s")
     if args.output:
-        out = Path(args.output)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
         # one line per utterance even if a hypothesis contains line breaks
-        tmp.write_text("".join(f"{u}\t{' '.join(t.splitlines())}\n" for u, t in results), encoding="utf-8")
-        os.replace(tmp, out)
+        atomic_write_text(args.output, "".join(f"{u}\t{' '.join(t.splitlines())}\n" for u, t in results))
     if args.ref_text:
         from llmasr.scoring import write_results
 
         refs = read_text(args.ref_text)
         missing = [u for u, _ in results if u not in refs]
         if missing:
-            raise ValueError(f"{args.ref_text}: no reference for {missing[:5]}")
+            raise UserError(f"{args.ref_text}: no reference for {missing[:5]}")
         out_dir = Path(args.output).parent if args.output else Path(".")
         write_results(out_dir, Path(args.ref_text).parent.name or "test", f"{args.asr_type}-beam{args.beam_size}",
                       [(u, refs[u], t) for u, t in results], mode="cer")

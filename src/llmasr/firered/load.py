@@ -1,17 +1,18 @@
 """Loading released FireRedASR packages with strict checks and clear errors.
 
-A package is ``torch.save({"args": argparse.Namespace, "model_state_dict": OrderedDict})``.
-``argparse.Namespace`` is allow-listed for ``torch.load(weights_only=True)`` (torch >= 2.6 default).
+A package is ``torch.save({"args": argparse.Namespace, "model_state_dict": OrderedDict})``, read with
+:func:`llmasr.io.load_torch_file` (``argparse.Namespace`` is on its allow-list).
 """
 from __future__ import annotations
 
 import argparse
 import os
 from pathlib import Path
-from typing import Iterable, Mapping, Tuple, Union
+from typing import Mapping, Tuple, Union
 
 import torch
-import torch.nn as nn
+
+from llmasr.io import CheckpointError, load_state_dict_strict, load_torch_file
 
 from .aed import FireRedAsrAed
 from .conformer import ConformerEncoder
@@ -21,19 +22,11 @@ from .tokenizer import FireRedTokenizer
 PathLike = Union[str, Path]
 
 
-class CheckpointError(ValueError):
-    pass
-
-
 def load_package(path: PathLike) -> Tuple[argparse.Namespace, Mapping[str, torch.Tensor]]:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"FireRedASR package not found: {path}")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            pkg = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, not a torch pickle, disallowed globals
-        raise CheckpointError(f"{path}: cannot read FireRedASR package: {e}") from e
+    pkg = load_torch_file(path, "FireRedASR package")
     if not isinstance(pkg, dict) or "args" not in pkg:
         raise CheckpointError(f"{path}: expected a dict with 'args' and 'model_state_dict'")
     sd = pkg.get("model_state_dict", {})
@@ -42,43 +35,8 @@ def load_package(path: PathLike) -> Tuple[argparse.Namespace, Mapping[str, torch
     return pkg["args"], sd
 
 
-def _fmt_keys(keys: Iterable[str], limit: int = 8) -> str:
-    keys = sorted(keys)
-    more = f" ... (+{len(keys) - limit} more)" if len(keys) > limit else ""
-    return ", ".join(keys[:limit]) + more
-
-
-def load_state_dict_checked(
-    module: nn.Module,
-    state_dict: Mapping[str, torch.Tensor],
-    source: str,
-    allow_missing: Iterable[str] = (),
-    ignore_unexpected_prefixes: Iterable[str] = (),
-) -> None:
-    """Load with a clear error for missing/unexpected keys and shape mismatches (naming ``source``).
-
-    ``allow_missing``: keys that may be absent (e.g. recomputable positional tables).
-    """
-    own = module.state_dict()
-    allow_missing = set(allow_missing)
-    prefixes = tuple(ignore_unexpected_prefixes)
-    missing = [k for k in own if k not in state_dict and k not in allow_missing]
-    unexpected = [k for k in state_dict if k not in own and not (prefixes and k.startswith(prefixes))]
-    shapes = [
-        f"{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state_dict and tuple(state_dict[k].shape) != tuple(own[k].shape)
-    ]
-    problems = []
-    if missing:
-        problems.append(f"missing keys: {_fmt_keys(missing)}")
-    if unexpected:
-        problems.append(f"unexpected keys: {_fmt_keys(unexpected)}")
-    if shapes:
-        problems.append("shape mismatch: " + "; ".join(shapes[:8]))
-    if problems:
-        raise CheckpointError(f"{source}: checkpoint does not match the model ({' | '.join(problems)})")
-    module.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+# The name this package's callers use for the one strict loader.
+load_state_dict_checked = load_state_dict_strict
 
 
 def build_aed(args, source: str = "<args>") -> FireRedAsrAed:
@@ -93,8 +51,8 @@ def load_aed(path: PathLike) -> FireRedAsrAed:
     args, sd = load_package(path)
     model = build_aed(args, str(path))
     # Positional tables are deterministic sinusoids: allow packages that omit them.
-    load_state_dict_checked(model, sd, str(path),
-                            allow_missing=("encoder.positional_encoding.pe", "decoder.positional_encoding.pe"))
+    load_state_dict_strict(model, sd, str(path),
+                           allow_missing=("encoder.positional_encoding.pe", "decoder.positional_encoding.pe"))
     return model.eval()
 
 
@@ -115,7 +73,7 @@ def load_encoder(path: PathLike) -> Tuple[ConformerEncoder, argparse.Namespace]:
     enc_sd = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
     if not enc_sd:
         raise CheckpointError(f"{path}: no 'encoder.*' parameters in model_state_dict")
-    load_state_dict_checked(aed.encoder, enc_sd, str(path), allow_missing=ENCODER_BUFFERS)
+    load_state_dict_strict(aed.encoder, enc_sd, str(path), allow_missing=ENCODER_BUFFERS)
     return aed.encoder, args
 
 

@@ -8,9 +8,12 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
+
+from llmasr.config import UserError
+
 
 def _fmt_time(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -24,16 +27,24 @@ def decode_dataset(
     max_new_tokens: Optional[int] = None,
     log_interval: float = 30.0,
     num_cuts: Optional[int] = None,
+    skipped: Optional[List[Tuple[str, str]]] = None,
     **gen_opts,
 ) -> Iterator[Tuple[str, str, str]]:
     """Decode every batch of ``dataloader`` (dicts with ``features``, ``feature_lens``, ``texts``,
     ``cut_ids``) and yield ``(cut_id, ref, hyp)``; logs progress, speed and ETA every
-    ``log_interval`` seconds (ETA needs ``num_cuts``)."""
+    ``log_interval`` seconds (ETA needs ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf
+    features, see llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason)."""
     device = next(model.parameters()).device
     start = last = time.time()
     done = 0
     audio_sec = 0.0
     for batch_idx, batch in enumerate(dataloader):
+        for cut_id, reason in batch.get("dropped", ()):
+            logging.warning(f"skipping cut {cut_id}: {reason}")
+            if skipped is not None:
+                skipped.append((cut_id, reason))
+        if not batch["cut_ids"]:
+            continue
         features = batch["features"].to(device)
         feature_lens = batch["feature_lens"].to(device)
         hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **gen_opts)
@@ -76,6 +87,10 @@ def add_decoding_arguments(parser) -> None:
 
 def generation_options_from_args(args) -> Dict[str, Any]:
     """Keyword arguments for ``SpeechLLM.decode`` / :func:`decode_dataset` from parsed flags."""
+    if getattr(args, "model_type", "speechllm") == "aed":
+        from llmasr.firered.aed_recipe import decoding_options
+
+        return decoding_options(args)
     return dict(
         beam_size=args.beam_size,
         max_new_tokens=args.max_new_tokens,
@@ -86,7 +101,8 @@ def generation_options_from_args(args) -> Dict[str, Any]:
     )
 
 
-def get_decode_parser(mose: bool = False):
+def get_decode_parser(mose: bool = False, model_type: str = "speechllm"):
+    """``model_type`` "aed": FireRedASR-AED (src/decode_aed.py) instead of a SpeechLLM."""
     import argparse
 
     from llmasr.data import AsrDataModule
@@ -105,14 +121,23 @@ def get_decode_parser(mose: bool = False):
                         help="Number of consecutive checkpoints ending at --epoch (or --iter) to average.")
     parser.add_argument("--test-sets", type=str, default="test-clean,test-other",
                         help="Comma-separated test parts (<manifest-dir>/<prefix>_cuts_<part>.jsonl.gz) or manifest paths.")
-    parser.add_argument("--scoring", type=str, default="wer", choices=["wer", "cer"], help="Error metric.")
+    parser.add_argument("--scoring", type=str, default=None, choices=["wer", "cer"],
+                        help="Error metric (default: the one of the --prompt-format's recipe, else wer).")
     parser.add_argument("--normalize", type=str, default=None, choices=["none", "en", "zh", "speechllm"],
-                        help="Text normalisation before scoring (default: en for WER, zh for CER). "
-                        "'speechllm' scores like SpeechLLM: lower-cased references, hypotheses split on whitespace.")
+                        help="Text normalisation before scoring. Default: as the --prompt-format's recipe scores "
+                        "(speechllm: raw WER on whitespace-split words; whisper_llm_zh: CER over every character, "
+                        "spaces and punctuation included), else en for WER, zh for CER. 'speechllm' scores like "
+                        "SpeechLLM: lower-cased references, hypotheses split on whitespace.")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch CPU threads (SpeechLLM decodes with 1; 0 = torch default).")
     parser.add_argument("--log-level", type=str, default="info")
+    if model_type == "aed":
+        from llmasr.firered.aed_recipe import add_aed_arguments
+
+        AsrDataModule.add_arguments(parser)
+        add_aed_arguments(parser, training=False)
+        return parser
     add_model_arguments(parser, mose=mose)
     add_decoding_arguments(parser)
     AsrDataModule.add_arguments(parser)
@@ -129,6 +154,10 @@ def _checkpoint_tag(args) -> str:
 
 
 def _options_tag(args) -> str:
+    if getattr(args, "model_type", "speechllm") == "aed":
+        from llmasr.firered.aed_recipe import decoding_options_tag
+
+        return decoding_options_tag(args)
     tag = f"beam{args.beam_size}"
     if args.max_new_tokens != 200:
         tag += f"-maxnew{args.max_new_tokens}"
@@ -150,6 +179,69 @@ def _test_set_name(args, name: str) -> str:
         if base.endswith(ext):
             return base[: -len(ext)]
     return f"{args.dataset_prefix}_{base}".replace("-", "_")
+
+
+def scoring_choice(args, fmt) -> Tuple[str, Optional[str]]:
+    """(metric, normalisation) of a decode: ``--scoring`` / ``--normalize`` when given, else how the
+    recipe of the prompt format scores (``fmt.score_metric`` / ``fmt.score_normalize``: its own
+    numbers by default), else WER with :func:`llmasr.scoring.write_results`' default (None)."""
+    metric = args.scoring or fmt.score_metric or "wer"
+    normalize = args.normalize
+    if normalize is None and metric == fmt.score_metric:
+        normalize = fmt.score_normalize
+    return metric, normalize
+
+
+def min_decodable_frames(model, feature_type: str = "fbank") -> int:
+    """The fewest feature frames of a cut from which every speech encoder gives its projector one
+    group of frames (a shorter cut would get no speech position in its prompt; the Zipformer refuses
+    fewer than 9 frames and with them the whole batch). Encoders without a static ``output_lengths``
+    rule are taken to need 1 frame; FireRedASR features need their own minimum."""
+    frames = torch.arange(1, 10001)
+    need = 1
+    for encoder, projector in zip(getattr(model, "encoders", []), getattr(model, "projectors", [])):
+        lengths = getattr(encoder, "output_lengths", None)
+        if lengths is None:
+            continue
+        ok = torch.nonzero(lengths(frames) // getattr(projector, "downsample_rate", 1) >= 1)
+        if len(ok):
+            need = max(need, int(frames[ok[0, 0]]))
+    if feature_type == "firered":
+        from llmasr.features.firered import MIN_FRAMES
+
+        need = max(need, MIN_FRAMES)
+    return need
+
+
+def _num_frames(cut, args) -> int:
+    """Feature frames the test dataloader gives ``cut`` (llmasr.data.AsrDataset)."""
+    if args.feature_type == "firered":
+        from llmasr.features.firered import SAMPLE_RATE, num_frames
+
+        return num_frames(round(cut.duration * SAMPLE_RATE))
+    if cut.has_features and not args.on_the_fly_feats:
+        return cut.num_frames
+    from lhotse.utils import compute_num_frames
+
+    return compute_num_frames(cut.duration, 0.01, 16000)
+
+
+def _write_skipped(decode_dir: Path, set_name: str, suffix: str, skipped, num_cuts: int) -> Path:
+    """List the cuts of a test set that were not decoded (and so not scored) in
+    ``skipped-<set>-<suffix>.txt`` (``cut id<TAB>reason``), or remove an older list."""
+    from collections import Counter
+
+    from llmasr.io import atomic_write_text
+
+    path = decode_dir / f"skipped-{set_name}-{suffix}.txt"
+    if not skipped:
+        path.unlink(missing_ok=True)
+        return path
+    atomic_write_text(path, "".join(f"{cut_id}\t{reason}\n" for cut_id, reason in sorted(skipped)))
+    counts = Counter(reason.split(" (")[0] for _, reason in skipped)
+    logging.warning(f"{set_name}: {len(skipped)} of {num_cuts} cuts not decoded and not scored "
+                    f"({', '.join(f'{k}: {v}' for k, v in sorted(counts.items()))}); listed in {path}")
+    return path
 
 
 def _count_ckpt_layout(state_dict) -> Tuple[int, bool, bool]:
@@ -184,22 +276,28 @@ def run_decode(args, mose: bool = False) -> Dict[str, float]:
             raise FileNotFoundError(f"--checkpoint {args.checkpoint}: {ckpt_path} does not exist")
     else:
         ckpt_lib.find_checkpoints(exp_dir, args.epoch, args.avg, args.iter if args.iter > 0 else None)
-    # 2. the LLM directory, the encoders, the test sets
-    check_llm_dir(args.llm_path, getattr(args, "llm_gguf_file", None))
-    types, paths = split_list(args.speech_encoder_type), split_list(args.speech_encoder_path)
-    for p in paths:
+    # 2. the LLM directory, the encoders (FireRedASR-AED: its directory), the test sets
+    aed = getattr(args, "model_type", "speechllm") == "aed"
+    if aed:
+        from llmasr.firered.aed_recipe import check_package_dir
+
+        check_package_dir(args.init_from)
+    else:
+        check_llm_dir(args.llm_path, getattr(args, "llm_gguf_file", None))
+    types = [] if aed else split_list(args.speech_encoder_type)
+    for p in ([] if aed else split_list(args.speech_encoder_path)):
         if not Path(p).is_file() and not Path(p).is_dir():
             raise FileNotFoundError(f"--speech-encoder-path {p} does not exist")
     data = AsrDataModule(args)
     test_sets = [t.strip() for t in args.test_sets.split(",") if t.strip()]
     if not test_sets:
-        raise ValueError("--test-sets is empty")
+        raise UserError("--test-sets is empty")
     cuts = {}
     for name in test_sets:
         cs = data.test_cuts(name)
         first = None if cs is None else next(iter(cs), None)  # (lhotse gives None for an empty file)
         if first is None:
-            raise ValueError(f"test set {name} ({data.cuts_path(name)}) has no cuts")
+            raise UserError(f"test set {name} ({data.cuts_path(name)}) has no cuts")
         cuts[name] = cs
 
     decode_dir = exp_dir / f"decode-{_checkpoint_tag(args)}-{_options_tag(args)}"
@@ -249,16 +347,17 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
     else:
         state_dict = ckpt_lib.averaged_checkpoint(exp_dir, args.epoch, args.avg, args.iter if args.iter > 0 else None)
         source = f"{exp_dir} {_checkpoint_tag(args)}"
+    aed = getattr(args, "model_type", "speechllm") == "aed"
     n_proj, ckpt_mose, has_lora = _count_ckpt_layout(state_dict)
-    if n_proj != len(types) or ckpt_mose != mose:
-        raise RuntimeError(
+    if not aed and (n_proj != len(types) or ckpt_mose != mose):
+        raise UserError(
             f"{source} holds {n_proj} encoder projector(s) in the {'MoSE' if ckpt_mose else 'single-encoder'} "
             f"layout, but {len(types)} encoder(s) are configured with {'decode_mose.py' if mose else 'decode.py'} "
             f"(--speech-encoder-type {args.speech_encoder_type})"
         )
-    lora_expected = bool(args.use_lora and args.unfreeze_llm)
+    lora_expected = False if aed else bool(args.use_lora and args.unfreeze_llm)
     if has_lora != lora_expected:
-        raise RuntimeError(
+        raise UserError(
             f"{source} {'has' if has_lora else 'has no'} LoRA weights but --use-lora {args.use_lora} "
             f"--unfreeze-llm {args.unfreeze_llm} {'does not add' if has_lora else 'adds'} LoRA; pass the training flags"
         )
@@ -279,24 +378,43 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
 
     # 5. decode + score
     gen = generation_options_from_args(args)
-    normalize = args.normalize
+    metric, normalize = (args.scoring, args.normalize) if aed else scoring_choice(args, model.prompt_format)
+    logging.info(f"scoring: {metric.upper()}, normalisation {normalize or 'default'}")
     rates = {}
+    min_frames = min_decodable_frames(model, args.feature_type)
     for name in test_sets:
-        loader = data.test_dataloader(cuts[name])
-        num_cuts = sum(1 for _ in cuts[name])
-        logging.info(f"decoding {name}: {num_cuts} cuts")
+        set_name = _test_set_name(args, name)
+        frames = {c.id: _num_frames(c, args) for c in cuts[name]}
+        num_cuts = len(frames)
+        skipped = [(cut_id, f"too short to decode ({n} feature frames < {min_frames})")
+                   for cut_id, n in frames.items() if n < min_frames]
+        test_cuts = cuts[name]
+        if skipped:
+            short = {cut_id for cut_id, _ in skipped}
+
+            def decodable(c) -> bool:
+                return c.id not in short
+
+            test_cuts = test_cuts.filter(decodable)
+        logging.info(f"decoding {name}: {num_cuts - len(skipped)} cuts")
+        loader = data.test_dataloader(test_cuts) if len(skipped) < num_cuts else []
         results = []
-        for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_cuts, **gen):
+        for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_cuts - len(skipped), skipped=skipped,
+                                               **gen):
             # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
-            ref = model.prompt_format.transform_text(ref)
+            if not aed:
+                ref = model.prompt_format.transform_text(ref)
             if normalize == "speechllm":
                 ref = ref.lower()
             results.append((cut_id, ref, hyp))
-        set_name = _test_set_name(args, name)
+        listed = _write_skipped(decode_dir, set_name, suffix, skipped, num_cuts)
+        if not results:
+            raise UserError(f"test set {name}: none of its {num_cuts} cuts could be decoded (see {listed})")
         rates[set_name] = write_results(
-            decode_dir, set_name, suffix, results, mode=args.scoring,
+            decode_dir, set_name, suffix, results, mode=metric,
             normalize="none" if normalize == "speechllm" else normalize,
         )
-        logging.info(f"{set_name}: {args.scoring.upper()} {rates[set_name]:.2f}%")
+        logging.info(f"{set_name}: {metric.upper()} {rates[set_name]:.2f}%"
+                     + (f" over {len(results)} of {num_cuts} cuts ({len(skipped)} skipped)" if skipped else ""))
     logging.info("Done!")
     return rates

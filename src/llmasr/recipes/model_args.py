@@ -60,6 +60,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
     g.add_argument("--use-prompt-embedding", type=str2bool, default=False,
                    help="Really replace <start_speech>/<end_speech> (and text markers) by the trainable "
                    "prompt_embedding rows. SpeechLLM's table has no effect; keep false for its checkpoints.")
+    g.add_argument("--compat-reference-padding", type=str2bool, default=False,
+                   help="Reproduce recipes whose results depend on the batch padding (icefall whisper_llm_zh: the "
+                   "Whisper encoder attends to the padding and every utterance gets all projected frames of the "
+                   "padded batch; see README). false: batch-independent results (padding never reaches the LLM).")
     g.add_argument("--resize-vocab", type=str2bool, default=False,
                    help="Grow the LLM embedding when the speech tokens do not fit (new rows = mean row).")
     g.add_argument("--init-from-firered", type=str, default=None, metavar="DIR",
@@ -79,9 +83,14 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
 
     The LLM dtype is ``dtype`` if given, else ``--llm-dtype``. Encoders and projectors stay float32
     (their outputs are cast to the LLM dtype when spliced).
+    ``args.model_type == "aed"`` (the parsers of src/train_aed.py, src/decode_aed.py) builds FireRedASR-AED instead.
     """
     from llmasr.encoders import build_speech_encoder
 
+    if getattr(args, "model_type", "speechllm") == "aed":
+        from llmasr.firered.aed_recipe import build_aed_model
+
+        return build_aed_model(args)
     types = split_list(args.speech_encoder_type)
     paths = split_list(args.speech_encoder_path)
     if not types:
@@ -119,8 +128,11 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         unfreeze_encoder=getattr(args, "unfreeze_encoder", False),
         use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
         mose=mose,
+        compat_reference_padding=getattr(args, "compat_reference_padding", False),
     )
     if getattr(args, "init_from_firered", None):
+        from llmasr.firered.llm import load_firered_weights
+
         load_firered_weights(model, args.init_from_firered)
     n_all = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -128,46 +140,4 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
     return model
 
 
-def load_firered_weights(model: SpeechLLM, model_dir) -> None:
-    """Load a released FireRedASR-LLM ``model_dir/model.pth.tar`` into ``model``.
-
-    Its ``model_state_dict`` has our module names (``encoder.*``: any subset of the Conformer,
-    overriding ``asr_encoder.pth.tar``; ``encoder_projector.linear1/linear2.*``: the whole adapter;
-    ``llm.*``: LoRA weights). Every key must exist in the model with its shape and the projector
-    must be complete; the rest of the model keeps its loaded weights. The base LLM is not loaded a
-    second time (unlike :func:`llmasr.firered.llm.load_firered_llm`).
-    """
-    from pathlib import Path
-
-    from llmasr.checkpoint import to_our_layout
-    from llmasr.firered.load import load_package
-
-    path = Path(model_dir) / "model.pth.tar"
-    if not path.is_file():
-        raise FileNotFoundError(f"--init-from-firered {model_dir}: {path} does not exist")
-    if model.mose or model.prompt_format.name != "firered":
-        raise ValueError(f"--init-from-firered needs one encoder and --prompt-format firered "
-                         f"(got {model.num_encoders} encoder(s), format {model.prompt_format.name!r})")
-    pkg_args, sd = load_package(path)
-    ds = int(getattr(pkg_args, "encoder_downsample_rate", model.downsample_rate))
-    if ds != model.downsample_rate:
-        raise ValueError(f"{path} was trained with encoder_downsample_rate {ds}, but --encoder-projector-ds-rate "
-                         f"is {model.downsample_rate}")
-    sd = to_our_layout(sd, source=str(path))
-    own = model.state_dict()
-    unknown = sorted(k for k in sd if k not in own)
-    if unknown:
-        hint = " (build the model with LoRA: --use-lora true --unfreeze-llm true)" if any(".lora_" in k for k in unknown) else ""
-        raise RuntimeError(f"{path}: {len(unknown)} key(s) not in the model{hint}, e.g. {unknown[:4]}")
-    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
-    if shapes:
-        raise RuntimeError(f"{path}: shape mismatch (other encoder/LLM/LoRA rank?): "
-                           + "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in shapes[:4]))
-    missing_proj = sorted(k for k in own if k.startswith("encoder_projector.") and k not in sd)
-    if missing_proj:
-        raise RuntimeError(f"{path}: projector weights missing: {missing_proj}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
-    logging.info(f"initialised {len(sd)} tensors from {path}")
-
-
-__all__ = ["add_model_arguments", "build_model_from_args", "load_firered_weights", "split_list"]
+__all__ = ["add_model_arguments", "build_model_from_args", "split_list"]

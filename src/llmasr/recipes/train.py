@@ -6,13 +6,13 @@ grad-scaler state + every option), ``checkpoint-<batch>.pt`` every ``--save-ever
 newest ``--keep-last-k`` kept), ``best-train-loss.pt`` / ``best-valid-loss.pt``, ``log/log-train-*``
 and ``tensorboard/``. ``--start-epoch E`` resumes from ``epoch-(E-1).pt``; ``--start-batch B`` from
 ``checkpoint-B.pt`` in the middle of its epoch (sampler position and RNG states of every rank are
-restored, so the resumed run matches an uninterrupted one).
+restored, so the resumed run matches an uninterrupted one bit for bit, with any --num-workers; it needs
+the checkpoint's number of processes, --start-epoch any number).
 """
 from __future__ import annotations
 
 import argparse
 import logging
-import os
 import random
 import re
 import shutil
@@ -24,11 +24,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from lhotse.utils import fix_random_seed  # random, numpy, torch (+CUDA) and lhotse's cut-id uuids
 
-from llmasr.config import str2bool
+from llmasr.config import UserError, str2bool
+from llmasr.io import atomic_write, prune_stale_temp_files
 from llmasr.training import dist as dist_utils
 from llmasr.training.logs import Progress, make_tb_writer, setup_logger
 from llmasr.training.loop import (
+    EmptyEpochError,
     register_inf_check_hooks,
     run_validation,
     train_one_epoch,
@@ -117,11 +120,21 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is used
 
 
-def get_parser(mose: bool = False) -> argparse.ArgumentParser:
+def get_parser(mose: bool = False, model_type: str = "speechllm") -> argparse.ArgumentParser:
+    """``model_type`` "aed": FireRedASR-AED (src/train_aed.py) instead of a SpeechLLM."""
     from llmasr.aux_ctc import add_aux_ctc_arguments
     from llmasr.data import AsrDataModule
     from llmasr.recipes.model_args import add_model_arguments
 
+    if model_type == "aed":
+        from llmasr.firered.aed_recipe import add_aed_arguments
+
+        parser = argparse.ArgumentParser(description="Fine-tune FireRedASR-AED (attention decoder, label-smoothed CE).",
+                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        add_training_arguments(parser)
+        AsrDataModule.add_arguments(parser)
+        add_aed_arguments(parser, training=True)
+        return parser
     parser = argparse.ArgumentParser(
         description=("Train SpeechLLM-MoSE (several speech encoders)" if mose else "Train SpeechLLM")
         + " - Zipformer/Whisper encoder(s) + projector + LLM with LoRA.",
@@ -184,16 +197,11 @@ def set_rng_state(state: Dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fix_random_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)  # also seeds CUDA
-
-
-def gather_rank_states(params) -> List[Dict[str, Any]]:
-    """Per-rank state a mid-epoch resume needs: RNG states and the rank's running epoch loss
-    (collective when distributed; element r belongs to rank r)."""
-    mine = {"rng": get_rng_state(), "epoch_loss_sum": params.epoch_loss_sum, "epoch_tokens": params.epoch_tokens}
+def gather_rank_states(params, sampler=None) -> List[Dict[str, Any]]:
+    """Per-rank state a mid-epoch resume needs: RNG states, the rank's sampler position and running
+    epoch loss (collective when distributed; element r belongs to rank r)."""
+    mine = {"rng": get_rng_state(), "epoch_loss_sum": params.epoch_loss_sum, "epoch_tokens": params.epoch_tokens,
+            "sampler": sampler.state_dict() if sampler is not None else None}
     if not (dist.is_available() and dist.is_initialized()):
         return [mine]
     out: List[Any] = [None] * dist.get_world_size()
@@ -210,12 +218,6 @@ def _params_to_save(params: AttributeDict, **extra) -> Dict[str, Any]:
     out = {k: v for k, v in params.items() if k not in _KEEP_OUT_OF_PARAMS}
     out.update(extra)
     return out
-
-
-def _atomic_copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(dst.name + f".tmp{os.getpid()}")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, dst)
 
 
 class Checkpointer:
@@ -266,18 +268,18 @@ class Checkpointer:
     def save_epoch(self) -> None:
         p = self.params
         path = self.exp_dir / f"epoch-{p.cur_epoch}.pt"
-        self._write(path, f"zero-epoch-{p.cur_epoch}", gather_rank_states(p))
+        self._write(path, f"zero-epoch-{p.cur_epoch}", gather_rank_states(p, self.sampler))
         if self.rank == 0:
             logging.info("saved %s", path)
             if p.best_train_epoch == p.cur_epoch:
-                _atomic_copy(path, self.exp_dir / "best-train-loss.pt")
+                atomic_write(self.exp_dir / "best-train-loss.pt", lambda tmp: shutil.copyfile(path, tmp))
             if p.best_valid_epoch == p.cur_epoch:
-                _atomic_copy(path, self.exp_dir / "best-valid-loss.pt")
+                atomic_write(self.exp_dir / "best-valid-loss.pt", lambda tmp: shutil.copyfile(path, tmp))
 
     def save_batch(self) -> None:
         p = self.params
         path = self.exp_dir / f"checkpoint-{p.batch_idx_train}.pt"
-        self._write(path, f"zero-checkpoint-{p.batch_idx_train}", gather_rank_states(p))
+        self._write(path, f"zero-checkpoint-{p.batch_idx_train}", gather_rank_states(p, self.sampler))
         if self.rank == 0:
             logging.info("saved %s", path)
             self._prune()
@@ -305,6 +307,20 @@ def resume_path(params) -> Optional[Path]:
     return None
 
 
+def _mid_epoch_rank_state(resumed: Dict[str, Any], ckpt_path: Path, rank: int, world_size: int) -> Dict[str, Any]:
+    """This rank's part of a batch checkpoint (RNG, sampler position, epoch loss), or a UserError
+    if it cannot resume this run in the middle of its epoch."""
+    states = resumed.get("rank_states") or []
+    if len(states) != world_size:
+        raise UserError(f"{ckpt_path} was written by {len(states)} processes, this run has {world_size}: resume in the "
+                        f"middle of an epoch with {len(states)} processes, or from an epoch-N.pt (--start-epoch) "
+                        "with any number")
+    if states[rank].get("sampler") is None:
+        raise UserError(f"{ckpt_path} has no per-rank sampler position (written by an older version): resume from "
+                        "an epoch-N.pt with --start-epoch")
+    return states[rank]
+
+
 _RESTORED_KEYS = ("best_train_epoch", "best_valid_epoch", "batch_idx_train", "best_train_loss", "best_valid_loss")
 _MID_EPOCH_KEYS = ("cur_epoch", "cur_batch_idx", "epoch_cuts")
 
@@ -330,6 +346,8 @@ def _set_precision(params) -> None:
 def _llm_dtype(params) -> Any:
     """The recipe loads the (frozen) LLM in the AMP dtype; its LoRA weights stay float32 (peft).
     Full fine-tuning keeps float32 master weights (GradScaler cannot unscale fp16 gradients)."""
+    if params.get("model_type", "speechllm") == "aed":  # no LLM; float32 master weights
+        return None
     if getattr(params, "llm_dtype", "auto") not in (None, "auto"):
         return params.llm_dtype
     if params.use_autocast and (params.use_lora or not params.unfreeze_llm):
@@ -353,6 +371,29 @@ def count_cuts(cuts) -> Optional[int]:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             n += chunk.count(b"\n")
     return n
+
+
+class TranscriptTokenCount:
+    """The number of LLM tokens a transcript is trained as (llmasr.prompt.transcript_ids):
+    the data module's --max-text-tokens filter. Picklable with the tokenizer."""
+
+    def __init__(self, tokenizer, prompt_format):
+        self.tokenizer = tokenizer
+        self.prompt_format = prompt_format
+
+    def __call__(self, text: str) -> int:
+        from llmasr.prompt import transcript_ids
+
+        return len(transcript_ids(self.tokenizer, self.prompt_format, [text])[0])
+
+
+def _text_limit(model: nn.Module, args) -> tuple:
+    """(text_len_fn, max_text_len) of the data module: the LLM tokens of a transcript against
+    --max-text-tokens (models without an LLM prompt, e.g. FireRedASR-AED, have no such limit)."""
+    limit = getattr(args, "max_text_tokens", 0)
+    if not limit or getattr(model, "prompt_format", None) is None:
+        return None, None
+    return TranscriptTokenCount(model.tokenizer, model.prompt_format), limit
 
 
 def _count(model: nn.Module) -> str:
@@ -385,6 +426,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         dist_utils.setup_dist(rank, world_size, params.master_port)
     try:
         setup_logger(params.exp_dir / "log" / "log-train", rank, world_size)
+        if rank == 0:  # the checkpoint writer: remove what a killed save of an earlier run left
+            prune_stale_temp_files(params.exp_dir)
         _set_precision(params)
         device = dist_utils.get_device(rank)
         logging.info("Training started: rank %d of %d on %s, dtype %s, autocast %s",
@@ -392,7 +435,12 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         logging.info("command: %s", " ".join(sys.argv))
 
         # ---- fail fast on bad inputs, before loading any weights
-        check_llm_dir(params.llm_path, getattr(params, "llm_gguf_file", None))
+        if params.get("model_type", "speechllm") == "aed":
+            from llmasr.firered.aed_recipe import check_package_dir
+
+            check_package_dir(params.init_from)
+        else:
+            check_llm_dir(params.llm_path, getattr(params, "llm_gguf_file", None))
         ckpt_path = resume_path(params)
         resumed: Optional[Dict[str, Any]] = None
         if ckpt_path is not None:
@@ -402,6 +450,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
                     f"(--start-epoch {params.start_epoch} / --start-batch {params.start_batch})"
                 )
             resumed = load_checkpoint(ckpt_path)
+        rank_state = _mid_epoch_rank_state(resumed, ckpt_path, rank, world_size) if params.start_batch > 0 else None
         pretrained = load_checkpoint(params.pretrained_model_path) if params.pretrained_model_path else None
 
         fix_random_seed(params.seed)
@@ -431,20 +480,18 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
             register_inf_check_hooks(model)
 
         # ---- data (before DDP/DeepSpeed wrap: the projector warm-up below needs batches)
-        data = AsrDataModule(args)
+        data = AsrDataModule(args, *_text_limit(model, args))
         train_cuts = data.train_cuts()
         valid_cuts = data.dev_cuts()
-        sampler_state = resumed.get("sampler") if (mid_epoch and resumed is not None) else None
-        if mid_epoch and sampler_state is None:
-            raise ValueError(f"{ckpt_path} has no sampler state; cannot resume in the middle of an epoch")
-        train_dl = data.train_dataloader(train_cuts, sampler_state_dict=sampler_state)
+        # Mid-epoch: this rank's sampler continues after the batches it had trained (each rank has its own).
+        train_dl = data.train_dataloader(train_cuts, sampler_state_dict=rank_state["sampler"] if mid_epoch else None)
         valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
 
         if params.cache_encoder_outputs:
             changing = [flag for flag, on in (("--enable-spec-aug", getattr(args, "enable_spec_aug", False)),
                                               ("--enable-musan", getattr(args, "enable_musan", False))) if on]
             if changing:
-                raise ValueError(f"--cache-encoder-outputs reuses each cut's encoder output, but {' and '.join(changing)} "
+                raise UserError(f"--cache-encoder-outputs reuses each cut's encoder output, but {' and '.join(changing)} "
                                  "change the features every epoch: turn one of them off")
             model.enable_encoder_cache(params.encoder_cache_max_gb)
             logging.info(f"caching frozen-encoder outputs by cut id (up to {params.encoder_cache_max_gb} GB)")
@@ -513,27 +560,27 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
                 params.epoch_loss_sum = 0.0
                 params.epoch_tokens = 0.0
                 params.epoch_cuts = 0
-            # Creating the iterator draws from the torch RNG; restore the RNG after it.
+                data.filters["train"].reset_counts()  # this epoch's counts: the sampler reads every cut once
+            # (The loader's own generator seeds its workers: creating the iterator leaves the RNG alone.)
             train_iter = iter(train_dl)
             if resuming_here:
-                states = resumed.get("rank_states")
-                if not states or len(states) != world_size:
-                    raise ValueError(
-                        f"{ckpt_path} holds the state of {len(states or [])} ranks, this run has {world_size}: "
-                        "resume in the middle of an epoch with the same number of processes"
-                    )
-                params.epoch_loss_sum = states[rank]["epoch_loss_sum"]
-                params.epoch_tokens = states[rank]["epoch_tokens"]
-                set_rng_state(states[rank]["rng"])
+                params.epoch_loss_sum = rank_state["epoch_loss_sum"]
+                params.epoch_tokens = rank_state["epoch_tokens"]
+                set_rng_state(rank_state["rng"])
             if tb_writer is not None:
                 tb_writer.add_scalar("train/epoch", epoch, params.batch_idx_train)
             progress = Progress(total_cuts, world_size, done_cuts=int(params.epoch_cuts))
 
-            train_one_epoch(
-                params, model, optimizer, scheduler, train_iter, valid_dl, scaler, device,
-                tb_writer=tb_writer, rank=rank, world_size=world_size, progress=progress,
-                save_batch_checkpoint=ckpt.save_batch,
-            )
+            try:
+                train_one_epoch(
+                    params, model, optimizer, scheduler, train_iter, valid_dl, scaler, device,
+                    tb_writer=tb_writer, rank=rank, world_size=world_size, progress=progress,
+                    save_batch_checkpoint=ckpt.save_batch,
+                )
+            except EmptyEpochError:
+                raise UserError(f"epoch {epoch} produced no training batch: {data.explain_empty_epoch('train')}") from None
+            if not resuming_here:
+                logging.info(data.epoch_summary("train", int(params.epoch_cuts), params.cur_batch_idx * world_size))
             logging.info("Epoch %d done: train loss %.4f", epoch, params.train_loss)
             cache = getattr(unwrap_model(model), "encoder_cache", None)
             if cache is not None:
@@ -551,10 +598,10 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         dist_utils.cleanup_dist()
 
 
-def main(mose: bool = False, argv: Optional[List[str]] = None) -> None:
+def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: str = "speechllm") -> None:
     from llmasr.config import parse_args_with_config
 
-    parser = get_parser(mose)
+    parser = get_parser(mose, model_type)
     args = parse_args_with_config(parser, argv, section="train")
     args.exp_dir = Path(args.exp_dir)
     if args.use_fp16 is None:

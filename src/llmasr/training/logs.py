@@ -5,6 +5,7 @@
   correct tokens, frames, utterances) so that ratios stay exact when batches differ in size and
   when ranks are combined.
 - :class:`Progress` estimates the ETA of the epoch from the fraction of the epoch's cuts consumed.
+- :class:`Throughput`: samples/s, frames/s and batch padding of each rank between log lines.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["setup_logger", "MetricsTracker", "Progress", "make_tb_writer"]
+__all__ = ["setup_logger", "MetricsTracker", "Progress", "Throughput", "make_tb_writer"]
 
 
 def setup_logger(log_prefix: str | os.PathLike, rank: int = 0, world_size: int = 1, level: str = "info") -> Path:
@@ -119,6 +120,39 @@ class Progress:
         rate = new / max(elapsed, 1e-9)
         eta = max(0.0, (self.total - self.done) / rate)
         return f"{100 * frac:.1f}% of epoch, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
+
+
+class Throughput:
+    """This rank's speed since the previous :meth:`report`: samples/s, feature frames/s, s/batch,
+    and the padding of its batches (padded frames / all frames of the padded (N, T) batches - the
+    compute spent on padding, which the bucketing sampler options trade against shuffling)."""
+
+    def __init__(self):
+        self._restart()
+
+    def _restart(self) -> None:
+        self.t0 = time.time()
+        self.batches = self.samples = self.frames = self.slots = 0
+
+    def update(self, feature_lens: torch.Tensor, padded_length: int) -> None:
+        self.batches += 1
+        self.samples += len(feature_lens)
+        self.frames += int(feature_lens.sum())
+        self.slots += len(feature_lens) * padded_length
+
+    def report(self) -> Dict[str, float]:
+        """The rates since the previous report; starts the next interval."""
+        dt = max(time.time() - self.t0, 1e-9)
+        rates = {"samples_per_s": self.samples / dt, "frames_per_s": self.frames / dt,
+                 "padding": 1.0 - self.frames / self.slots if self.slots else 0.0,
+                 "s_per_batch": dt / max(self.batches, 1)}
+        self._restart()
+        return rates
+
+    @staticmethod
+    def format(rates: Dict[str, float]) -> str:
+        return (f"{rates['samples_per_s']:.2f} samples/s, {rates['frames_per_s']:.0f} frames/s, "
+                f"padding {rates['padding']:.3f}, {rates['s_per_batch']:.3f}s/batch")
 
 
 def _fmt(seconds: float) -> str:

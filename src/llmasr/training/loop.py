@@ -16,7 +16,6 @@ import contextlib
 import hashlib
 import logging
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, Optional
@@ -24,10 +23,12 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from llmasr.training.logs import MetricsTracker, Progress
+from llmasr.io import atomic_torch_save, unwrap_model
+from llmasr.training.logs import MetricsTracker, Progress, Throughput
 
 __all__ = [
     "NonFiniteLossError",
+    "EmptyEpochError",
     "compute_loss",
     "compute_validation_loss",
     "train_step",
@@ -42,11 +43,8 @@ class NonFiniteLossError(RuntimeError):
     pass
 
 
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The SpeechLLM inside DDP / a DeepSpeed engine."""
-    while hasattr(model, "module") and isinstance(model.module, nn.Module):
-        model = model.module
-    return model
+class EmptyEpochError(RuntimeError):
+    """An epoch without a single training batch (the recipe explains it from the data module)."""
 
 
 def is_deepspeed(model) -> bool:
@@ -75,11 +73,7 @@ def save_bad_batch(batch: Dict[str, Any], exp_dir: Path) -> Path:
         k: (v.detach().cpu() if torch.is_tensor(v) else v) for k, v in batch.items()
     }
     payload["cut_ids"] = ids
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(payload, tmp)
-    os.replace(tmp, path)
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def _stats_to_metrics(loss: torch.Tensor, stats: Dict[str, Any], batch: Dict[str, Any]) -> MetricsTracker:
@@ -229,11 +223,16 @@ def train_one_epoch(
     model.train()
     tot = MetricsTracker()
     decay = 1.0 - 1.0 / params.reset_interval
-    t_last = time.time()
+    speed = Throughput()
+    # Models with step-dependent regularisation (icefall's set_batch_count; FireRedASR-AED's
+    # --dropout-schedule) follow the global batch index, which a resumed run restores.
+    set_batch_count = getattr(unwrap_model(model), "set_batch_count", None)
     for batch in train_iter:
         params.batch_idx_train += 1
         params.cur_batch_idx += 1
         batch_idx = params.cur_batch_idx
+        if set_batch_count is not None:
+            set_batch_count(params.batch_idx_train)
 
         info = train_step(params, model, batch, optimizer, scheduler, scaler, device)
         tot = tot.scaled(decay) + info
@@ -242,22 +241,23 @@ def train_one_epoch(
         params.epoch_cuts = params.get("epoch_cuts", 0) + len(batch["texts"]) * world_size
         if progress is not None:
             progress.update(len(batch["texts"]))
+        speed.update(batch["feature_lens"], batch["features"].size(1))
         grad_scale = manage_grad_scale(params, scaler, batch_idx) if not is_deepspeed(model) else None
 
         if batch_idx % params.log_interval == 0 or batch_idx == 1:
             lr = max(scheduler.get_last_lr())
-            dt = time.time() - t_last
-            t_last = time.time()
+            rates = speed.report()
             logging.info(
-                "Epoch %d, batch %d (global %d), loss[%s], tot_loss[%s], batch size %d, lr %.2e%s, %s%s",
+                "Epoch %d, batch %d (global %d), loss[%s], tot_loss[%s], batch size %d, lr %.2e%s, %s, %s",
                 params.cur_epoch, batch_idx, params.batch_idx_train, info, tot, len(batch["texts"]), lr,
                 f", grad_scale {grad_scale}" if scaler is not None and scaler.is_enabled() else "",
-                progress if progress is not None else "",
-                f", {dt / max(1, min(batch_idx, params.log_interval)):.3f}s/batch",
+                progress if progress is not None else "", Throughput.format(rates),
             )
             if tb_writer is not None:
                 step = params.batch_idx_train
                 tb_writer.add_scalar("train/learning_rate", lr, step)
+                for k in ("samples_per_s", "frames_per_s", "padding"):  # rank 0's
+                    tb_writer.add_scalar(f"train/{k}", rates[k], step)
                 info.write_summary(tb_writer, "train/current_", step)
                 tot.write_summary(tb_writer, "train/tot_", step)
                 if scaler is not None and scaler.is_enabled():
@@ -270,7 +270,7 @@ def train_one_epoch(
             save_batch_checkpoint()
 
     if params.cur_batch_idx == 0:
-        raise RuntimeError(
+        raise EmptyEpochError(
             f"epoch {params.cur_epoch} produced no training batch on rank {rank}: check --max-duration "
             "(larger than the longest cut?), --drop-last and the cut filters (--min-duration/--max-cut-duration)"
         )
