@@ -12,11 +12,16 @@ changes a hypothesis.
 """
 import torch
 
-from llmasr.config import parse_args_with_config
+from llmasr.config import parse_args_with_config, run_cli
 from llmasr.recipes.decode import get_decode_parser, run_decode
 
 
 def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(_decode, argv)
+
+
+def _decode(argv):
     args = parse_args_with_config(get_decode_parser(model_type="aed"), argv, section="decode", inherit="train")
     with torch.inference_mode():
         return run_decode(args)

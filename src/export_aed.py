@@ -11,10 +11,16 @@ import logging
 from pathlib import Path
 
 from llmasr import checkpoint as ckpt_lib
+from llmasr.config import run_cli
 from llmasr.firered.aed_recipe import build_aed_model, export_released
 
 
 def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(_export, argv)
+
+
+def _export(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--init-from", required=True, metavar="DIR", help="The released directory training started from.")
     p.add_argument("--exp-dir", type=Path, default=Path("exp/firered_aed"))

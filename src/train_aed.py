@@ -13,7 +13,14 @@ with --on-the-fly-feats true --firered-cmvn models/FireRedASR-AED-L/cmvn.ark. Re
 (from epoch-(N-1).pt) or --start-batch B (from checkpoint-B.pt). Decode with src/decode_aed.py, export a
 released-format directory with src/export_aed.py.
 """
-from llmasr.recipes.train import main
+from llmasr.config import run_cli
+from llmasr.recipes.train import main as train
+
+
+def main(argv=None):
+    """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
+    return run_cli(lambda args: train(model_type="aed", argv=args), argv)
+
 
 if __name__ == "__main__":
-    main(model_type="aed")
+    main()

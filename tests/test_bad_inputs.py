@@ -420,3 +420,14 @@ def test_epoch_without_a_batch_names_the_cause(sl, train_env, tmp_path, capsys):
                     "epoch 1 produced no training batch: 10 cuts, 19 s of audio; with --num-buckets 30 and "
                     "--max-duration 200.0 no bucket fills a batch and --drop-last drops them: lower --num-buckets "
                     "or --max-duration or set --drop-last false")
+
+
+def test_one_cut_training_set_trains(sl, train_env, tmp_path):
+    import train  # src/train.py
+
+    # before: a bare AssertionError from lhotse's bucketing sampler (it needs two buckets)
+    exp = tmp_path / "exp"
+    train.main(_train_argv(sl, train_env, exp, "--train-cuts", "dev", "--max-duration", "60", "--drop-last", "false"))
+    log = "".join(p.read_text() for p in (exp / "log").glob("log-train-*"))
+    assert re.search(r"the sampler made 1 batches of 1 cuts", log), log[-2000:]
+    assert (exp / "epoch-1.pt").is_file()

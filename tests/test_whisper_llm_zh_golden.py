@@ -100,10 +100,8 @@ def built(wz, exp, expected):
 def _average(exp: Path, epoch: int, avg: int):
     from llmasr.checkpoint import averaged_checkpoint
 
-    # (DeepSpeed's converter saved tensors with requires_grad=True; the recipe averages under no_grad,
-    # as src/decode.py does)
-    with torch.no_grad():
-        return averaged_checkpoint(exp, epoch, avg, save=False)
+    # outside no_grad on purpose: DeepSpeed's converter saved tensors with requires_grad=True
+    return averaged_checkpoint(exp, epoch, avg, save=False)
 
 
 def _load(model, exp: Path, epoch: int, avg: int) -> None:
@@ -124,8 +122,8 @@ def test_recipe_checkpoints_load_and_average(built, wz, exp, expected):
         assert set(sd) - {"encoder.positional_embedding"} == trainable, f
         load_model_state(model, sd, source=str(f))
     assert set(to_our_layout(dict.fromkeys(expected["checkpoint_keys"], torch.zeros(0)))) == set(sd)
-    with torch.no_grad():  # the recipe's --epoch 2 --avg 2, computed here (never a file written earlier)
-        ours = average_checkpoints([exp / "epoch-1/pytorch_model.bin", exp / "epoch-2/pytorch_model.bin"])
+    # the recipe's --epoch 2 --avg 2, computed here (never a file written earlier)
+    ours = average_checkpoints([exp / "epoch-1/pytorch_model.bin", exp / "epoch-2/pytorch_model.bin"])
     theirs = to_our_layout(torch.load(wz / "expected" / "epoch-2-avg-2.pt", map_location="cpu", weights_only=True))
     assert set(ours) == set(theirs)
     assert all(torch.equal(ours[k], theirs[k]) and ours[k].dtype == theirs[k].dtype for k in theirs)

@@ -135,6 +135,7 @@ def to_our_layout(state_dict: Mapping[str, torch.Tensor], source: str = "checkpo
     return sd
 
 
+@torch.no_grad()  # DeepSpeed's zero_to_fp32 saves tensors with requires_grad=True; in-place sums need no autograd
 def average_checkpoints(paths: Sequence[PathLike], map_location="cpu") -> Dict[str, torch.Tensor]:
     """Average the ``model`` entries of ``paths`` (icefall / SpeechLLM semantics): element-wise
     sum in the stored dtype, then ``/= N`` (integer tensors ``//= N``); tensors sharing storage

@@ -641,7 +641,9 @@ class AsrDataModule:
         dataset = AsrDataset(self._input_strategy(), cut_transforms, input_transforms,
                              feature_type=args.feature_type, transform_rng=mix_rng)
         buffer_size = args.sampler_buffer_size or args.num_buckets * 2000
-        if args.bucketing_sampler and args.strict_max_duration:
+        # lhotse's bucketing needs at least two buckets: a one-cut corpus gets the plain sampler.
+        bucketing = args.bucketing_sampler and _num_buckets(cuts, args.num_buckets, "train") > 1
+        if bucketing and args.strict_max_duration:
             if args.max_cut_duration > args.max_duration:
                 logging.warning(f"--max-cut-duration {args.max_cut_duration} > --max-duration {args.max_duration}: "
                                 f"a single cut can exceed the batch budget")
@@ -651,7 +653,7 @@ class AsrDataModule:
                 buffer_size=buffer_size, quadratic_duration=args.quadratic_duration, drop_last=args.drop_last,
                 world_size=world_size, rank=rank, seed=args.seed,
             )
-        elif args.bucketing_sampler:
+        elif bucketing:
             sampler = DynamicBucketingSampler(
                 cuts, max_duration=args.max_duration, shuffle=args.shuffle,
                 num_buckets=_num_buckets(cuts, args.num_buckets, "train"),

@@ -84,7 +84,7 @@ def wav_list(args) -> List[Tuple[str, str]]:
                     continue
                 parts = line.split(maxsplit=1)
                 if len(parts) != 2:
-                    raise ValueError(f"{args.wav_scp}:{lineno}: expected 'uttid path', got {line.rstrip()!r}")
+                    raise UserError(f"{args.wav_scp}:{lineno}: expected 'uttid path', got {line.rstrip()!r}")
                 uttid, path = parts[0], parts[1].strip()
                 if not os.path.isabs(path) and not os.path.exists(path):
                     # relative to the scp's directory or its parent (kaldi data dirs, FireRedASR examples)
@@ -96,7 +96,7 @@ def wav_list(args) -> List[Tuple[str, str]]:
         return out
     if args.wav_dir:
         return [(base(p), p) for p in sorted(glob.glob(f"{args.wav_dir}/**/*.wav", recursive=True))]
-    raise ValueError("give --wav-path, --wav-paths, --wav-dir or --wav-scp")
+    raise UserError("give --wav-path, --wav-paths, --wav-dir or --wav-scp")
 
 
 def read_text(path: str) -> Dict[str, str]:
@@ -144,7 +144,7 @@ class Recognizer:
 def run(args) -> List[Tuple[str, str]]:
     wavs = wav_list(args)
     if not wavs:
-        raise ValueError("no wavs to decode")
+        raise UserError("no wavs to decode")
     rec = Recognizer(args.asr_type, args.model_dir, args.device, args.dtype, args.compat_reference_padding)
     results: List[Tuple[str, str]] = []
     start = time.time()
