@@ -153,7 +153,7 @@ def test_frontend_convnext_keeps_half_dtype_and_matches_fp32(name):
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name", sorted(HALF))
 def test_firered_conformer_half_is_fast_and_close_to_fp32(name):
-    from llmasr.firered.conformer import ConformerEncoder
+    from llmasr.encoders.firered_conformer import ConformerEncoder
 
     dtype = HALF[name]
     torch.manual_seed(0)

@@ -51,7 +51,7 @@ from torch.utils.data import DataLoader
 
 from ..config import UserError, str2bool
 from llmasr.data.corpus import SAMPLING_RATE, load_cuts_lazy
-from llmasr.features import FEATURE_TYPES, make_feature_extractor
+from llmasr.features import feature_type_arg, make_feature_extractor, split_feature_types, stored_feature_type
 
 
 
@@ -132,15 +132,25 @@ class AsrDataset(torch.utils.data.Dataset):
     computed from the audio resampled to 16 kHz (as lhotse/icefall recipes resample their corpora;
     logged once per process and rate), stored features computed from other rates are an error.
     Features with NaN/inf values are an error naming the cuts, or with ``drop_nonfinite`` (decoding)
-    those cuts leave the batch and are listed in its ``"dropped"`` entry as ``(cut id, reason)``."""
+    those cuts leave the batch and are listed in its ``"dropped"`` entry as ``(cut id, reason)``.
+
+    ``more_feature_types`` ({feature type: input strategy}, heterogeneous MoSE): the batch also holds
+    ``"features_by_type"`` = {type: (features, lens)} for ``feature_type`` and each of these, every type
+    computed as a batch of that type alone would be (its padding, frame counts, input transforms); a
+    cut whose features are NaN/inf in any type leaves all of them. Stored features of the further
+    types come from the cuts themselves (:class:`FeatureJoin`)."""
 
     def __init__(self, input_strategy=None, cut_transforms: Sequence = (), input_transforms: Sequence = (),
                  feature_type: str = "fbank", drop_nonfinite: bool = False,
-                 transform_rng: Optional[random.Random] = None):
+                 transform_rng: Optional[random.Random] = None, more_feature_types: Optional[Dict[str, object]] = None):
         self.input_strategy = input_strategy if input_strategy is not None else PrecomputedFeatures()
         self.cut_transforms = list(cut_transforms)
         self.input_transforms = list(input_transforms)
+        self.feature_type = feature_type
         self.firered = feature_type == "firered"
+        self.more_feature_types = dict(more_feature_types or {})
+        if feature_type in self.more_feature_types:
+            raise ValueError(f"feature type {feature_type} given twice")
         self.drop_nonfinite = drop_nonfinite
         self.transform_rng = transform_rng  # the cut transforms' own RNG (CutMix's): seeded per batch too
 
@@ -155,47 +165,129 @@ class AsrDataset(torch.utils.data.Dataset):
         cuts = cuts.sort_by_duration(ascending=False)
         stored = isinstance(self.input_strategy, PrecomputedFeatures)
         cuts = _at_16k(cuts, stored)
+        strategies = {self.feature_type: self.input_strategy, **self.more_feature_types}
+        # feature type -> (its cuts: the stored features of that type, its features, its lengths)
+        by_type = {t: self._features(cuts, t, strategy, stored) for t, strategy in strategies.items()}
+        hetero = len(by_type) > 1
+        bad = sorted({i for _, f, lens in by_type.values() for i in _nonfinite_rows(f, lens)})
+        dropped = []
+        if bad:
+            if not self.drop_nonfinite:
+                where = [_with_source(list(c)[i]) + (f" [{t}]" if hetero else "")
+                         for t, (c, f, lens) in by_type.items() for i in _nonfinite_rows(f, lens)]
+                raise UserError(f"non-finite feature values (NaN/inf) in cut(s) "
+                                f"{', '.join(where)}; find every such cut with "
+                                f"local/validate_manifests.py and recompute or remove them")
+            rows = list(cuts)
+            dropped = [(rows[i].id, "non-finite feature values (NaN/inf)") for i in bad]
+            keep = [i for i in range(len(rows)) if i not in bad]
+            cuts = CutSet.from_cuts(rows[i] for i in keep)
+            for t, (c, features, feature_lens) in by_type.items():
+                feature_lens = feature_lens[keep]
+                # the padded length of the batch without them (encoder outputs can depend on padding)
+                by_type[t] = (c, features[keep, : int(feature_lens.max()) if keep else 0], feature_lens)
+        out = {}
+        for t, (_, features, feature_lens) in by_type.items():
+            if self.input_transforms:
+                segments = torch.stack(
+                    [torch.arange(len(cuts)), torch.zeros(len(cuts), dtype=torch.int64), feature_lens], dim=1
+                ).to(torch.int32)
+                for tfm in self.input_transforms:
+                    features = tfm(features, supervision_segments=segments)
+                if t == "firered":  # whatever a transform wrote past the lengths
+                    features = _pad_with(features, feature_lens, 0.0)
+            out[t] = (features.to(torch.float32), feature_lens.to(torch.int64))
+        batch = {
+            "features": out[self.feature_type][0],
+            "feature_lens": out[self.feature_type][1],
+            "texts": [" ".join(s.text for s in c.supervisions) for c in cuts],
+            "cut_ids": [c.id for c in cuts],
+        }
+        if hetero:
+            batch["features_by_type"] = out
+        if self.drop_nonfinite:
+            batch["dropped"] = dropped
+        return batch
+
+    def _features(self, cuts: CutSet, feature_type: str, strategy, stored: bool):
+        """(cuts carrying the stored ``feature_type`` features, features, lengths) of one feature type."""
+        if stored and feature_type != self.feature_type:
+            cuts = _with_joined_features(cuts, feature_type)
         try:
-            features, feature_lens = self.input_strategy(cuts)[:2]
+            features, feature_lens = strategy(cuts)[:2]
         except Exception as e:
             broken = _explain_load_failure(cuts)
             if broken is None:  # every cut loads alone: not the data
                 raise RuntimeError(f"cannot collate batch of cuts {[c.id for c in cuts][:5]}...: "
                                    f"{type(e).__name__}: {e}") from e
             raise UserError(broken) from e
-        if self.firered:
+        if feature_type == "firered":
             features, feature_lens = _firered_batch(cuts, features, feature_lens, stored=stored)
-        dropped = []
-        if not torch.isfinite(features).all():  # one cheap pass over the batch; the rows only when needed
-            rows = list(cuts)
-            bad = [i for i, n in enumerate(feature_lens.tolist()) if not torch.isfinite(features[i, :n]).all()]
-            if not self.drop_nonfinite:
-                raise UserError(f"non-finite feature values (NaN/inf) in cut(s) "
-                                f"{', '.join(_with_source(rows[i]) for i in bad)}; find every such cut with "
-                                f"local/validate_manifests.py and recompute or remove them")
-            dropped = [(rows[i].id, "non-finite feature values (NaN/inf)") for i in bad]
-            keep = [i for i in range(len(rows)) if i not in bad]
-            cuts = CutSet.from_cuts(rows[i] for i in keep)
-            feature_lens = feature_lens[keep]
-            # the padded length of the batch without them (encoder outputs can depend on padding)
-            features = features[keep, : int(feature_lens.max()) if keep else 0]
-        if self.input_transforms:
-            segments = torch.stack(
-                [torch.arange(len(cuts)), torch.zeros(len(cuts), dtype=torch.int64), feature_lens], dim=1
-            ).to(torch.int32)
-            for tfm in self.input_transforms:
-                features = tfm(features, supervision_segments=segments)
-            if self.firered:  # whatever a transform wrote past the lengths
-                features = _pad_with(features, feature_lens, 0.0)
-        batch = {
-            "features": features.to(torch.float32),
-            "feature_lens": feature_lens.to(torch.int64),
-            "texts": [" ".join(s.text for s in c.supervisions) for c in cuts],
-            "cut_ids": [c.id for c in cuts],
-        }
-        if self.drop_nonfinite:
-            batch["dropped"] = dropped
-        return batch
+        return cuts, features, feature_lens
+
+
+def _nonfinite_rows(features: torch.Tensor, lens: torch.Tensor) -> List[int]:
+    if torch.isfinite(features).all():  # one cheap pass over the batch; the rows only when needed
+        return []
+    return [i for i, n in enumerate(lens.tolist()) if not torch.isfinite(features[i, :n]).all()]
+
+
+# cut.custom key of the stored features of the further feature types ({type: lhotse Features})
+JOINED_FEATURES = "llmasr_features_by_type"
+
+
+class FeatureJoin:
+    """Heterogeneous MoSE with stored features: each cut of the manifest ``source`` (features of type
+    ``feature_type``) gets the features of the other types, found by cut id in ``manifests``
+    ({type: manifest of the same part in that type's --manifest-dir}), in ``cut.custom[JOINED_FEATURES]``
+    (a ``CutSet.map`` function; the indexes are read once). A cut missing from one of them, or features
+    of another type than the manifest's, are a UserError naming the cut and the manifest."""
+
+    def __init__(self, source: Path, feature_type: str, manifests: Dict[str, Path]):
+        self.source, self.feature_type, self.manifests = Path(source), feature_type, dict(manifests)
+        self.index = {t: _features_by_id(p, t) for t, p in self.manifests.items()}
+
+    def __call__(self, cut: Cut) -> Cut:
+        _check_stored_type(cut, getattr(cut, "features", None), self.feature_type, self.source)
+        joined = {}
+        for t, index in self.index.items():
+            feats = index.get(cut.id)
+            if feats is None:
+                raise UserError(f"cut {cut.id} of {self.source} has no {t} features in {self.manifests[t]}: every "
+                                f"--manifest-dir must hold the same cuts (local/prepare.sh --feature-type {t})")
+            joined[t] = feats
+        return cut.with_custom(JOINED_FEATURES, joined)
+
+
+def _features_by_id(manifest: Path, feature_type: str) -> Dict[str, object]:
+    index = {}
+    for c in load_cuts_lazy(manifest) or ():
+        feats = getattr(c, "features", None)
+        if feats is not None:
+            _check_stored_type(c, feats, feature_type, manifest)
+            index[c.id] = feats
+    return index
+
+
+def _check_stored_type(cut: Cut, feats, feature_type: str, manifest: Path) -> None:
+    if feats is None:
+        raise UserError(f"cut {cut.id} of {manifest} has no stored features ({feature_type} expected); "
+                        f"prepare it with local/prepare.sh --feature-type {feature_type} or use --on-the-fly-feats true")
+    if stored_feature_type(feats.type) != feature_type:
+        raise UserError(f"cut {cut.id} of {manifest} holds {feats.type!r} features, not {feature_type} ones: the "
+                        f"--manifest-dir entries must follow the --feature-type entries")
+
+
+def _with_joined_features(cuts: CutSet, feature_type: str) -> CutSet:
+    """The cuts with their stored ``feature_type`` features in place of their own (see :class:`FeatureJoin`)."""
+    out = []
+    for c in cuts:
+        feats = (getattr(c, "custom", None) or {}).get(JOINED_FEATURES, {}).get(feature_type)
+        if feats is None:
+            raise UserError(f"cut {c.id} has no stored {feature_type} features: load the cuts through AsrDataModule "
+                            f"with one --manifest-dir per --feature-type entry, or use --on-the-fly-feats true")
+        out.append(c.fastcopy(features=feats))
+    return CutSet.from_cuts(out)
 
 
 _RESAMPLING_LOGGED: set = set()  # sampling rates already reported by this process

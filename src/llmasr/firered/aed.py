@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .conformer import ConformerEncoder, padded_encoder_length, sinusoid_table
+from llmasr.encoders.firered_conformer import ConformerEncoder, padded_encoder_length, sinusoid_table
 
 INF = 1e10  # the released search uses 1e10, not inf, for dead beams
 

@@ -29,12 +29,12 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from llmasr.encoders.firered_conformer import ConformerEncoder, set_dropout
 from llmasr.features.firered import read_kaldi_cmvn
-from llmasr.io import atomic_torch_save
+from llmasr.io import atomic_torch_save, load_state_dict_strict
 
 from .aed import FireRedAsrAed
-from .conformer import ConformerEncoder, set_dropout
-from .load import check_tokenizer_matches, load_package, load_state_dict_checked, load_tokenizer
+from .load import check_tokenizer_matches, load_package, load_tokenizer
 from .tokenizer import FireRedTokenizer
 
 # What a released FireRedASR-AED directory holds (``--init-from``, ``src/export_aed.py`` output).
@@ -206,7 +206,7 @@ def build_aed_model(args) -> FireRedAedRecipeModel:
     model = FireRedAedRecipeModel(package_args, tokenizer, getattr(args, "label_smoothing", 0.0),
                                   getattr(args, "dropout_schedule", ""), source=str(path))
     check_tokenizer_matches(model, tokenizer, str(model_dir / "dict.txt"))
-    load_state_dict_checked(model, state_dict, str(path), allow_missing=_RECOMPUTED_BUFFERS)
+    load_state_dict_strict(model, state_dict, str(path), allow_missing=_RECOMPUTED_BUFFERS)
     logging.info(f"FireRedASR-AED from {model_dir}: {sum(p.numel() for p in model.parameters())} parameters")
     return model
 
