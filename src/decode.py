@@ -8,26 +8,14 @@
 the result as epoch-E-avg-A.pt; ``--checkpoint epoch-10-avg-5.pt`` loads that file from --exp-dir
 instead. Results (recogs-/errs-/wer-summary- files and the log) go to <exp-dir>/decode-<checkpoint>-beam<B>/.
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch  # noqa: E402
-
-from llmasr.config import parse_args_with_config, run_cli  # noqa: E402
-from llmasr.recipes.decode import get_decode_parser, run_decode  # noqa: E402
+from llmasr.config import run_cli
+from llmasr.recipes.decode import main as decode
 
 
 def main(argv=None):
     """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
-    return run_cli(_decode, argv)
-
-
-def _decode(argv):
-    args = parse_args_with_config(get_decode_parser(mose=False), argv, section="decode", inherit="train")
-    with torch.inference_mode():
-        return run_decode(args, mose=False)
+    return run_cli(lambda args: decode(args), argv)
 
 
 if __name__ == "__main__":

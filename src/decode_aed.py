@@ -10,21 +10,14 @@ wer-summary- files, CER by default) with FireRedASR's beam-search options:
 Each utterance gets its own step limit (--decode-max-len 0: its encoder length), so batching never
 changes a hypothesis.
 """
-import torch
 
-from llmasr.config import parse_args_with_config, run_cli
-from llmasr.recipes.decode import get_decode_parser, run_decode
+from llmasr.config import run_cli
+from llmasr.recipes.decode import main as decode
 
 
 def main(argv=None):
     """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
-    return run_cli(_decode, argv)
-
-
-def _decode(argv):
-    args = parse_args_with_config(get_decode_parser(model_type="aed"), argv, section="decode", inherit="train")
-    with torch.inference_mode():
-        return run_decode(args)
+    return run_cli(lambda args: decode(args, model_type="aed"), argv)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from llmasr.encoders.zipformer import ZipformerConfig, build_zipformer
-from llmasr.encoders.zipformer_modules import ConvNeXt, ConvolutionModule, cpu_fp32_functional_conv
+from llmasr.encoders.zipformer_modules import ConvNeXt, ConvolutionModule
+from llmasr.layers import cpu_fp32_functional_conv
 
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -22,7 +22,7 @@ LAYERS = {
     "llmasr": 0,
     "llmasr.config": 0,
     "llmasr.io": 0,
-    "llmasr.activations": 0,
+    "llmasr.layers": 0,
     "llmasr.features": 1,
     "llmasr.data": 2,
     "llmasr.encoders": 3,

@@ -3,6 +3,7 @@
 Layers, bottom to top (a module imports only from layers below it; tests/test_imports.py checks):
 
 - ``llmasr.config``, ``llmasr.io``    flags/configs; safe loading, strict state-dict loading, atomic writes
+- ``llmasr.layers``     Swoosh activations, convolutions kept in fp32 on CPU
 - ``llmasr.features``   feature front ends (Kaldi fbank, Whisper log-mel, FireRedASR fbank + CMVN)
 - ``llmasr.data``       corpus readers, lhotse manifests, samplers, batches
 - ``llmasr.encoders``   speech encoder registry (Zipformer, Whisper, FireRedASR Conformer)

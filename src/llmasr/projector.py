@@ -15,7 +15,7 @@ from typing import Mapping, Tuple
 import torch
 import torch.nn as nn
 
-from llmasr.activations import SwooshR, swoosh_r  # noqa: F401 (swoosh_r re-exported)
+from llmasr.layers import SwooshR, swoosh_r  # noqa: F401 (swoosh_r re-exported)
 
 ACTIVATIONS = {
     "swooshr": SwooshR,

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmasr.encoders.zipformer_modules import cpu_fp32_conv
+from llmasr.layers import cpu_fp32_conv
 
 
 def subsampled_lengths(lengths: torch.Tensor) -> torch.Tensor:

@@ -32,7 +32,7 @@ import whisper
 from whisper.model import AudioEncoder, ModelDimensions
 
 from llmasr.encoders import register_encoder
-from llmasr.encoders.zipformer_modules import cpu_fp32_conv
+from llmasr.layers import cpu_fp32_conv
 from llmasr.io import load_torch_file
 
 SAMPLE_RATE = 16000

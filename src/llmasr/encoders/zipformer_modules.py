@@ -15,69 +15,19 @@ with plain autograd. Optional plain dropout (``dropout``) stands in for icefall'
 Mixed precision: like icefall under autocast, the residual stream stays in fp32 (BiasNorm promotes to its
 fp32 parameters), attention softmax, BiasNorm statistics and the Swoosh activations are computed in fp32.
 On CPU every convolution runs in fp32 even under fp16/bf16 autocast or with fp16/bf16 inputs
-(:func:`cpu_fp32_conv`): oneDNN can spend minutes JIT-compiling half-precision depthwise kernels.
+(:func:`llmasr.layers.cpu_fp32_conv`): oneDNN can spend minutes JIT-compiling half-precision depthwise kernels.
 """
 from __future__ import annotations
 
 import math
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-
-# ---------------------------------------------------------------------------------------------------------
-# Convolutions on CPU: always fp32
-# ---------------------------------------------------------------------------------------------------------
-
-_HALF = (torch.float16, torch.bfloat16)
-
-
-def _cpu_autocast_half() -> bool:
-    try:
-        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
-    except TypeError:  # torch < 2.4
-        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
-    return on and dtype in _HALF
-
-
-def cpu_fp32_functional_conv(conv_fn: Callable[..., Tensor], x: Tensor, weight: Tensor, bias: Optional[Tensor],
-                             **kwargs) -> Tensor:
-    """``conv_fn(x, weight, bias, **kwargs)`` (e.g. ``F.conv2d``), computed in fp32 on CPU whenever it
-    would otherwise run in fp16/bf16 (half input or weight, or CPU autocast to a half dtype).
-
-    oneDNN's half-precision depthwise kernels (``brdgmm_dw_convolution``) can take minutes to
-    JIT-compile on x86 CPUs with AVX-512 FP16/AMX (small channel counts are the worst case), and fp32
-    is as fast or faster on CPU anyway. The result has the incoming dtype of ``x`` (under autocast
-    an fp32 input gives an fp32 output); gradients flow back through the casts. Other devices and
-    fp32/fp64 computations are untouched.
-    """
-    if x.device.type != "cpu" or x.dtype == torch.float64 or not (
-        x.dtype in _HALF or weight.dtype in _HALF or _cpu_autocast_half()
-    ):
-        return conv_fn(x, weight, bias, **kwargs)
-    with torch.autocast("cpu", enabled=False):
-        y = conv_fn(x.float(), weight.float(), None if bias is None else bias.float(), **kwargs)
-    return y.to(x.dtype)
-
-
-def cpu_fp32_conv(conv: nn.Module, x: Tensor) -> Tensor:
-    """``conv(x)`` for an ``nn.Conv1d``/``nn.Conv2d``, in fp32 on CPU as :func:`cpu_fp32_functional_conv`.
-
-    fp32 modules are still called as modules (their hooks run); half modules run functionally.
-    """
-    if x.device.type != "cpu" or x.dtype == torch.float64 or not (
-        x.dtype in _HALF or conv.weight.dtype in _HALF or _cpu_autocast_half()
-    ):
-        return conv(x)
-    with torch.autocast("cpu", enabled=False):
-        if conv.weight.dtype == torch.float32 and (conv.bias is None or conv.bias.dtype == torch.float32):
-            y = conv(x.float())
-        else:
-            y = conv._conv_forward(x.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float())
-    return y.to(x.dtype)
+from llmasr.layers import SwooshR, cpu_fp32_functional_conv, swoosh_l, swoosh_r
 
 
 class Conv2d(nn.Conv2d):
@@ -87,7 +37,6 @@ class Conv2d(nn.Conv2d):
     def forward(self, x: Tensor) -> Tensor:
         return cpu_fp32_functional_conv(self._conv_forward, x, self.weight, self.bias)
 
-from llmasr.activations import SwooshR, swoosh_l, swoosh_r
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -1,0 +1,85 @@
+"""Numerics shared by the speech encoders and the projector.
+
+- Zipformer's Swoosh activations (also SpeechLLM's projector activation), evaluated in at least float32
+  (softplus is exact and overflow-free there) and returned in the input's dtype, so fp16/bf16
+  activations never overflow inside ``exp``.
+- Convolutions that run in float32 on CPU whatever the input dtype or autocast setting: oneDNN can
+  spend minutes JIT-compiling half-precision depthwise kernels on x86 CPUs with AVX-512 FP16/AMX
+  (small channel counts are the worst case), and fp32 is as fast or faster on a CPU anyway.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def _at_least_fp32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _softplus(z: torch.Tensor) -> torch.Tensor:
+    # Beyond the threshold softplus returns z; log1p(exp(-z)) is below float32's resolution past 20
+    # but not float64's (past 40).
+    return F.softplus(z, threshold=40.0 if z.dtype == torch.float64 else 20.0)
+
+
+def swoosh_l(x: torch.Tensor) -> torch.Tensor:
+    """SwooshL(x) = log(1 + exp(x - 4)) - 0.08 x - 0.035."""
+    x32 = _at_least_fp32(x)
+    # In-place on softplus' output is autograd-safe (its backward uses the input) and saves two temporaries.
+    return _softplus(x32 - 4.0).add_(x32, alpha=-0.08).sub_(0.035).to(x.dtype)
+
+
+def swoosh_r(x: torch.Tensor) -> torch.Tensor:
+    """SwooshR(x) = log(1 + exp(x - 1)) - 0.08 x - 0.313261687 (the constant is log(1 + e^-1), so
+    SwooshR(0) = 0)."""
+    x32 = _at_least_fp32(x)
+    return _softplus(x32 - 1.0).add_(x32, alpha=-0.08).sub_(0.313261687).to(x.dtype)
+
+
+class SwooshR(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return swoosh_r(x)
+
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _cpu_autocast_half() -> bool:
+    try:
+        on, dtype = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+    except TypeError:  # torch < 2.4
+        on, dtype = torch.is_autocast_cpu_enabled(), torch.get_autocast_cpu_dtype()
+    return on and dtype in _HALF
+
+
+def _half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Would this convolution run in fp16/bf16 on a CPU (half input or weight, or CPU autocast)?"""
+    return x.device.type == "cpu" and x.dtype != torch.float64 and (
+        x.dtype in _HALF or weight.dtype in _HALF or _cpu_autocast_half())
+
+
+def cpu_fp32_functional_conv(conv_fn: Callable[..., torch.Tensor], x: torch.Tensor, weight: torch.Tensor,
+                             bias: Optional[torch.Tensor], **kwargs) -> torch.Tensor:
+    """``conv_fn(x, weight, bias, **kwargs)`` (e.g. ``F.conv2d``), computed in fp32 on CPU whenever it
+    would otherwise run in fp16/bf16. The result has the incoming dtype of ``x`` (under autocast an
+    fp32 input gives an fp32 output); gradients flow back through the casts. Other devices and
+    fp32/fp64 computations are untouched."""
+    if not _half_on_cpu(x, weight):
+        return conv_fn(x, weight, bias, **kwargs)
+    with torch.autocast("cpu", enabled=False):
+        y = conv_fn(x.float(), weight.float(), None if bias is None else bias.float(), **kwargs)
+    return y.to(x.dtype)
+
+
+def cpu_fp32_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``conv(x)`` for an ``nn.Conv1d``/``nn.Conv2d``, in fp32 on CPU as :func:`cpu_fp32_functional_conv`."""
+    if not _half_on_cpu(x, conv.weight):
+        return conv(x)
+    return cpu_fp32_functional_conv(conv._conv_forward, x, conv.weight, conv.bias)
+
+
+__all__ = ["swoosh_l", "swoosh_r", "SwooshR", "cpu_fp32_conv", "cpu_fp32_functional_conv"]
