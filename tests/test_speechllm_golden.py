@@ -4,11 +4,11 @@ Every recorded decode batch is re-run and must give the recipe's generated ids t
 the recipe's own batching (greedy and beam 2) and one-utterance batches. The decode script must
 reproduce the recipe's recogs files byte for byte.
 """
-import argparse
 import json
 import shutil
 
 import pytest
+from conftest import build_golden_speechllm
 import torch
 
 from llmasr.checkpoint import average_checkpoints, load_model_state
@@ -17,17 +17,6 @@ from llmasr.scoring import compute_error_stats, read_recogs
 RUNS = ["epoch-2-avg-2-beam-1", "epoch-2-avg-2-beam-2", "epoch-2-avg-2-single-beam-1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def sl(golden_dir):
-    return golden_dir / "speechllm"
 
 
 @pytest.fixture(scope="module")
@@ -37,19 +26,7 @@ def expected(sl):
 
 @pytest.fixture(scope="module")
 def model(sl):
-    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
-
-    p = argparse.ArgumentParser()
-    add_model_arguments(p)
-    args = p.parse_args([
-        "--llm-path", str(sl / "models/llm"),
-        "--speech-encoder-type", "tiny_a",
-        "--speech-encoder-path", str(sl / "models/zipformer/tiny_a/pretrained.pt"),
-        "--speech-encoder-bpe-path", str(sl / "models/zipformer/bpe.model"),
-        "--attn-implementation", "eager",  # as the golden run (sdpa gives the same ids here)
-        "--llm-dtype", "float32",
-    ])
-    m = build_model_from_args(args)
+    m = build_golden_speechllm(sl, "--speech-encoder-bpe-path", str(sl / "models/zipformer/bpe.model"))
     avg = average_checkpoints([sl / "exp/baseline/epoch-1.pt", sl / "exp/baseline/epoch-2.pt"])
     load_model_state(m, avg, source="epoch-2-avg-2")
     return m.eval()

@@ -35,13 +35,6 @@ def _run_names(batching=None):
     return [name for name, run in runs.items() if batching is None or run["batching"] == batching]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def wz(golden_dir) -> Path:

@@ -20,15 +20,6 @@ from llmasr.encoders.zipformer import (
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny models: a second OpenMP thread gains nothing and, on a busy CI machine, spin-waiting threads
-    # slow these tests down by an order of magnitude. Results differ from 2 threads by ~1e-6.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def golden(golden_dir):
