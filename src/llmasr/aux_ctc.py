@@ -64,6 +64,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmasr.data.datamodule import speech_inputs
 from llmasr.prompt import get_prompt_format, transcript_ids
 
 MODES = ("distance", "cosine", "dot")
@@ -466,9 +467,8 @@ def projector_warmup(
             progressed = False
             for batch in batches:
                 progressed = True
-                feats = batch["features"].to(device)
-                lens = batch["feature_lens"].to(device)
-                speech = model.encode(feats, lens, batch.get("cut_ids"))
+                feats, lens, more = speech_inputs(batch, device)  # more: features_by_type (mixed front ends)
+                speech = model.encode(feats, lens, batch.get("cut_ids"), **more)
                 loss, stats = aux(speech, batch["texts"], batch.get("cut_ids"))
                 opt.zero_grad(set_to_none=True)
                 loss.backward()

@@ -178,6 +178,16 @@ def _broken_weight_file(path: Path) -> Optional[str]:
     return None
 
 
+def _contiguous_input(module: nn.Module, args: tuple):
+    """Forward pre-hook of the output layer. generate()'s prefill gives it the last position,
+    ``hidden[:, -1:, :]``, a non-contiguous view; torch (2.13, CPU) then runs ``F.linear`` as a batched
+    matmul over a per-row copy of the weight (batch x vocab x hidden): for 16 rows of Qwen2's
+    151936-row head 0.85 s instead of 0.18 s in fp32, 40 s instead of 0.06 s in bf16/fp16."""
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(),) + tuple(args[1:])
+    return None
+
+
 def load_llm(
     path: Union[str, Path],
     dtype: Union[str, torch.dtype, None] = "auto",
@@ -230,6 +240,9 @@ def load_llm(
             raise UserError(f"could not load the LLM from {str(path)!r}: {e}") from e
         raise
     logging.info(f"loaded LLM {path} ({type(llm).__name__}, {dtype}, attention={attn})")
+    head = llm.get_output_embeddings()
+    if head is not None:
+        head.register_forward_pre_hook(_contiguous_input)
 
     if not speech_tokens_outside_vocab:  # (allowed when prompt_embedding rows replace them)
         check_vocab_room(llm, tokenizer, resize_vocab)
@@ -260,6 +273,19 @@ def base_causal_lm(llm: nn.Module) -> nn.Module:
     return get_base() if callable(get_base) else llm
 
 
+def merge_lora(llm: nn.Module) -> nn.Module:
+    """The LLM with its LoRA adapters folded into the base weights (``W += scaling * B @ A``, peft's
+    ``merge_and_unload``) and the peft wrapper removed: one matmul per projection instead of three
+    plus the adapter bookkeeping. For inference only - the adapters are gone, so the result can no
+    longer be trained or saved in the training layout. An LLM without LoRA is returned as it is."""
+    merge = getattr(llm, "merge_and_unload", None)
+    if not callable(merge):
+        return llm
+    merged = merge()
+    logging.info(f"merged the LoRA adapters into the LLM weights ({type(merged).__name__})")
+    return merged
+
+
 def decoder_and_head(llm: nn.Module) -> Tuple[nn.Module, nn.Module]:
     """(decoder stack returning last_hidden_state, output projection) of a causal LM."""
     base = base_causal_lm(llm)
@@ -281,5 +307,6 @@ __all__ = [
     "resize_embeddings_for",
     "base_causal_lm",
     "decoder_and_head",
+    "merge_lora",
 ]
 

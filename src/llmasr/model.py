@@ -32,6 +32,7 @@ rows, as whisper_llm_zh's training passes no position ids.
 """
 from __future__ import annotations
 
+import contextlib
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -40,8 +41,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmasr.encoder_cache import EncoderOutputCache
+from llmasr.features import data_feature_type_of
 from llmasr.generation import GenerationOptions, generate
-from llmasr.llm import decoder_and_head
+from llmasr.llm import decoder_and_head, merge_lora
 from llmasr.projector import Projector
 from llmasr.prompt import (
     IGNORE_INDEX,
@@ -59,12 +61,20 @@ class SpeechLLM(nn.Module):
             gives the MoSE layout.
         llm: causal LM (optionally peft-wrapped), ``tokenizer``: its tokenizer with the speech tokens.
         prompt_format: name or :class:`~llmasr.prompt.PromptFormat`.
-        downsample_rate, projector_activation, projector_dropout: see :class:`Projector`.
+        downsample_rate, projector_activation, projector_dropout: see :class:`Projector`;
+            ``downsample_rate`` may be a list with one rate per encoder.
         unfreeze_encoder: train the encoders (else frozen: eval mode, no_grad, even in ``train()``).
             SpeechLLM alone owns this for every encoder type; encoders are plain modules.
         use_prompt_embedding: really use the ``prompt_embedding`` rows (off: SpeechLLM behaviour).
         compat_reference_padding: splice the padded batch's frames like icefall whisper_llm_zh (see
             the module docstring); also settable as an attribute.
+
+    Every encoder gets the features of its own ``feature_type``: MoSE encoders of different front ends
+    (Zipformer fbank, Whisper log-mel, FireRedASR fbank+CMVN) take ``features_by_type`` =
+    {--feature-type: (features, lengths)} (the data module's batches for --feature-type a,b,c);
+    ``features`` / ``feature_lens`` alone serve models whose encoders all take one type.
+    ``feature_type`` / ``feature_dim`` are the first encoder's, ``feature_types`` / ``feature_dims``
+    every encoder's.
     """
 
     def __init__(
@@ -86,19 +96,26 @@ class SpeechLLM(nn.Module):
         encoders = list(encoders)
         if not encoders:
             raise ValueError("SpeechLLM needs at least one speech encoder")
-        feature_types = {getattr(e, "feature_type", None) for e in encoders}
-        feature_dims = {getattr(e, "feature_dim", None) for e in encoders}
-        if len(feature_types) > 1 or len(feature_dims) > 1:
-            raise ValueError(
-                f"all speech encoders must take the same features; got types {sorted(map(str, feature_types))} "
-                f"and dims {sorted(map(str, feature_dims))}"
-            )
+        self.feature_types = [getattr(e, "feature_type", None) for e in encoders]
+        self.feature_dims = [getattr(e, "feature_dim", None) for e in encoders]
+        dim_of_type = {}
+        for t, d in zip(self.feature_types, self.feature_dims):
+            if dim_of_type.setdefault(t, d) != d:  # encoders of one feature type share its features
+                raise ValueError(f"speech encoders taking {t!r} features must take the same feature dims; "
+                                 f"got {dim_of_type[t]} and {d}")
+        # the --feature-type each encoder is fed (keys of features_by_type)
+        self.input_feature_types = [data_feature_type_of(t) for t in self.feature_types]
         self.mose = len(encoders) > 1 if mose is None else bool(mose)
         if not self.mose and len(encoders) != 1:
             raise ValueError(f"{len(encoders)} encoders given but mose=False")
+        many_rates = isinstance(downsample_rate, (list, tuple))
+        rates = list(downsample_rate) if many_rates else [downsample_rate] * len(encoders)
+        if len(rates) != len(encoders):
+            raise ValueError(f"{len(rates)} projector downsample rates {rates} for {len(encoders)} speech encoders")
         hidden = llm.get_input_embeddings().weight.shape[1]
         projectors = [
-            Projector(e.output_dim, hidden, downsample_rate, projector_activation, projector_dropout) for e in encoders
+            Projector(e.output_dim, hidden, int(r), projector_activation, projector_dropout)
+            for e, r in zip(encoders, rates)
         ]
         if self.mose:
             self.encoder = nn.ModuleList(encoders)
@@ -124,10 +141,12 @@ class SpeechLLM(nn.Module):
         self.aux_ctc = None
         # Optional EncoderOutputCache (enable_encoder_cache; --cache-encoder-outputs in training).
         self.encoder_cache: Optional[EncoderOutputCache] = None
+        # Autocast dtype of the encoders at decode (set_decode_dtype); None: as the caller runs them.
+        self.encoder_autocast_dtype: Optional[torch.dtype] = None
         self.unfreeze_encoder = unfreeze_encoder
         self.downsample_rate = downsample_rate
-        self.feature_type = feature_types.pop()
-        self.feature_dim = feature_dims.pop()
+        self.feature_type = self.feature_types[0]
+        self.feature_dim = self.feature_dims[0]
         for e in encoders:
             e.requires_grad_(unfreeze_encoder)
         self.compat_reference_padding = compat_reference_padding
@@ -203,27 +222,52 @@ class SpeechLLM(nn.Module):
         return self.encoder_cache
 
     def encode(
-        self, features: torch.Tensor, feature_lens: torch.Tensor, cut_ids: Optional[Sequence[str]] = None
+        self, features: torch.Tensor, feature_lens: torch.Tensor, cut_ids: Optional[Sequence[str]] = None,
+        features_by_type: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
         """Run every encoder + projector: list of (projected (N, T_k, H), lengths (N,)).
 
         ``cut_ids`` (with :meth:`enable_encoder_cache`): frozen-encoder outputs are looked up by
-        cut id and only the cuts not seen before are encoded.
+        cut id and only the cuts not seen before are encoded. ``features_by_type``: each encoder's
+        features by type (see the class docstring).
         """
         out = []
         # A frozen encoder runs without autograd (no activations kept), whatever mode the caller is in.
         grad = self.unfreeze_encoder and self.training and torch.is_grad_enabled()
+        autocast = self.encoder_autocast_dtype
         for idx, (encoder, projector) in enumerate(zip(self.encoders, self.projectors)):
-            with torch.set_grad_enabled(grad):
+            feats, lens = self._encoder_input(idx, features, feature_lens, features_by_type)
+            # (no autocast context at all without a decode dtype: enabled=False would switch off a
+            # training loop's autocast)
+            precision = (contextlib.nullcontext() if autocast is None
+                         else torch.autocast(feats.device.type, dtype=autocast))
+            with torch.set_grad_enabled(grad), precision:
                 if self.encoder_cache is not None and cut_ids is not None and not grad:
-                    enc_out, enc_lens = self._encode_cached(idx, encoder, features, feature_lens, cut_ids)
+                    enc_out, enc_lens = self._encode_cached(idx, encoder, feats, lens, cut_ids)
                 else:
-                    enc_out, enc_lens = encoder(features, feature_lens)
+                    enc_out, enc_lens = encoder(feats, lens)
             frames, lens = projector(enc_out.to(projector.proj[1].weight.dtype), enc_lens)
             if self.compat_reference_padding:  # every row: all T // ds frames of the padded batch
                 lens = torch.full_like(lens, frames.shape[1])
             out.append((frames, lens))
         return out
+
+    def _encoder_input(self, idx: int, features, feature_lens, features_by_type):
+        """(features, lengths) of the type encoder ``idx`` takes."""
+        if features_by_type is None:
+            if len(set(self.input_feature_types)) > 1:
+                raise ValueError(f"the speech encoders take {self.input_feature_types} features: pass "
+                                 f"features_by_type (the data module's batches with --feature-type "
+                                 f"{','.join(self.input_feature_types)})")
+            return features, feature_lens
+        want = self.input_feature_types[idx]
+        if want not in features_by_type:
+            raise ValueError(f"speech encoder {idx} takes {want} features but the batch has only "
+                             f"{sorted(features_by_type)} (--feature-type {','.join(self.input_feature_types)})")
+        feats, lens = features_by_type[want]
+        if feats.shape[0] != features.shape[0] or lens.shape[0] != features.shape[0]:
+            raise ValueError(f"the {want} features hold {feats.shape[0]} utterances, the batch {features.shape[0]}")
+        return feats, lens
 
     def _encode_cached(self, idx, encoder, features, feature_lens, cut_ids):
         if len(cut_ids) != features.shape[0]:
@@ -342,6 +386,7 @@ class SpeechLLM(nn.Module):
         texts: Optional[Sequence[str]] = None,
         num_speech_groups: Optional[Sequence[int]] = None,
         cut_ids: Optional[Sequence[str]] = None,
+        features_by_type: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
     ):
         """Encoders + prompt + merge.
 
@@ -349,7 +394,7 @@ class SpeechLLM(nn.Module):
         speech_lens (B, E) projected frames per encoder, per-encoder (frames, lengths)).
         """
         device = features.device
-        speech = self.encode(features, feature_lens, cut_ids)
+        speech = self.encode(features, feature_lens, cut_ids, features_by_type)
         b = features.shape[0]
         e = self.num_encoders
         groups = [e] * b if num_speech_groups is None else list(num_speech_groups)
@@ -369,6 +414,7 @@ class SpeechLLM(nn.Module):
     def forward(
         self, features: torch.Tensor, feature_lens: torch.Tensor, texts: Sequence[str],
         cut_ids: Optional[Sequence[str]] = None,
+        features_by_type: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
     ) -> Tuple[torch.Tensor, Dict[str, Union[int, float, torch.Tensor]]]:
         """Mean cross-entropy over transcript tokens (+ end token), and stats.
 
@@ -379,7 +425,8 @@ class SpeechLLM(nn.Module):
         groups = None
         if self.training and self.num_encoders > 1:
             groups = sample_speech_groups(self.num_encoders, features.shape[0])
-        merged, mask, labels, speech_lens, speech = self.prepare_inputs(features, feature_lens, texts, groups, cut_ids)
+        merged, mask, labels, speech_lens, speech = self.prepare_inputs(features, feature_lens, texts, groups, cut_ids,
+                                                                        features_by_type)
         if self.compat_reference_padding:
             # whisper_llm_zh's training passes no position ids: the LLM counts from the first
             # (left-padded) position.
@@ -429,6 +476,27 @@ class SpeechLLM(nn.Module):
 
     # ------------------------------------------------------------------ decoding
 
+    def merge_lora_for_inference(self) -> "SpeechLLM":
+        """Fold the LLM's LoRA adapters into its weights (:func:`llmasr.llm.merge_lora`), so that a
+        decode step costs one matmul per projection. Call once after the checkpoint is loaded; the
+        model is then for decoding only (the state dict loses the training layout). In fp32 the
+        hypotheses are those of the unmerged model (the golden sets decode identically)."""
+        self.llm = merge_lora(self.llm)
+        return self
+
+    def set_decode_dtype(self, dtype: torch.dtype) -> "SpeechLLM":
+        """Decode in ``dtype``: the LLM weights are cast to it; the encoders keep fp32 weights and run
+        under autocast to it (their matmuls in ``dtype``; residual stream, norms, softmax and Swoosh
+        stay fp32, and on CPU their convolutions too - see the encoders' notes); the projectors stay
+        fp32 and their output is cast to the LLM dtype when spliced. Merge LoRA first
+        (:meth:`merge_lora_for_inference`): merging in fp32 and then casting rounds once. float32
+        turns the autocast off. bfloat16 on CPUs with AVX512-BF16/AMX; float16 or bfloat16 on CUDA."""
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"decode dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.llm.to(dtype)
+        self.encoder_autocast_dtype = None if dtype == torch.float32 else dtype
+        return self
+
     @torch.inference_mode()
     def generate_ids(
         self,
@@ -436,6 +504,7 @@ class SpeechLLM(nn.Module):
         feature_lens: torch.Tensor,
         beam_size: int = 1,
         max_new_tokens: Optional[int] = None,
+        features_by_type: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
         **gen_opts,
     ) -> torch.Tensor:
         """Generated token ids (B, N) of a batch (new tokens only, finished rows padded)."""
@@ -445,7 +514,7 @@ class SpeechLLM(nn.Module):
             beam_size = gen_opts.pop("num_beams")
         known = {f.name for f in dataclasses.fields(GenerationOptions)}
         extra = {k: gen_opts.pop(k) for k in list(gen_opts) if k not in known}  # passed to HF generate
-        merged, mask, _, speech_lens, _ = self.prepare_inputs(features, feature_lens)
+        merged, mask, _, speech_lens, _ = self.prepare_inputs(features, feature_lens, features_by_type=features_by_type)
         opts = GenerationOptions(beam_size=beam_size, **gen_opts)
         opts.extra.update(extra)
         if max_new_tokens is not None:
@@ -458,9 +527,10 @@ class SpeechLLM(nn.Module):
         feature_lens: torch.Tensor,
         beam_size: int = 1,
         max_new_tokens: Optional[int] = None,
+        features_by_type: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
         **gen_opts,
     ) -> List[str]:
-        ids = self.generate_ids(features, feature_lens, beam_size, max_new_tokens, **gen_opts)
+        ids = self.generate_ids(features, feature_lens, beam_size, max_new_tokens, features_by_type, **gen_opts)
         return self.tokenizer.batch_decode(ids, skip_special_tokens=True)
 
 

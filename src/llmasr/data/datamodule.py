@@ -8,6 +8,9 @@ Batches are dicts::
      "cut_ids": list[str]}
 
 with the cuts of a batch ordered by decreasing duration (as lhotse's K2SpeechRecognitionDataset).
+With several --feature-type entries (MoSE whose encoders have different front ends) batches also hold
+``"features_by_type": {type: (features, feature_lens)}``, "features" being the first type's
+(:class:`AsrDataset`, :func:`speech_inputs`).
 ``--feature-type firered`` batches are FireRedASR's own: ``feature_lens`` are its snip_edges frame
 counts (``llmasr.features.firered.num_frames``, 2-3 fewer than the lhotse manifest's
 round(duration / 10 ms)), the padding value is 0.0 (FireRedASR's, after CMVN) and T = max(feature_lens),
@@ -46,7 +49,7 @@ from lhotse.dataset import (
     SimpleCutSampler,
     SpecAugment,
 )
-from lhotse.utils import fix_random_seed
+from lhotse.utils import fastcopy, fix_random_seed
 from torch.utils.data import DataLoader
 
 from ..config import UserError, str2bool
@@ -147,7 +150,6 @@ class AsrDataset(torch.utils.data.Dataset):
         self.cut_transforms = list(cut_transforms)
         self.input_transforms = list(input_transforms)
         self.feature_type = feature_type
-        self.firered = feature_type == "firered"
         self.more_feature_types = dict(more_feature_types or {})
         if feature_type in self.more_feature_types:
             raise ValueError(f"feature type {feature_type} given twice")
@@ -212,7 +214,7 @@ class AsrDataset(torch.utils.data.Dataset):
     def _features(self, cuts: CutSet, feature_type: str, strategy, stored: bool):
         """(cuts carrying the stored ``feature_type`` features, features, lengths) of one feature type."""
         if stored and feature_type != self.feature_type:
-            cuts = _with_joined_features(cuts, feature_type)
+            cuts = _at_16k(_with_joined_features(cuts, feature_type), stored)
         try:
             features, feature_lens = strategy(cuts)[:2]
         except Exception as e:
@@ -286,7 +288,7 @@ def _with_joined_features(cuts: CutSet, feature_type: str) -> CutSet:
         if feats is None:
             raise UserError(f"cut {c.id} has no stored {feature_type} features: load the cuts through AsrDataModule "
                             f"with one --manifest-dir per --feature-type entry, or use --on-the-fly-feats true")
-        out.append(c.fastcopy(features=feats))
+        out.append(fastcopy(c, features=feats))
     return CutSet.from_cuts(out)
 
 
@@ -539,12 +541,30 @@ class AsrDataModule:
         self.text_len_fn = text_len_fn
         self.max_text_len = max_text_len
         self.filters: Dict[str, CutFilter] = {}
+        # The feature types of the batches (several: heterogeneous MoSE); the first is the batches'
+        # "features", and its --manifest-dir holds the cuts that are loaded.
+        entries = split_feature_types(getattr(args, "feature_type", "fbank"))
+        self.feature_types: List[str] = list(dict.fromkeys(entries))
+        self.manifest_dirs: Dict[str, Path] = _manifest_dir_per_type(getattr(args, "manifest_dir", "data/fbank"),
+                                                                     entries)
+        self.manifest_dir = self.manifest_dirs[self.feature_types[0]]
+        self._joins: Dict[Path, FeatureJoin] = {}
+        if len(self.feature_types) > 1 and not getattr(args, "on_the_fly_feats", False):
+            if len(set(self.manifest_dirs.values())) < len(self.feature_types):
+                raise UserError(f"--feature-type {args.feature_type} with stored features needs one --manifest-dir per "
+                                f"entry (e.g. data/fbank,data/fbank_whisper80,data/fbank_firered from local/prepare.sh "
+                                f"--feature-type fbank|whisper|firered), or --on-the-fly-feats true")
+            if getattr(args, "enable_musan", False):
+                raise UserError("--enable-musan mixes noise into stored features of one type: with several "
+                                "--feature-type entries use --on-the-fly-feats true (noise mixed into the audio)")
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
         group = parser.add_argument_group(title="Data", description="lhotse manifests, sampling, batching")
         group.add_argument("--manifest-dir", type=Path, default=Path("data/fbank"),
-                           help="directory with <prefix>_cuts_<part>.jsonl.gz")
+                           help="directory with <prefix>_cuts_<part>.jsonl.gz; with several --feature-type entries "
+                                "and stored features one directory per entry, comma-separated (the cuts of each part "
+                                "are those of the first; the other types' features are joined by cut id)")
         group.add_argument("--dataset-prefix", type=str, default="librispeech",
                            help="manifest prefix: librispeech, aishell, or the --name of a Kaldi corpus")
         group.add_argument("--train-cuts", type=str, default="train-all-shuf",
@@ -576,12 +596,16 @@ class AsrDataModule:
         group.add_argument("--num-workers", type=int, default=2, help="dataloader worker processes")
         group.add_argument("--on-the-fly-feats", type=str2bool, default=False,
                            help="compute features from audio at run time (same extractor as local/prepare.sh)")
-        group.add_argument("--feature-type", type=str, default="fbank", choices=list(FEATURE_TYPES),
-                           help="extractor for --on-the-fly-feats; firered also for stored FireRedASR "
-                                "features (its frame counts, padding 0.0)")
+        group.add_argument("--feature-type", type=feature_type_arg, default="fbank",
+                           help="fbank, whisper or firered: extractor for --on-the-fly-feats; firered also for "
+                                "stored FireRedASR features (its frame counts, padding 0.0). MoSE whose encoders take "
+                                "different features: one entry per encoder, e.g. fbank,whisper,firered (batches then "
+                                "also hold features_by_type)")
         group.add_argument("--firered-cmvn", type=str, default=None,
                            help="cmvn.ark of a FireRedASR model, for --feature-type firered")
-        group.add_argument("--num-mel-bins", type=int, default=80, help="80, or 128 for Whisper large-v3")
+        group.add_argument("--num-mel-bins", type=int, default=80,
+                           help="80, or 128 for Whisper large-v3 (with several --feature-type entries: the Whisper "
+                                "features' bins; fbank and firered ones are 80-dim)")
         group.add_argument("--enable-spec-aug", type=str2bool, default=True, help="SpecAugment (training only)")
         group.add_argument("--spec-aug-time-warp-factor", type=int, default=80,
                            help="SpecAugment time warp factor; < 1 disables time warping")
@@ -606,10 +630,10 @@ class AsrDataModule:
         name = str(name)
         if name.endswith((".jsonl.gz", ".jsonl", ".json")):
             p = Path(name)
-            if not p.is_file() and not p.is_absolute() and (Path(self.args.manifest_dir) / p).is_file():
-                p = Path(self.args.manifest_dir) / p
+            if not p.is_file() and not p.is_absolute() and (self.manifest_dir / p).is_file():
+                p = self.manifest_dir / p
         else:
-            p = Path(self.args.manifest_dir) / f"{self.args.dataset_prefix}_cuts_{name}.jsonl.gz"
+            p = self.manifest_dir / f"{self.args.dataset_prefix}_cuts_{name}.jsonl.gz"
         if not p.is_file():
             raise FileNotFoundError(f"cut manifest not found: {p} (check --manifest-dir/--dataset-prefix, "
                                     f"or run local/prepare.sh)")
@@ -619,7 +643,7 @@ class AsrDataModule:
         """One or more part names/paths, concatenated lazily."""
         if isinstance(names, str):
             names = [n for n in names.split(",") if n.strip()]
-        sets = [load_cuts_lazy(self.cuts_path(n.strip())) for n in names]
+        sets = [self._load(self.cuts_path(n.strip())) for n in names]
         return _concat(sets)
 
     def train_cuts(self, name: Optional[str] = None) -> CutSet:
@@ -627,10 +651,10 @@ class AsrDataModule:
         entries = [e.strip() for e in spec.split(",") if e.strip()]
         if len(entries) == 1 and not _has_weight(entries[0]):
             logging.info(f"training cuts: {self.cuts_path(entries[0])}")
-            return load_cuts_lazy(self.cuts_path(entries[0]))
+            return self._load(self.cuts_path(entries[0]))
         names, weights = zip(*(_split_weight(e) for e in entries))
         logging.info(f"training cuts: mux of {list(names)} with weights {list(weights)}")
-        return mux([load_cuts_lazy(self.cuts_path(n)) for n in names], weights=list(weights),
+        return mux([self._load(self.cuts_path(n)) for n in names], weights=list(weights),
                    seed=self.args.seed)
 
     def dev_cuts(self, names: Optional[str] = None) -> CutSet:
@@ -644,7 +668,26 @@ class AsrDataModule:
         return self.load_cuts(names)
 
     def test_cuts(self, name: str) -> CutSet:
-        return load_cuts_lazy(self.cuts_path(name))
+        return self._load(self.cuts_path(name))
+
+    def _load(self, path: Path) -> Optional[CutSet]:
+        """The cuts of one manifest (lazily); with stored features of several types each cut also
+        gets the other types' features, from the manifests of the same name in their --manifest-dir
+        (:class:`FeatureJoin`)."""
+        cuts = load_cuts_lazy(path)
+        if cuts is None or len(self.feature_types) == 1 or self.args.on_the_fly_feats:
+            return cuts
+        join = self._joins.get(path)
+        if join is None:
+            manifests = {}
+            for t in self.feature_types[1:]:
+                manifests[t] = self.manifest_dirs[t] / path.name
+                if not manifests[t].is_file():
+                    raise FileNotFoundError(f"cut manifest not found: {manifests[t]} (the {t} features of {path}; "
+                                            f"check --manifest-dir/--feature-type, or run local/prepare.sh "
+                                            f"--feature-type {t})")
+            join = self._joins[path] = FeatureJoin(path, self.feature_types[0], manifests)
+        return cuts.map(join)
 
     def _exists(self, name: str) -> bool:
         try:
@@ -699,11 +742,19 @@ class AsrDataModule:
     # ---------------------------------------------------------------------------------------
     # DataLoaders
     # ---------------------------------------------------------------------------------------
-    def _input_strategy(self):
+    def _input_strategy(self, feature_type: Optional[str] = None):
         if self.args.on_the_fly_feats:
-            return OnTheFlyFeatures(make_feature_extractor(self.args.feature_type, self.args.num_mel_bins,
-                                                           getattr(self.args, "firered_cmvn", None)))
+            feature_type = feature_type or self.feature_types[0]
+            # several types: --num-mel-bins is the Whisper features' (fbank, firered: 80)
+            bins = self.args.num_mel_bins if len(self.feature_types) == 1 or feature_type == "whisper" else 80
+            cmvn = getattr(self.args, "firered_cmvn", None)
+            return OnTheFlyFeatures(make_feature_extractor(feature_type, bins, cmvn))
         return PrecomputedFeatures()
+
+    def _feature_options(self) -> Dict[str, object]:
+        """AsrDataset's feature type options: the batches' feature type(s) and how to get them."""
+        return dict(feature_type=self.feature_types[0],
+                    more_feature_types={t: self._input_strategy(t) for t in self.feature_types[1:]})
 
     def train_dataloader(
         self,
@@ -731,7 +782,7 @@ class AsrDataModule:
                                                 num_frame_masks=10, features_mask_size=27,
                                                 num_feature_masks=2, frames_mask_size=100))
         dataset = AsrDataset(self._input_strategy(), cut_transforms, input_transforms,
-                             feature_type=args.feature_type, transform_rng=mix_rng)
+                             transform_rng=mix_rng, **self._feature_options())
         buffer_size = args.sampler_buffer_size or args.num_buckets * 2000
         # lhotse's bucketing needs at least two buckets: a one-cut corpus gets the plain sampler.
         bucketing = args.bucketing_sampler and _num_buckets(cuts, args.num_buckets, "train") > 1
@@ -777,7 +828,7 @@ class AsrDataModule:
         else:
             sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
                                               num_buckets=num_buckets, world_size=world_size, rank=rank)
-        dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type)
+        dataset = AsrDataset(self._input_strategy(), **self._feature_options())
         return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=min(2, self.args.num_workers), persistent_workers=False)
 
@@ -797,9 +848,39 @@ class AsrDataModule:
             sampler = DynamicBucketingSampler(cuts, max_duration=self.args.max_duration, shuffle=False,
                                               num_buckets=num_buckets, world_size=1, rank=0)
         # a cut with NaN/inf features must not stop a decode: it leaves its batch, named in "dropped"
-        dataset = AsrDataset(self._input_strategy(), feature_type=self.args.feature_type, drop_nonfinite=True)
+        dataset = AsrDataset(self._input_strategy(), drop_nonfinite=True, **self._feature_options())
         return DataLoader(dataset, sampler=sampler, batch_size=None,
                           num_workers=self.args.num_workers)
+
+
+def _manifest_dir_per_type(manifest_dir, feature_types: Sequence[str]) -> Dict[str, Path]:
+    """--manifest-dir: one directory, or one per --feature-type entry (comma-separated)."""
+    dirs = [Path(d.strip()) for d in str(manifest_dir).split(",") if d.strip()]
+    if len(dirs) == 1:
+        return {t: dirs[0] for t in feature_types}
+    if len(dirs) != len(feature_types):
+        raise UserError(f"--manifest-dir lists {len(dirs)} directories for {len(feature_types)} --feature-type "
+                        f"entries ({','.join(feature_types)}): give one directory, or one per entry")
+    out: Dict[str, Path] = {}
+    for t, d in zip(feature_types, dirs):
+        if out.setdefault(t, d) != d:
+            raise UserError(f"--manifest-dir gives two directories for the {t} features: {out[t]} and {d}")
+    return out
+
+
+def speech_inputs(batch: Dict[str, object], device, non_blocking: bool = False):
+    """``(features, feature_lens, extra)`` of a batch on ``device``: ``extra`` is
+    ``{"features_by_type": {type: (features, lens)}}`` for batches of several feature types
+    (heterogeneous MoSE) and empty otherwise - keyword arguments of SpeechLLM.forward/encode/decode."""
+    features = batch["features"].to(device, non_blocking=non_blocking)
+    feature_lens = batch["feature_lens"].to(device, non_blocking=non_blocking)
+    extra = {}
+    if "features_by_type" in batch:
+        extra["features_by_type"] = {
+            t: (f.to(device, non_blocking=non_blocking), n.to(device, non_blocking=non_blocking))
+            for t, (f, n) in batch["features_by_type"].items()
+        }
+    return features, feature_lens, extra
 
 
 def _num_buckets(cuts: CutSet, wanted: int, name: str) -> int:

@@ -48,8 +48,8 @@ ENCODER_FEATURE_TYPES = {"fbank": "fbank", "whisper-mel": "whisper", "kaldi-fban
 _STORED_FEATURE_TYPES = {"whisper-fbank": "whisper", "firered-fbank": "firered"}
 
 
-def data_feature_type(encoder_feature_type: Optional[str]) -> Optional[str]:
-    """The --feature-type an encoder's ``feature_type`` needs (one of no known front end: itself)."""
+def data_feature_type_of(encoder_feature_type: Optional[str]) -> Optional[str]:
+    """The --feature-type an encoder's ``feature_type`` needs (an unknown one maps to itself)."""
     return ENCODER_FEATURE_TYPES.get(encoder_feature_type or "", encoder_feature_type)
 
 
@@ -95,10 +95,10 @@ def check_feature_type(encoder_feature_type: Union[Optional[str], Sequence[Optio
               for i, t in enumerate(enc_types)]
     if needed != data_types:
         want = needed[0] if len(set(needed)) == 1 else ",".join(needed)
-        if not several:
+        if len(enc_types) == 1:
             raise UserError(
-                f"the speech encoder takes {enc_types[0]!r} features: use --feature-type {want} "
-                f"(and manifests prepared with local/prepare.sh --feature-type {want}), not --feature-type {data_feature_type}"
+                f"the speech encoder takes {enc_types[0]!r} features: use --feature-type {want} (and manifests "
+                f"prepared with local/prepare.sh --feature-type {want}), not --feature-type {data_feature_type}"
             )
         raise UserError(
             f"the speech encoders take {enc_types} features: use --feature-type {want} (one entry per encoder; "

@@ -8,7 +8,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -31,9 +31,12 @@ def decode_dataset(
     **gen_opts,
 ) -> Iterator[Tuple[str, str, str]]:
     """Decode every batch of ``dataloader`` (dicts with ``features``, ``feature_lens``, ``texts``,
-    ``cut_ids``) and yield ``(cut_id, ref, hyp)``; logs progress, speed and ETA every
-    ``log_interval`` seconds (ETA needs ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf
-    features, see llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason)."""
+    ``cut_ids``, and ``features_by_type`` for encoders of several feature types) and yield
+    ``(cut_id, ref, hyp)``; logs progress, speed and ETA every ``log_interval`` seconds (ETA needs
+    ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf features, see
+    llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason)."""
+    from llmasr.data.datamodule import speech_inputs
+
     device = next(model.parameters()).device
     start = last = time.time()
     done = 0
@@ -45,9 +48,9 @@ def decode_dataset(
                 skipped.append((cut_id, reason))
         if not batch["cut_ids"]:
             continue
-        features = batch["features"].to(device)
-        feature_lens = batch["feature_lens"].to(device)
-        hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **gen_opts)
+        features, feature_lens, more = speech_inputs(batch, device)  # more: features_by_type (mixed front ends)
+        hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **more,
+                            **gen_opts)
         if len(hyps) != len(batch["cut_ids"]):
             raise RuntimeError(f"batch {batch_idx}: {len(hyps)} hypotheses for {len(batch['cut_ids'])} cuts")
         for cut_id, ref, hyp in zip(batch["cut_ids"], batch["texts"], hyps):
@@ -192,33 +195,39 @@ def scoring_choice(args, fmt) -> Tuple[str, Optional[str]]:
     return metric, normalize
 
 
-def min_decodable_frames(model, feature_type: str = "fbank") -> int:
-    """The fewest feature frames of a cut from which every speech encoder gives its projector one
-    group of frames (a shorter cut would get no speech position in its prompt; the Zipformer refuses
-    fewer than 9 frames and with them the whole batch). Encoders without a static ``output_lengths``
-    rule are taken to need 1 frame; FireRedASR features need their own minimum."""
+def min_decodable_frames(model, feature_types: Union[str, Sequence[str]] = "fbank") -> Dict[str, int]:
+    """{feature type: the fewest frames of that type} a cut needs so that every speech encoder gives
+    its projector one group of frames (a shorter cut would get no speech position in its prompt; the
+    Zipformer refuses fewer than 9 frames and with them the whole batch). ``feature_types``: the type
+    of every encoder, or one for all. Encoders without a static ``output_lengths`` rule are taken to
+    need 1 frame; FireRedASR features need their own minimum."""
+    encoders, projectors = list(getattr(model, "encoders", [])), list(getattr(model, "projectors", []))
+    if isinstance(feature_types, str):
+        feature_types = [feature_types] * max(len(encoders), 1)
     frames = torch.arange(1, 10001)
-    need = 1
-    for encoder, projector in zip(getattr(model, "encoders", []), getattr(model, "projectors", [])):
+    need = dict.fromkeys(feature_types, 1)
+    for feature_type, encoder, projector in zip(feature_types, encoders, projectors):
         lengths = getattr(encoder, "output_lengths", None)
         if lengths is None:
             continue
         ok = torch.nonzero(lengths(frames) // getattr(projector, "downsample_rate", 1) >= 1)
         if len(ok):
-            need = max(need, int(frames[ok[0, 0]]))
-    if feature_type == "firered":
+            need[feature_type] = max(need[feature_type], int(frames[ok[0, 0]]))
+    if "firered" in need:
         from llmasr.features.firered import MIN_FRAMES
 
-        need = max(need, MIN_FRAMES)
+        need["firered"] = max(need["firered"], MIN_FRAMES)
     return need
 
 
-def _num_frames(cut, args) -> int:
-    """Feature frames the test dataloader gives ``cut`` (llmasr.data.AsrDataset)."""
-    if args.feature_type == "firered":
+def _num_frames(cut, args, feature_type: str) -> int:
+    """Feature frames of ``feature_type`` the test dataloader gives ``cut`` (llmasr.data.AsrDataset)."""
+    if feature_type == "firered":
         from llmasr.features.firered import SAMPLE_RATE, num_frames
 
         return num_frames(round(cut.duration * SAMPLE_RATE))
+    # (a cut's own stored features are those of the first --feature-type; lhotse stores any
+    # other type with the same frame count)
     if cut.has_features and not args.on_the_fly_feats:
         return cut.num_frames
     from lhotse.utils import compute_num_frames
@@ -370,7 +379,9 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
     else:
         device = torch.device(args.device)
     model = build_model_from_args(args, mose=mose)
-    check_feature_type(model.feature_type, args.feature_type, model.feature_dim, getattr(args, "num_mel_bins", None))
+    encoder_feature_types = check_feature_type(getattr(model, "feature_types", model.feature_type), args.feature_type,
+                                               getattr(model, "feature_dims", model.feature_dim),
+                                               getattr(args, "num_mel_bins", None))
     ckpt_lib.load_model_state(model, state_dict, source=source)
     del state_dict
     model.to(device)
@@ -381,13 +392,18 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
     metric, normalize = (args.scoring, args.normalize) if aed else scoring_choice(args, model.prompt_format)
     logging.info(f"scoring: {metric.upper()}, normalisation {normalize or 'default'}")
     rates = {}
-    min_frames = min_decodable_frames(model, args.feature_type)
+    min_frames = min_decodable_frames(model, encoder_feature_types)
     for name in test_sets:
         set_name = _test_set_name(args, name)
-        frames = {c.id: _num_frames(c, args) for c in cuts[name]}
-        num_cuts = len(frames)
-        skipped = [(cut_id, f"too short to decode ({n} feature frames < {min_frames})")
-                   for cut_id, n in frames.items() if n < min_frames]
+        num_cuts, skipped = 0, []
+        for c in cuts[name]:
+            num_cuts += 1
+            for feature_type, need in min_frames.items():
+                n = _num_frames(c, args, feature_type)
+                if n < need:
+                    kind = f"{feature_type} feature frames" if len(min_frames) > 1 else "feature frames"
+                    skipped.append((c.id, f"too short to decode ({n} {kind} < {need})"))
+                    break
         test_cuts = cuts[name]
         if skipped:
             short = {cut_id for cut_id, _ in skipped}
@@ -418,3 +434,14 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
                      + (f" over {len(results)} of {num_cuts} cuts ({len(skipped)} skipped)" if skipped else ""))
     logging.info("Done!")
     return rates
+
+
+def main(argv: Optional[Sequence[str]] = None, mose: bool = False, model_type: str = "speechllm") -> Dict[str, float]:
+    """``src/decode.py`` / ``decode_mose.py`` / ``decode_aed.py``: flags (and ``--config`` files) ->
+    :func:`run_decode` under inference mode."""
+    from llmasr.config import parse_args_with_config
+
+    parser = get_decode_parser(mose=mose, model_type=model_type)
+    args = parse_args_with_config(parser, argv, section="decode", inherit="train")
+    with torch.inference_mode():
+        return run_decode(args, mose=mose)

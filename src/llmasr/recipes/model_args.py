@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import List, Optional
+from typing import List, Optional, Union
 
 from llmasr.config import str2bool
 from llmasr.llm import LORA_TARGETS, load_llm
@@ -43,8 +43,14 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                        help="Checkpoint of the speech encoder.")
         g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
                        help="Accepted for compatibility with SpeechLLM; unused.")
-    g.add_argument("--encoder-projector-ds-rate", type=int, default=4,
-                   help="Number of encoder frames concatenated into one LLM input position.")
+    if mose:
+        g.add_argument("--encoder-projector-ds-rate", type=_rates, default=4,
+                       help="Number of encoder frames concatenated into one LLM input position: one for every "
+                       "encoder, or one per encoder, comma-separated (encoders of different frame rates, e.g. "
+                       "Whisper 50 Hz next to Zipformer/FireRedASR 25 Hz).")
+    else:
+        g.add_argument("--encoder-projector-ds-rate", type=int, default=4,
+                       help="Number of encoder frames concatenated into one LLM input position.")
     g.add_argument("--projector-activation", type=str, default="swooshr", choices=sorted(ACTIVATIONS),
                    help="swooshr (SpeechLLM) or relu (FireRedASR-LLM, icefall whisper_llm_zh).")
     g.add_argument("--projector-dropout", type=float, default=0.1,
@@ -72,6 +78,17 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                    "--speech-encoder-path DIR/asr_encoder.pth.tar --llm-path DIR/Qwen2-7B-Instruct "
                    "--encoder-projector-ds-rate 2 --projector-activation relu --projector-dropout 0 "
                    "--prompt-format firered.")
+
+
+def _rates(value: str) -> Union[int, List[int]]:
+    """--encoder-projector-ds-rate of MoSE: one rate (an int) or one per encoder (a list)."""
+    try:
+        rates = [int(v) for v in split_list(value)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {value!r}") from None
+    if not rates or min(rates) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {value!r}")
+    return rates[0] if len(rates) == 1 else rates
 
 
 def split_list(value: Optional[str]) -> List[str]:
@@ -102,6 +119,10 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         )
     if not mose and len(types) != 1:
         raise ValueError(f"{len(types)} speech encoders given; use the MoSE scripts for more than one")
+    rates = args.encoder_projector_ds_rate
+    if isinstance(rates, list) and len(rates) != len(types):
+        raise ValueError(f"--encoder-projector-ds-rate lists {len(rates)} rates {rates} for {len(types)} speech "
+                         f"encoders ({types}): give one rate, or one per encoder")
     encoders = [build_speech_encoder(t, p, **(encoder_options or {})) for t, p in zip(types, paths)]
     llm, tokenizer = load_llm(
         args.llm_path,

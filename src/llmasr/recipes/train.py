@@ -455,7 +455,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
 
         fix_random_seed(params.seed)
         model = build_model_from_args(args, mose=mose, dtype=_llm_dtype(params))
-        check_feature_type(model.feature_type, args.feature_type, model.feature_dim, getattr(args, "num_mel_bins", None))
+        check_feature_type(getattr(model, "feature_types", model.feature_type), args.feature_type,
+                           getattr(model, "feature_dims", model.feature_dim), getattr(args, "num_mel_bins", None))
         logging.info("Model: %s", _count(model))
         for name, p in model.named_parameters():
             if p.requires_grad:

@@ -23,6 +23,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
+from llmasr.data.datamodule import speech_inputs
 from llmasr.io import atomic_torch_save, unwrap_model
 from llmasr.training.logs import MetricsTracker, Progress, Throughput
 
@@ -105,11 +106,10 @@ def _num(stats: Dict[str, Any], keys, default=None):
 
 def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_training: bool):
     """Forward one batch. Returns (loss tensor, MetricsTracker)."""
-    features = batch["features"].to(device, non_blocking=True)
-    feature_lens = batch["feature_lens"].to(device, non_blocking=True)
+    features, feature_lens, more = speech_inputs(batch, device, non_blocking=True)  # more: features_by_type
     with torch.set_grad_enabled(is_training), autocast_ctx(params, device):
         # cut ids: frozen-encoder outputs may be cached by cut (--cache-encoder-outputs)
-        loss, stats = model(features, feature_lens, batch["texts"], cut_ids=batch.get("cut_ids"))
+        loss, stats = model(features, feature_lens, batch["texts"], cut_ids=batch.get("cut_ids"), **more)
     if not torch.isfinite(loss).all():
         path = save_bad_batch(batch, params.exp_dir)
         raise NonFiniteLossError(
