@@ -567,6 +567,7 @@ def test_projector_warmup_and_aux_ctc_are_recipe_options(env, tmp_path):
     assert moved and all(k.startswith("encoder_projector.") for k in moved), moved
     log = "".join(p.read_text() for p in (a / "log").glob("log-train-*"))
     assert "projector warm-up done: 60 steps" in log
+    assert "training loss = CE + 0.5 x auxiliary CTC of the projector output (mode distance)" in log
     assert "aux_ctc=" in log
 
     # The warm-up lowered the aux CTC loss of the projector over the training batches.

@@ -33,6 +33,7 @@ rows, as whisper_llm_zh's training passes no position ids.
 from __future__ import annotations
 
 import contextlib
+import logging
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -135,9 +136,9 @@ class SpeechLLM(nn.Module):
         )
         self.prompt_ids = resolve_prompt_ids(tokenizer, self.prompt_format)
         self.use_prompt_embedding = use_prompt_embedding
-        # Optional auxiliary CTC of the projector output against the LLM token embeddings
-        # (llmasr.aux_ctc; set by the training recipe from --aux-ctc-weight). Not a module: no
-        # parameters, nothing in checkpoints.
+        # Optional auxiliary CTC of the projector output against the LLM token embeddings, added to
+        # the training loss (enable_aux_ctc; --aux-ctc-weight). Not a module: no parameters,
+        # nothing in checkpoints.
         self.aux_ctc = None
         # Optional EncoderOutputCache (enable_encoder_cache; --cache-encoder-outputs in training).
         self.encoder_cache: Optional[EncoderOutputCache] = None
@@ -210,6 +211,15 @@ class SpeechLLM(nn.Module):
         return self
 
     # ------------------------------------------------------------------ pieces
+
+    def enable_aux_ctc(self, aux_ctc) -> None:
+        """Add ``aux_ctc.weight`` x the auxiliary CTC of the projected frames (:class:`llmasr.aux_ctc.AuxCtc`)
+        to the training loss from now on; ``None`` turns it off. The stats of :meth:`forward` then
+        carry its ``aux_ctc_*`` entries, so the logs show both terms."""
+        self.aux_ctc = aux_ctc
+        if aux_ctc is not None and aux_ctc.weight > 0:
+            logging.info(f"training loss = CE + {aux_ctc.weight:g} x auxiliary CTC of the projector output "
+                         f"(mode {aux_ctc.cfg.mode})")
 
     def enable_encoder_cache(self, max_gb: float = 4.0) -> EncoderOutputCache:
         """Keep frozen-encoder outputs by cut id (see :class:`EncoderOutputCache`)."""

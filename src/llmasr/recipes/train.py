@@ -502,7 +502,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         # the auxiliary CTC loss added inside SpeechLLM.forward. Both before the DDP/DeepSpeed wrap,
         # which must see the warmed-up weights.
         maybe_projector_warmup(params, model, data.train_dataloader(train_cuts), device)
-        model.aux_ctc = build_aux_ctc(args, model)
+        model.enable_aux_ctc(build_aux_ctc(args, model))
 
         def make_optimizer(m):
             return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
