@@ -171,7 +171,7 @@ def test_unknown_llm_key_is_an_error(fr, tmp_path):
     sd = dict(sd)
     sd["llm.base_model.model.model.layers.9.self_attn.q_proj.lora_A.default.weight"] = torch.zeros(64, 64)
     torch.save({"args": args, "model_state_dict": sd}, d / "model.pth.tar")
-    with pytest.raises(CheckpointError, match=r"model.pth.tar: 1 key\(s\) not in the model.*layers\.9"):
+    with pytest.raises(CheckpointError, match=r"model.pth.tar does not match the model \(FireRedASR-LLM\): 1 unexpected: .*layers\.9"):
         load_firered_llm(d)
 
 

@@ -33,7 +33,7 @@ from whisper.model import AudioEncoder, ModelDimensions
 
 from llmasr.encoders import register_encoder
 from llmasr.layers import cpu_fp32_conv
-from llmasr.io import load_torch_file
+from llmasr.io import load_state_dict_strict, load_torch_file
 
 SAMPLE_RATE = 16000
 N_FFT = 400
@@ -262,11 +262,8 @@ def load_whisper_encoder(path: Union[str, os.PathLike], n_head: Optional[int] = 
         inferred["n_audio_ctx"] = int(dims["n_audio_ctx"])
     model = WhisperEncoder.from_dims(inferred, **options)
     target_dtype = enc["conv1.weight"].dtype
-    missing, unexpected = model.load_state_dict(enc, strict=False)
     # positional_embedding is a fixed sinusoid buffer that some checkpoints omit.
-    missing = [k for k in missing if k != "positional_embedding"]
-    if missing or unexpected:
-        raise ValueError(f"{path}: Whisper encoder keys do not match: missing {missing[:8]}, unexpected {unexpected[:8]}")
+    load_state_dict_strict(model, enc, str(path), allow_missing=("positional_embedding",), context="Whisper encoder")
     # Keep the checkpoint's floating dtype out of the module: callers choose the compute dtype
     # (fp32 on CPU; .half()/.bfloat16() or autocast on GPU).
     model.float()

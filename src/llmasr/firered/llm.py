@@ -27,7 +27,9 @@ import torch
 from llmasr.features.firered import FireRedFeatureExtractor
 from llmasr.model import SpeechLLM
 
-from .load import CheckpointError, load_package
+from llmasr.io import load_state_dict_strict
+
+from .load import load_package
 
 PROMPT_FORMAT = "firered"
 LORA_OPTIONS = dict(lora_r=64, lora_alpha=16, lora_dropout=0.05)  # the release's LoraConfig
@@ -59,20 +61,15 @@ def _load_package_into(model: SpeechLLM, path: Path, pkg_args: argparse.Namespac
         raise ValueError(f"{path} was trained with encoder_downsample_rate {ds}, but --encoder-projector-ds-rate "
                          f"is {model.downsample_rate}")
     sd = to_our_layout(sd, source=str(path))
-    own = model.state_dict()
-    unknown = sorted(k for k in sd if k not in own)
-    if unknown:
-        hint = " (LoRA config mismatch? build the model with LoRA: --use-lora true --unfreeze-llm true)" \
-            if any(".lora_" in k for k in unknown) else ""
-        raise CheckpointError(f"{path}: {len(unknown)} key(s) not in the model{hint}, e.g. {unknown[:4]}")
-    shapes = [(k, tuple(v.shape), tuple(own[k].shape)) for k, v in sd.items() if v.shape != own[k].shape]
-    if shapes:
-        raise CheckpointError(f"{path}: shape mismatch (other encoder/LLM/LoRA rank?): "
-                              + "; ".join(f"{k}: file {a} vs model {b}" for k, a, b in shapes[:4]))
-    missing_proj = sorted(k for k in own if k.startswith("encoder_projector.") and k not in sd)
-    if missing_proj:
-        raise CheckpointError(f"{path}: projector weights missing: {missing_proj}")
-    model.load_state_dict({k: v.to(own[k].dtype) for k, v in sd.items()}, strict=False)
+    # Every tensor of the package must fit the model and the adapter must be complete; the rest of the
+    # model (the encoder's other weights, the base LLM) keeps what asr_encoder.pth.tar / the LLM dir gave it.
+    keep = [k for k in model.state_dict() if not k.startswith("encoder_projector.")]
+
+    def lora_hint(mismatch):
+        if any(".lora_" in k for k in mismatch.unexpected):
+            yield "LoRA config mismatch? build the model with LoRA: --use-lora true --unfreeze-llm true"
+
+    load_state_dict_strict(model, sd, str(path), allow_missing=keep, context="FireRedASR-LLM", hints=lora_hint)
     logging.info(f"initialised {len(sd)} tensors from {path}")
 
 
