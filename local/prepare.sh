@@ -16,6 +16,8 @@
 #   3  features:   <fbank-dir>/<name>_cuts_<part>.jsonl.gz (+ <name>_cuts_train-all-shuf.jsonl.gz
 #                  for LibriSpeech: every train part present, shuffled)
 #   4  validate:   features present and readable, num_frames consistent with durations, texts non-empty
+#   5  Shar (only with --shar-shard-size N): <data-dir>/shar/<name>_<part>/{cuts,features}.NNNNNN.* shards of
+#      the training part (train-all-shuf for LibriSpeech, else train) for --train-cuts <that dir>
 #
 # Outputs go to <data-dir> (default ./data), relative to the current directory. Logs are written
 # to stdout and to <data-dir>/log/prepare-<time>.log.
@@ -38,10 +40,12 @@ fbank_dir=               # default: <data-dir>/fbank (fbank), <data-dir>/fbank_w
                          #          <data-dir>/fbank_firered (firered)
 resample=false           # true: keep non-16 kHz audio (resampled on load); false: skip it (logged)
 validate_read_features=1 # 0: validation checks metadata only (fast on large corpora)
+shar_shard_size=         # stage 5 (off when empty): cuts per Shar shard, e.g. 1000
+shar_features=lilcom     # stage 5: lilcom (lossy, small) | numpy (float32 as stored)
 
 # --- option parsing (own implementation of icefall's parse_options.sh) -------------------------
 options=(stage stop_stage nj dl_dir corpus corpus_dir name part language data_dir feature_type
-         num_mel_bins firered_cmvn fbank_dir resample validate_read_features)
+         num_mel_bins firered_cmvn fbank_dir resample validate_read_features shar_shard_size shar_features)
 usage() {
   sed -n '2,/^set -euo/p' "$0" | sed '$d' | sed 's/^# \{0,1\}//'
   echo "Options (default):"
@@ -176,6 +180,19 @@ if [ $stage -le 4 ] && [ $stop_stage -ge 4 ]; then
     touch "$fbank_dir/.$name-validated.done"
   else
     log "$fbank_dir/.$name-validated.done exists - skipping"
+  fi
+fi
+
+if [ -n "$shar_shard_size" ] && [ $stage -le 5 ] && [ $stop_stage -ge 5 ]; then
+  shar_part=train; [ "$corpus" = librispeech ] && shar_part=train-all-shuf
+  shar_out="$data_dir/shar/${name}_$shar_part"
+  log "Stage 5: Shar shards of $fbank_dir/${name}_cuts_$shar_part.jsonl.gz -> $shar_out"
+  if [ ! -e "$data_dir/shar/.${name}_$shar_part.done" ]; then
+    "$python" "$local_dir/export_shar.py" "$fbank_dir/${name}_cuts_$shar_part.jsonl.gz" "$shar_out" \
+      --shard-size "$shar_shard_size" --features "$shar_features" --num-jobs "$nj"
+    touch "$data_dir/shar/.${name}_$shar_part.done"  # (outside the shard dir: lhotse reads every file in it)
+  else
+    log "$data_dir/shar/.${name}_$shar_part.done exists - skipping"
   fi
 fi
 

@@ -27,8 +27,10 @@ import argparse
 import bisect
 import contextlib
 import itertools
+import json
 import logging
 import random
+import re
 import threading
 from collections import Counter
 from dataclasses import dataclass
@@ -448,11 +450,19 @@ class ResumableSampler(torch.utils.data.Sampler):
     counted by :class:`TrainLoader` as it hands batches out: (epoch, batches handed out, cut ids of
     the last one). :meth:`load_state_dict` re-creates the epoch and iterates the lhotse sampler past
     that many batches (cut manifests only: no features are read); the last batch's cut ids check
-    that the data and the sampler options are those of the checkpoint."""
+    that the data and the sampler options are those of the checkpoint.
 
-    def __init__(self, sampler, seed: int):
+    ``rank``/``world_size``: the process's global ones when they are not the lhotse sampler's (Shar
+    shards read per rank: each rank's sampler is a world of one, see :class:`SharShards`); the epoch is
+    also passed on to the Shar sources, whose shard order it sets."""
+
+    def __init__(self, sampler, seed: int, rank: Optional[int] = None, world_size: Optional[int] = None,
+                 shar_sources: Sequence["SharShards"] = ()):
         self.sampler = sampler
         self.seed = seed
+        self.rank = sampler.rank if rank is None else rank
+        self.world_size = sampler.world_size if world_size is None else world_size
+        self.shar_sources = list(shar_sources)
         self.epoch = 0
         self.position = 0  # batches of this epoch handed out by the loader
         self.last_cut_ids: List[str] = []
@@ -462,6 +472,8 @@ class ResumableSampler(torch.utils.data.Sampler):
         if epoch != self.epoch:
             self._resumed = None
         self.epoch = epoch
+        for source in self.shar_sources:
+            source.set_epoch(epoch)
         self.sampler.set_epoch(epoch)
 
     def __iter__(self) -> Iterator[SeededCuts]:
@@ -477,7 +489,7 @@ class ResumableSampler(torch.utils.data.Sampler):
                 cuts = next(it)
             except StopIteration:
                 return
-            yield SeededCuts(cuts, batch_seed(self.seed, self.sampler.rank, self.epoch, index))
+            yield SeededCuts(cuts, batch_seed(self.seed, self.rank, self.epoch, index))
             index += 1
 
     def handed_out(self, cut_ids: Sequence[str]) -> None:
@@ -486,7 +498,7 @@ class ResumableSampler(torch.utils.data.Sampler):
 
     def state_dict(self) -> Dict:
         return {"epoch": self.epoch, "batches": self.position, "last_cut_ids": list(self.last_cut_ids),
-                "world_size": self.sampler.world_size, "seed": self.seed}
+                "world_size": self.world_size, "seed": self.seed}
 
     def load_state_dict(self, state: Dict) -> None:
         """Continue after the batches ``state`` counts; raises UserError if they cannot be the same."""
@@ -494,9 +506,9 @@ class ResumableSampler(torch.utils.data.Sampler):
         if missing:
             raise UserError(f"the sampler state has no {sorted(missing)} (an older checkpoint?): it cannot "
                             f"resume in the middle of an epoch; resume from an epoch-N.pt with --start-epoch")
-        if state["world_size"] != self.sampler.world_size:
+        if state["world_size"] != self.world_size:
             raise UserError(f"the sampler state is of {state['world_size']} ranks, this run has "
-                            f"{self.sampler.world_size}: resume in the middle of an epoch with as many processes")
+                            f"{self.world_size}: resume in the middle of an epoch with as many processes")
         self.set_epoch(state["epoch"])
         it, last = iter(self.sampler), None
         for i in range(state["batches"]):
@@ -515,15 +527,132 @@ class ResumableSampler(torch.utils.data.Sampler):
 
 class TrainLoader(DataLoader):
     """The training DataLoader: tells its :class:`ResumableSampler` which batches it hands out, so
-    that ``loader.sampler.state_dict()`` is the position of training, not of the prefetching workers."""
+    that ``loader.sampler.state_dict()`` is the position of training, not of the prefetching workers.
+
+    ``sync_ranks`` (each rank reads its own Shar shards, so the ranks' epochs differ in length): before
+    handing out a batch the ranks agree that every one of them has one, and the epoch ends for all at
+    the shortest rank (DDP/DeepSpeed steps are collective; lhotse's samplers end a manifest epoch at a
+    round all ranks fill in the same way). Every rank must then draw its batches in lockstep."""
+
+    sync_ranks = False
 
     def __iter__(self):
         return self._counted(super().__iter__())
 
     def _counted(self, batches):
-        for batch in batches:
+        while True:
+            batch = next(batches, None)
+            if self.sync_ranks and not _every_rank_has(batch is not None):
+                return
+            if batch is None:
+                return
             self.sampler.handed_out(batch["cut_ids"])
             yield batch
+
+
+_SYNC_GROUP = None  # a gloo group for the CPU flag of TrainLoader.sync_ranks (the default one may be NCCL)
+
+
+def _every_rank_has(flag: bool) -> bool:
+    global _SYNC_GROUP
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return flag
+    if _SYNC_GROUP is None:
+        default_is_gloo = torch.distributed.get_backend() == "gloo"
+        _SYNC_GROUP = torch.distributed.group.WORLD if default_is_gloo else torch.distributed.new_group(backend="gloo")
+    t = torch.tensor([int(flag)], dtype=torch.int32)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN, group=_SYNC_GROUP)
+    return bool(t.item())
+
+
+# lhotse Shar shard files: <field>.<6-digit shard>.<ext> (or <field>.<ext> when written unsharded)
+_SHAR_FILE = re.compile(r"([A-Za-z0-9_]+)(?:\.(\d+))?\.(jsonl\.gz|jsonl|tar\.gz|tar)")
+
+
+def shar_fields(entry: Union[str, Path]) -> Optional[Dict[str, List[str]]]:
+    """The shards of a lhotse Shar data set, ``{field: [shard, ...]}`` (``cuts`` and e.g. ``features``,
+    ``recording``) as ``CutSet.from_shar(fields=...)`` takes them, or None if ``entry`` is not one: a
+    directory written by ``CutSet.to_shar`` (local/export_shar.py), or a ``*.shar.json`` file holding such
+    a dict whose shards may be paths relative to the file, URLs or ``pipe:`` commands (shards on other
+    disks or servers)."""
+    path = Path(entry)
+    if str(entry).endswith(".shar.json") and path.is_file():
+        try:
+            fields = json.loads(path.read_text())
+        except ValueError as e:
+            raise UserError(f"{path}: not a JSON file ({e})") from None
+        if not isinstance(fields, dict) or not isinstance(fields.get("cuts"), list):
+            raise UserError(f"{path}: expected a JSON object {{\"cuts\": [shard, ...], \"features\": [...], ...}}")
+        fields = {k: [v if "://" in v or v.startswith("pipe:") or Path(v).is_absolute() else str(path.parent / v)
+                      for v in vs] for k, vs in fields.items()}
+    elif path.is_dir():
+        fields = {}
+        for f in sorted(path.iterdir()):
+            m = _SHAR_FILE.fullmatch(f.name)
+            if m:
+                fields.setdefault(m.group(1), []).append(str(f))
+        if "cuts" not in fields:
+            return None
+    else:
+        return None
+    counts = {k: len(v) for k, v in fields.items()}
+    if len(set(counts.values())) != 1:
+        raise UserError(f"Shar data {entry}: every field needs one file per shard, found {counts}")
+    return fields
+
+
+class SharShards:
+    """The cuts of this rank's Shar shards (lazy, a CutSet source): each epoch the shards are ordered
+    (shuffled with ``seed + epoch`` if ``shuffle``, the same order on every rank) and rank ``r`` of ``W``
+    reads shards ``r, r + W, ...`` of that order, as lhotse's ``from_shar(split_for_dataloading=True,
+    shuffle_shards=True)``. Unlike lhotse's reader, whose shard order follows a counter of completed
+    iterations, the order is a function of the epoch (:meth:`set_epoch`, called by :class:`ResumableSampler`):
+    an epoch cut short (the ranks stop at the shortest, --drop-last) or a resumed run sees the same shards.
+    ``rank``/``world_size`` default to torch.distributed's (or RANK/WORLD_SIZE)."""
+
+    def __init__(self, fields: Dict[str, List[str]], name: str, shuffle: bool, seed: int,
+                 rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.fields, self.name, self.shuffle, self.seed = fields, name, shuffle, seed
+        self.rank, self.world_size = rank, world_size
+        self.epoch = 0
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.fields["cuts"])
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def my_shards(self) -> List[int]:
+        from lhotse.dataset.dataloading import get_rank, get_world_size
+
+        rank = get_rank() if self.rank is None else self.rank
+        world_size = get_world_size() if self.world_size is None else self.world_size
+        if self.num_shards < world_size:
+            raise UserError(f"Shar data {self.name} has {self.num_shards} shards for {world_size} ranks (each reads "
+                            f"its own): export it with a smaller --shard-size (local/export_shar.py)")
+        order = list(range(self.num_shards))
+        if self.shuffle:
+            random.Random(self.seed + self.epoch).shuffle(order)
+        return order[rank::world_size]
+
+    def __iter__(self):
+        from lhotse.shar import LazySharIterator
+
+        mine = self.my_shards()
+        return iter(LazySharIterator(fields={k: [v[i] for i in mine] for k, v in self.fields.items()}))
+
+
+def _shar_sources(obj) -> Iterator[SharShards]:
+    """The :class:`SharShards` a (filtered, muxed, mapped...) CutSet reads from."""
+    if isinstance(obj, SharShards):
+        yield obj
+    elif isinstance(obj, CutSet):
+        yield from _shar_sources(obj.data)
+    else:
+        for inner in [getattr(obj, "iterator", None), *getattr(obj, "iterators", ())]:
+            if inner is not None:
+                yield from _shar_sources(inner)
 
 
 class AsrDataModule:
@@ -569,7 +698,10 @@ class AsrDataModule:
                            help="manifest prefix: librispeech, aishell, or the --name of a Kaldi corpus")
         group.add_argument("--train-cuts", type=str, default="train-all-shuf",
                            help="part name, manifest path, or comma-separated 'name_or_path[:weight]' "
-                                "entries multiplexed with CutSet.mux")
+                                "entries multiplexed with CutSet.mux; an entry may be lhotse Shar data (a directory "
+                                "of cuts.NNNNNN.jsonl.gz + features/recording.NNNNNN.tar shards from "
+                                "local/export_shar.py, or a *.shar.json list of shard paths/URLs): each rank then "
+                                "reads its own shards")
         group.add_argument("--dev-cuts", type=str, default=None,
                            help="comma-separated parts/paths (default: dev-clean,dev-other that exist for "
                                 "librispeech, else dev)")
@@ -592,6 +724,10 @@ class AsrDataModule:
                                 "edge of its duration bucket); false: lhotse's budget, which the last cut of a "
                                 "batch may overshoot (icefall's exact batches)")
         group.add_argument("--shuffle", type=str2bool, default=True, help="shuffle training cuts every epoch")
+        group.add_argument("--shuffle-shards", type=str2bool, default=True,
+                           help="Shar training data: shuffle the shard order every epoch (seeded by --seed and the "
+                                "epoch); false reads the shards in order, so one process gets the batches of the "
+                                "same cuts as a manifest")
         group.add_argument("--drop-last", type=str2bool, default=True, help="drop the last incomplete batch")
         group.add_argument("--num-workers", type=int, default=2, help="dataloader worker processes")
         group.add_argument("--on-the-fly-feats", type=str2bool, default=False,
@@ -650,12 +786,29 @@ class AsrDataModule:
         spec = name or self.args.train_cuts
         entries = [e.strip() for e in spec.split(",") if e.strip()]
         if len(entries) == 1 and not _has_weight(entries[0]):
-            logging.info(f"training cuts: {self.cuts_path(entries[0])}")
-            return self._load(self.cuts_path(entries[0]))
+            return self._train_entry(entries[0])
         names, weights = zip(*(_split_weight(e) for e in entries))
         logging.info(f"training cuts: mux of {list(names)} with weights {list(weights)}")
-        return mux([self._load(self.cuts_path(n)) for n in names], weights=list(weights),
-                   seed=self.args.seed)
+        sets = [self._train_entry(n) for n in names]
+        if len({any(True for _ in _shar_sources(c)) for c in sets}) > 1:
+            raise UserError(f"--train-cuts {spec} mixes Shar data and cut manifests: each rank reads its own "
+                            f"Shar shards but every cut of a manifest; export the manifests too (local/export_shar.py)")
+        return mux(sets, weights=list(weights), seed=self.args.seed)
+
+    def _train_entry(self, name: str) -> CutSet:
+        """One --train-cuts entry: a part name or manifest path, or Shar data (:func:`shar_fields`)."""
+        fields = shar_fields(name)
+        if fields is None and not Path(name).is_absolute():
+            fields = shar_fields(self.manifest_dir / name)
+        if fields is None:
+            logging.info(f"training cuts: {self.cuts_path(name)}")
+            return self._load(self.cuts_path(name))
+        if len(self.feature_types) > 1 and not self.args.on_the_fly_feats:
+            raise UserError(f"Shar data {name}: several --feature-type entries with stored features join manifests "
+                            f"by cut id, which Shar data cannot; use --on-the-fly-feats true (export the audio)")
+        shards = SharShards(fields, name, getattr(self.args, "shuffle_shards", True), self.args.seed)
+        logging.info(f"training cuts: Shar data {name}, {shards.num_shards} shards of {sorted(fields)}")
+        return CutSet(shards)
 
     def dev_cuts(self, names: Optional[str] = None) -> CutSet:
         names = names or self.args.dev_cuts
@@ -762,11 +915,25 @@ class AsrDataModule:
         sampler_state_dict: Optional[Dict] = None,
         world_size: Optional[int] = None,
         rank: Optional[int] = None,
+        sync_ranks: bool = True,
     ) -> DataLoader:
         """Training loader (a :class:`TrainLoader` over a :class:`ResumableSampler`);
         ``world_size``/``rank`` default to torch.distributed's. Save ``loader.sampler.state_dict()``
         in checkpoints and pass it back to resume mid-epoch: the resumed batches and their
-        augmentation are those of an uninterrupted run, for any --num-workers."""
+        augmentation are those of an uninterrupted run, for any --num-workers.
+
+        Shar data (:class:`SharShards`): each rank's sampler batches the cuts of its own shards (a lhotse
+        sampler of world size 1) and, with ``sync_ranks`` and a process group, the ranks end each epoch
+        together (:class:`TrainLoader`); a mid-epoch resume re-reads the rank's shards up to its position."""
+        from lhotse.dataset.dataloading import get_rank, get_world_size
+
+        shar = list(_shar_sources(cuts))
+        global_rank = get_rank() if rank is None else rank
+        global_world_size = get_world_size() if world_size is None else world_size
+        if shar:
+            for source in shar:
+                source.rank, source.world_size = global_rank, global_world_size
+            rank, world_size = 0, 1  # the shards are this rank's already
         args = self.args
         if args.quadratic_duration is not None and not args.bucketing_sampler:
             raise UserError("--quadratic-duration needs --bucketing-sampler true")
@@ -807,16 +974,19 @@ class AsrDataModule:
             sampler = SimpleCutSampler(cuts, max_duration=args.max_duration, shuffle=args.shuffle,
                                        drop_last=args.drop_last, world_size=world_size, rank=rank,
                                        seed=args.seed)
-        sampler = ResumableSampler(sampler, args.seed)
+        sampler = ResumableSampler(sampler, args.seed, rank=global_rank, world_size=global_world_size,
+                                   shar_sources=shar)
         if sampler_state_dict is not None:
             logging.info("loading the training sampler state")
             sampler.load_state_dict(sampler_state_dict)
         # Its own generator: creating an iterator draws the workers' base seed, which must not come
         # from the training process's RNG (a resumed run creates one more iterator than an
         # uninterrupted one, whose persistent workers serve every epoch).
-        return TrainLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
-                           persistent_workers=args.num_workers > 0,
-                           generator=torch.Generator().manual_seed(args.seed))
+        loader = TrainLoader(dataset, sampler=sampler, batch_size=None, num_workers=args.num_workers,
+                             persistent_workers=args.num_workers > 0,
+                             generator=torch.Generator().manual_seed(args.seed))
+        loader.sync_ranks = bool(shar) and sync_ranks and global_world_size > 1
+        return loader
 
     def valid_dataloader(self, cuts: CutSet, world_size: Optional[int] = None,
                          rank: Optional[int] = None) -> DataLoader:

@@ -428,6 +428,13 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         setup_logger(params.exp_dir / "log" / "log-train", rank, world_size)
         if rank == 0:  # the checkpoint writer: remove what a killed save of an earlier run left
             prune_stale_temp_files(params.exp_dir)
+        if not dist_utils.exp_dir_is_shared(params.exp_dir):
+            # Multi-node with node-local --exp-dir: checkpoints land on global rank 0's node only.
+            logging.warning(
+                "--exp-dir %s is not shared by all ranks: only global rank 0 writes checkpoints, on its node; "
+                "to resume, copy checkpoint-N.pt / epoch-N.pt to this path on every node%s", params.exp_dir,
+                " (DeepSpeed ZeRO checkpoints need a shared --exp-dir: rank 0 gathers every rank's shard)"
+                if params.deepspeed else "")
         _set_precision(params)
         device = dist_utils.get_device(rank)
         logging.info("Training started: rank %d of %d on %s, dtype %s, autocast %s",
@@ -501,7 +508,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         # dataloader (the training sampler's position is untouched; skipped when resuming), then
         # the auxiliary CTC loss added inside SpeechLLM.forward. Both before the DDP/DeepSpeed wrap,
         # which must see the warmed-up weights.
-        maybe_projector_warmup(params, model, data.train_dataloader(train_cuts), device)
+        # (sync_ranks off: each rank warms up alone, and a time limit may stop them at different steps)
+        maybe_projector_warmup(params, model, data.train_dataloader(train_cuts, sync_ranks=False), device)
         model.enable_aux_ctc(build_aux_ctc(args, model))
 
         def make_optimizer(m):

@@ -9,6 +9,12 @@ Three ways to run, all ending in ``run(rank, world_size, args)``:
   from the environment; ``--world-size`` is ignored.
 
 The backend is NCCL when CUDA is available and gloo otherwise (CPU training / tests).
+
+Several machines: one launcher per node, e.g. ``torchrun --nnodes 2 --node-rank K --nproc-per-node 8
+--rdzv-backend c10d --rdzv-endpoint HOST:PORT --rdzv-id JOB`` (README "Scaling out"). ``rank`` is then
+the GLOBAL rank (RANK): it picks the sampler's share, the log file and the one process (global rank 0)
+that writes checkpoints and tensorboard logs; LOCAL_RANK (0 on the first process of every node) only
+picks the GPU.
 """
 from __future__ import annotations
 
@@ -20,7 +26,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-__all__ = ["launch", "setup_dist", "cleanup_dist", "get_device", "launched_externally", "is_main"]
+__all__ = ["launch", "setup_dist", "cleanup_dist", "get_device", "launched_externally", "is_main",
+           "exp_dir_is_shared"]
 
 
 def launched_externally() -> bool:
@@ -80,7 +87,29 @@ def get_device(rank: int) -> torch.device:
 
 
 def is_main(rank: int) -> bool:
+    """The global rank 0 (not the first process of every node)."""
     return rank == 0
+
+
+def exp_dir_is_shared(exp_dir) -> bool:
+    """Whether every rank sees the same ``exp_dir`` (one file system), found by rank 0 creating a marker
+    file there (collective; True without a process group). On node-local directories only global rank 0's
+    node receives checkpoints."""
+    import uuid
+    from pathlib import Path
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return True
+    marker = Path(exp_dir) / f".shared-check-{broadcast_object(uuid.uuid4().hex)}"
+    if dist.get_rank() == 0:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
+    barrier()
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, marker.exists())
+    if dist.get_rank() == 0:  # every rank has looked (all_gather returned)
+        marker.unlink(missing_ok=True)
+    return all(seen)
 
 
 def barrier() -> None:
