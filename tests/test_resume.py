@@ -87,7 +87,7 @@ def test_loader_state_is_the_trained_position_with_workers(env):
         dm0.train_dataloader(dm0.train_cuts("train"), sampler_state_dict=state, world_size=2, rank=0)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_single_process_kill_and_resume_with_workers_is_exact(env, tmp_path, monkeypatch):
     from llmasr.recipes.train import Checkpointer
 
@@ -132,7 +132,7 @@ def test_single_process_kill_and_resume_with_workers_is_exact(env, tmp_path, mon
     print(f"single-process resume test: {time.time() - t0:.0f} s", file=sys.stderr)
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_ddp_kill_and_resume_with_workers_is_exact(env, tmp_path):
     from llmasr.config import UserError
 

@@ -103,7 +103,7 @@ def test_shar_loader_resumes_mid_epoch_with_workers(env, shar):
         assert got["cut_ids"] == want["cut_ids"] and torch.equal(got["features"], want["features"])
 
 
-def launch_two_nodes(argv_per_node, timeout=300):
+def launch_two_nodes(argv_per_node, timeout=800):
     """Two torchrun launchers on this host as two nodes of one process each (c10d rendezvous, gloo)."""
     port, run_id = free_port(), f"job{os.getpid()}"
     env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
@@ -135,7 +135,7 @@ def state_sha1(state: dict) -> str:
     return h.hexdigest()
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)
 def test_two_nodes_train_agree_and_resume_exactly(env, shar, tmp_path):
     t0 = time.time()
     opts = dict(COMMON, save_every_n=2, train_cuts=str(shar["train"]), dev_cuts="dev")
