@@ -45,6 +45,8 @@ def _make(argv) -> None:
     p.add_argument("--markov-fraction", type=float, default=0.0,
                    help="English: share of train/dev sentences from open-domain Markov text (essential-generators)")
     p.add_argument("--markov-max-words", type=int, default=12)
+    p.add_argument("--common-fraction", type=float, default=0.0,
+                   help="share of train/dev sentences that are random sequences of common words (faker's lists)")
     p.add_argument("--more-voices", action="store_true", help="also espeak-ng's named voice variants")
     p.add_argument("--num-heldout", type=int, default=0,
                    help="also write the novel-shape and open-domain test sets (this many utterances each, voices "
@@ -56,7 +58,7 @@ def _make(argv) -> None:
                               num_dev=args.num_dev, num_test_other=args.num_test_other, seed=args.seed,
                               utts_per_speaker=args.utts_per_speaker, num_jobs=args.nj,
                               markov_fraction=args.markov_fraction, markov_max_words=args.markov_max_words,
-                              more_voices=args.more_voices)
+                              more_voices=args.more_voices, common_fraction=args.common_fraction)
     logging.info(f"corpus written to {root}")
     if args.num_heldout:
         seen = {t.lower() if args.lang == "en" else t.replace(" ", "") for _, t in read_corpus_transcripts(root).values()}

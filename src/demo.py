@@ -248,9 +248,11 @@ def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
         markov_fraction=c.get("markov_fraction", 0.0),
         markov_max_words=c.get("markov_max_words", 12),
         more_voices=c.get("more_voices", False),
+        common_fraction=c.get("common_fraction", 0.0),
     )
     say(f"  corpus: {root} ({c['num_train']} train / {c.get('num_dev')} dev / {c['num_test']} test utterances; "
-        f"{c.get('markov_fraction', 0.0):.0%} of train/dev from the Markov text)")
+        f"train/dev: {c.get('markov_fraction', 0.0):.0%} Markov text, {c.get('common_fraction', 0.0):.0%} "
+        "common-word sequences, the rest templates)")
     return root
 
 

@@ -114,6 +114,9 @@ def transcribe(args) -> List[Tuple[str, str]]:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     model.to(device)
     model.eval()
+    model.merge_lora_for_inference()
+    if args.decode_dtype:
+        model.set_decode_dtype(getattr(torch, args.decode_dtype))
     # On-the-fly features: the data module's front end for --feature-type (16 kHz resampling included).
     args.on_the_fly_feats = True
     loader = AsrDataModule(args).test_dataloader(cuts)

@@ -125,6 +125,18 @@ def test_markov_text_is_speakable_open_domain_text():
     assert len(vocab) > 2 * len(template_vocab) and len(vocab - template_vocab) > 800
 
 
+def test_common_word_sequences():
+    import random
+
+    from llmasr.demo.espeak import common_words_sentence
+
+    en = [common_words_sentence(random.Random(i)) for i in range(100)]
+    assert all(4 <= len(s.split()) <= 10 and re.fullmatch(r"[a-z]+( [a-z]+)*", s) for s in en)
+    assert len({w for s in en for w in s.split()}) > 400  # ~960 words, drawn uniformly
+    zh = [common_words_sentence(random.Random(i), "zh") for i in range(50)]
+    assert all(re.fullmatch(r"[\u4e00-\u9fff]{2,}", s) for s in zh) and len(set(zh)) == 50
+
+
 def test_heldout_sentences_come_from_other_sources():
     from llmasr.demo.espeak import EN_OPEN_DOMAIN, generate_sentences, heldout_sentences
 

@@ -1,12 +1,15 @@
 #!/usr/bin/env python3
 """FireRedASR-AED batched beam search throughput vs batch size (CPU or CUDA).
 
-Decodes the same utterances with batch sizes 1, 4, 16 and prints utterances/s, decoder steps/s and
-the real-time factor (encoder + beam search). Without --model-dir a randomly initialised model is
-built (random weights rarely emit <eos>, so every hypothesis runs --decode-max-len steps: a
-worst-case, fixed amount of work per utterance).
+Decodes the same utterances with batch sizes 1, 4, 16 and prints utterances/s, decoder steps/s, the
+real-time factor (encoder + beam search) and peak memory. Without --model-dir a randomly initialised
+model of ``--shape`` is built: ``small`` (d_model 256, 12 encoder / 6 decoder layers) or
+``published`` (FireRedASR-AED-L: d_model 1280, 20 heads, 16 + 16 layers, 1.1B). Random weights rarely
+emit <eos>, so every hypothesis runs --decode-max-len steps: a worst-case, fixed amount of work per
+utterance. ``--dtype bfloat16``: encoder and beam search under autocast (AVX512-BF16/AMX CPUs, GPUs).
 
-  python local/bench/bench_aed.py                                  # random 'medium' model
+  python local/bench/bench_aed.py                                  # random small model
+  python local/bench/bench_aed.py --shape published --device cuda --dtype bfloat16
   python local/bench/bench_aed.py --model-dir models/FireRedASR-AED-L --wav-scp data/test/wav.scp
 """
 import argparse
@@ -18,9 +21,16 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
+from bench_decode import PeakMemory  # noqa: E402
 from llmasr.firered.aed import FireRedAsrAed  # noqa: E402
 from llmasr.features.firered import pad_features  # noqa: E402
 from llmasr.firered.load import load_aed_dir  # noqa: E402
+
+
+SHAPES = {
+    "small": dict(d_model=256, n_layers_enc=12, n_layers_dec=6, n_head=4),
+    "published": dict(d_model=1280, n_layers_enc=16, n_layers_dec=16, n_head=20),  # FireRedASR-AED-L
+}
 
 
 def main():
@@ -32,14 +42,19 @@ def main():
     p.add_argument("--batch-sizes", default="1,4,16")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--decode-max-len", type=int, default=40)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--n-layers-enc", type=int, default=12)
-    p.add_argument("--n-layers-dec", type=int, default=6)
-    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--shape", default="small", choices=sorted(SHAPES))
+    p.add_argument("--d-model", type=int, default=None, help="overrides --shape")
+    p.add_argument("--n-layers-enc", type=int, default=None, help="overrides --shape")
+    p.add_argument("--n-layers-dec", type=int, default=None, help="overrides --shape")
+    p.add_argument("--n-head", type=int, default=None, help="overrides --shape")
     p.add_argument("--odim", type=int, default=7832, help="FireRedASR-AED-L's vocabulary size")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
     args = p.parse_args()
+    for k, v in SHAPES[args.shape].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     dev = torch.device(args.device)
@@ -65,26 +80,32 @@ def main():
         feats = [torch.randn(t, 80) for t in frames]
     audio_sec = sum(f.size(0) for f in feats) / 100.0
 
-    print(f"model: {nparams:.1f} M params, device {dev}, threads {args.threads}, beam {args.beam_size}, "
-          f"decode_max_len {args.decode_max_len}, {len(feats)} utts, {audio_sec:.1f} s audio")
+    print(f"model: {nparams:.1f} M params, device {dev}, threads {args.threads}, dtype {args.dtype}, beam "
+          f"{args.beam_size}, decode_max_len {args.decode_max_len}, {len(feats)} utts, {audio_sec:.1f} s audio, "
+          f"load average {os.getloadavg()[0]:.1f}")
     # cpu_s (process CPU time) is less sensitive than wall time to other jobs on a shared machine.
-    print(f"{'batch':>5} {'time_s':>8} {'cpu_s':>8} {'utt/s':>8} {'steps/s':>9} {'RTF':>8}")
+    print(f"{'batch':>5} {'time_s':>8} {'cpu_s':>8} {'utt/s':>8} {'steps/s':>9} {'RTF':>8} {'peak MB':>8}")
+    amp = getattr(torch, args.dtype)
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        # warm-up
-        x, lens = pad_features(feats[:bs])
-        model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, 4)
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        t0, c0 = time.perf_counter(), time.process_time()
-        steps = 0
-        for i in range(0, len(feats), bs):
-            x, lens = pad_features(feats[i : i + bs])
-            hyps = model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, args.decode_max_len, 1.25, 0.6, 1.0)
-            steps += max(len(h[0]["yseq"]) for h in hyps) + 1
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
-        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
-        print(f"{bs:>5} {dt:>8.2f} {cpu:>8.2f} {len(feats) / dt:>8.2f} {steps / dt:>9.1f} {dt / audio_sec:>8.4f}")
+        with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
+            # warm-up
+            x, lens = pad_features(feats[:bs])
+            model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, 4)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            with PeakMemory(dev) as mem:
+                t0, c0 = time.perf_counter(), time.process_time()
+                steps = 0
+                for i in range(0, len(feats), bs):
+                    x, lens = pad_features(feats[i : i + bs])
+                    hyps = model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, args.decode_max_len, 1.25,
+                                            0.6, 1.0)
+                    steps += max(len(h[0]["yseq"]) for h in hyps) + 1
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"{bs:>5} {dt:>8.2f} {cpu:>8.2f} {len(feats) / dt:>8.2f} {steps / dt:>9.1f} {dt / audio_sec:>8.4f} "
+              f"{mem.extra / 2**20:>8.0f}")
 
 
 if __name__ == "__main__":

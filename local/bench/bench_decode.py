@@ -1,15 +1,25 @@
 #!/usr/bin/env python3
-"""Decoding speed of SpeechLLM vs batch size: utt/s, RTF and peak memory, for random models.
+"""Decoding speed of SpeechLLM vs batch size: utt/s, RTF and peak memory, for random models of the
+published shapes (nothing is downloaded).
 
-    python3 local/bench/bench_decode.py                      # tiny and small model, batch 1,4,16,64
-    python3 local/bench/bench_decode.py --models small --batch-sizes 1,16 --num-utts 32
+    python3 local/bench/bench_decode.py                                  # --shape small: minutes on a CPU
+    python3 local/bench/bench_decode.py --shape small --dtype bfloat16   # bf16 (AVX512-BF16/AMX CPUs, GPUs)
+    python3 local/bench/bench_decode.py --shape published --device cuda --dtype float16 --systems zipformer
 
-Models are random (nothing is downloaded): a Qwen2-style LLM built from a config ("tiny": hidden 64,
-2 layers, like the golden set; "small": hidden 512, 8 layers, ~25M parameters) with the golden
-tokenizer's 528-row vocabulary and LoRA r=64, and a random 2-layer conv encoder (4x subsampling,
-then the projector's 4x). Utterances are 2-8 s of random 80-dim features, decoded longest first in
-batches (as the bucketing test loader does), greedy, at most --max-new-tokens tokens. The
-hypotheses of every batch size are compared with batch size 1.
+Systems (``--systems``), per ``--shape``:
+
+- ``zipformer``: Zipformer-large + Qwen2-1.5B-Instruct shape (small: Zipformer-small + a 512-wide, 8-layer
+  Qwen2 with a 528-row vocabulary);
+- ``mose``: 4 x Zipformer-large MoSE + Qwen2-1.5B (small: 4 x Zipformer-small + the small Qwen2);
+- ``whisper``: Whisper-large-v2 encoder + Qwen2-1.5B, projector rate 8 (small: Whisper-base shape).
+
+Weights are random (LoRA r=64 with non-zero B, merged into the LLM before decoding as the decode
+scripts do unless ``--no-merge-lora``); the tokenizer is the golden set's Qwen2 tokenizer. Utterances
+are 2-8 s of random 80-dim features, decoded longest first in batches (as the bucketing test loader
+does), greedy, exactly ``--max-new-tokens`` tokens (``min_new_tokens``: random weights would stop at
+random). ``--dtype``: SpeechLLM.set_decode_dtype (LLM weights in that dtype, encoders under autocast).
+The hypotheses of every batch size are compared with batch size 1 (the Zipformer's last frames see the
+batch padding, so its hypotheses may depend on the batch; Whisper's do not).
 
 Peak memory: CUDA max_memory_allocated on GPU; on CPU the peak resident set size sampled every
 2 ms during the run minus the RSS before it, i.e. the extra memory decoding needed (a lower bound:
@@ -29,38 +39,34 @@ sys.path.insert(0, str(REPO / "src"))
 import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-MODELS = {
-    "tiny": dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2),
+# Qwen2 shapes (Qwen2-1.5B-Instruct's config.json; "small": a 25M stand-in with the tokenizer's vocabulary)
+QWEN2 = {
     "small": dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=8, num_attention_heads=8,
-                  num_key_value_heads=2),
+                  num_key_value_heads=2, vocab_size=528),
+    "1.5B": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                 num_key_value_heads=2, vocab_size=151936),
+}
+# Whisper encoder shapes: (n_mels, n_state, n_head, n_layer)
+WHISPER = {"whisper-base": (80, 512, 8, 6), "whisper-large-v2": (80, 1280, 20, 32)}
+# shape -> system -> (speech encoders, projector downsample rate, LLM)
+SYSTEMS = {
+    "small": {"zipformer": (["zipformer-small"], 4, "small"), "mose": (["zipformer-small"] * 4, 4, "small"),
+              "whisper": (["whisper-base"], 8, "small")},
+    "published": {"zipformer": (["large"], 4, "1.5B"), "mose": (["large"] * 4, 4, "1.5B"),
+                  "whisper": (["whisper-large-v2"], 8, "1.5B")},
 }
 
 
-class ConvEncoder(nn.Module):
-    """Random stand-in speech encoder: two stride-2 convolutions (4x subsampling), 256 dims."""
+def build_encoder(name: str) -> nn.Module:
+    """A random encoder of a registered type (Whisper: built from its shape; the registry needs a checkpoint)."""
+    if name in WHISPER:
+        from llmasr.encoders.whisper import WhisperEncoder
 
-    feature_type = "fbank"
-    feature_dim = 80
+        n_mels, n_state, n_head, n_layer = WHISPER[name]
+        return WhisperEncoder(n_mels, 1500, n_state, n_head, n_layer)
+    from llmasr.encoders import build_speech_encoder
 
-    def __init__(self, dim: int = 256):
-        super().__init__()
-        self.output_dim = dim
-        self.conv1 = nn.Conv1d(80, dim, 3, stride=2, padding=1)
-        self.conv2 = nn.Conv1d(dim, dim, 3, stride=2, padding=1)
-
-    def forward(self, x, lens):
-        # Frames beyond an utterance's length are zeroed before each convolution, so its output
-        # does not depend on how much padding the batch adds (unlike the Zipformer, whose last
-        # frames see the padding): batched and one-at-a-time decoding must then agree.
-        def masked(y, n):
-            keep = torch.arange(y.shape[-1], device=y.device)[None, None, :] < n[:, None, None]
-            return y * keep
-
-        lens1 = (lens + 1) // 2
-        out_lens = (lens1 + 1) // 2
-        y = torch.relu(self.conv1(masked(x.transpose(1, 2), lens)))
-        y = torch.tanh(self.conv2(masked(y, lens1))).transpose(1, 2)
-        return y, out_lens
+    return build_speech_encoder(name)
 
 
 def _rss() -> int:
@@ -102,27 +108,30 @@ class PeakMemory:
             self.extra = max(self.peak, _rss()) - self.base
 
 
-def build_model(name: str, tokenizer_dir: Path, workdir: Path, dtype, device):
+def build_model(shape: str, system: str, tokenizer_dir: Path, workdir: Path, dtype, device, merge_lora: bool):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     from llmasr.llm import load_llm
     from llmasr.model import SpeechLLM
 
-    llm_dir = workdir / name
+    encoders, rate, llm_shape = SYSTEMS[shape][system]
+    llm_dir = workdir / f"{shape}-{system}"
     llm_dir.mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         (llm_dir / f).write_bytes((tokenizer_dir / f).read_bytes())
     torch.manual_seed(0)
-    cfg = Qwen2Config(vocab_size=528, tie_word_embeddings=True, initializer_range=0.25, rope_theta=1e6,
-                      max_position_embeddings=4096, **MODELS[name])
+    cfg = Qwen2Config(tie_word_embeddings=True, rope_theta=1e6, max_position_embeddings=32768, **QWEN2[llm_shape])
     Qwen2ForCausalLM(cfg).save_pretrained(llm_dir)
-    llm, tok = load_llm(llm_dir, dtype=dtype, use_lora=True)
-    model = SpeechLLM([ConvEncoder()], llm, tok)
+    llm, tok = load_llm(llm_dir, dtype="float32", use_lora=True)
+    model = SpeechLLM([build_encoder(e) for e in encoders], llm, tok, downsample_rate=rate, mose=len(encoders) > 1)
     with torch.no_grad():
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.02)
-    return model.to(device).eval()
+    model.to(device).eval()
+    if merge_lora:
+        model.merge_lora_for_inference()
+    return model.set_decode_dtype(dtype)
 
 
 def make_data(num_utts: int, seed: int = 0):
@@ -146,7 +155,8 @@ def run(model, feats, lens, batch_size, max_new_tokens, device):
         start = time.perf_counter()
         for i in range(0, len(feats), batch_size):
             x, xl = collate(feats[i:i + batch_size], lens[i:i + batch_size])
-            out = model.generate_ids(x.to(device), xl.to(device), max_new_tokens=max_new_tokens)
+            out = model.generate_ids(x.to(device), xl.to(device), max_new_tokens=max_new_tokens,
+                                     min_new_tokens=max_new_tokens, min_length=0)
             hyps += model.tokenizer.batch_decode(out, skip_special_tokens=True)
             ids += out.tolist()
         if device.type == "cuda":
@@ -157,13 +167,15 @@ def run(model, feats, lens, batch_size, max_new_tokens, device):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="tiny,small")
-    parser.add_argument("--batch-sizes", default="1,4,16,64")
+    parser.add_argument("--shape", default="small", choices=sorted(SYSTEMS))
+    parser.add_argument("--systems", default="zipformer,mose,whisper")
+    parser.add_argument("--batch-sizes", default="1,16,64")
     parser.add_argument("--num-utts", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--num-threads", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--no-merge-lora", action="store_true", help="decode through the LoRA wrappers")
     parser.add_argument("--tokenizer-dir", type=Path,
                         default=REPO.parent / "shared" / "golden" / "speechllm" / "models" / "llm",
                         help="any Qwen2 tokenizer directory (the golden set's by default)")
@@ -175,13 +187,15 @@ def main():
     audio_sec = float(lens.sum()) / 100
     sizes = [int(b) for b in args.batch_sizes.split(",")]
     print(f"device={device} dtype={args.dtype} threads={torch.get_num_threads()} utts={args.num_utts} "
-          f"audio={audio_sec:.0f}s max_new_tokens={args.max_new_tokens}")
+          f"audio={audio_sec:.0f}s max_new_tokens={args.max_new_tokens} LoRA {'un' if args.no_merge_lora else ''}merged "
+          f"load average {os.getloadavg()[0]:.1f}")
     with tempfile.TemporaryDirectory() as tmp:
-        for name in args.models.split(","):
-            model = build_model(name, args.tokenizer_dir, Path(tmp), dtype, device)
+        for system in args.systems.split(","):
+            model = build_model(args.shape, system, args.tokenizer_dir, Path(tmp), dtype, device, not args.no_merge_lora)
             n_params = sum(p.numel() for p in model.parameters())
             run(model, feats[:2], lens[:2], 2, 4, device)  # warm-up
-            print(f"\nmodel {name}: {n_params / 1e6:.1f}M parameters")
+            print(f"\n{args.shape} {system} ({', '.join(SYSTEMS[args.shape][system][0])} + Qwen2 "
+                  f"{SYSTEMS[args.shape][system][2]}): {n_params / 1e6:.1f}M parameters")
             print(f"{'batch':>5} {'utt/s':>8} {'RTF':>8} {'speedup':>8} {'peak MB':>8}  same hyps as batch 1")
             ref_hyps, ref_rate = None, None
             for b in sizes:

@@ -6,6 +6,11 @@ random-weight models of two sizes, on the available device.
     python local/bench/bench_train.py                      # tiny and small, 20 steps each
     python local/bench/bench_train.py --configs small --steps 50 --batch-size 8 --seconds 10
     python local/bench/bench_train.py --use-fp16 true      # on a GPU
+    python local/bench/bench_train.py --configs published --use-bf16 true --grad-checkpointing true
+
+"published": Zipformer-large + Qwen2-1.5B-Instruct shape (LoRA r=64), the SpeechLLM recipe's model.
+``--use-bf16``: the frozen encoder runs without autograd under bf16 autocast, the LLM is loaded in bf16
+(LoRA and projector keep fp32 master weights), as src/train.py does.
 
 Each configuration runs in its own process so that peak memory (CUDA max allocated, else the
 process's max RSS) is per configuration. Needs the tokenizer files of a Qwen2 model (the golden
@@ -47,6 +52,16 @@ CONFIGS = {
                     num_key_value_heads=2),
         "lora_r": 64,
     },
+    "published": {
+        "encoder": dict(num_encoder_layers="2,2,4,5,4,2", downsampling_factor="1,2,4,8,4,2",
+                        feedforward_dim="512,768,1536,2048,1536,768", num_heads="4,4,4,8,4,4",
+                        encoder_dim="192,256,512,768,512,256", encoder_unmasked_dim="192,192,256,320,256,192",
+                        query_head_dim="32", value_head_dim="12", pos_head_dim="4", pos_dim=48,
+                        cnn_module_kernel="31,31,15,15,15,31", feature_dim=80),
+        "llm": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                    num_key_value_heads=2, vocab_size=151936, rope_theta=1e6),
+        "lora_r": 64,
+    },
 }
 
 
@@ -61,8 +76,8 @@ def build_models(root: Path, cfg: dict, tokenizer_dir: Path) -> None:
     (root / "enc").mkdir(parents=True)
     torch.save({"model": enc.state_dict()}, root / "enc" / "pretrained.pt")
     (root / "enc" / "model_params.json").write_text(json.dumps(cfg["encoder"]))
-    llm_cfg = Qwen2Config(vocab_size=528, tie_word_embeddings=True, max_position_embeddings=4096,
-                          rope_theta=10000.0, **cfg["llm"])
+    llm_cfg = Qwen2Config(**{"vocab_size": 528, "rope_theta": 10000.0, **cfg["llm"]}, tie_word_embeddings=True,
+                          max_position_embeddings=4096)
     Qwen2ForCausalLM(llm_cfg).save_pretrained(root / "llm")
     for f in ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt"):
         shutil.copy(tokenizer_dir / f, root / "llm" / f)
@@ -90,6 +105,8 @@ def run_one(args) -> dict:
                               "--lora-r", str(cfg["lora_r"])])
         dtype = torch.float16 if args.use_fp16 else torch.bfloat16 if args.use_bf16 else torch.float32
         model = build_model_from_args(margs, dtype=dtype if dtype != torch.float32 else torch.float32).to(device)
+        if args.grad_checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.train()
         n_all = sum(q.numel() for q in model.parameters())
         n_train = sum(q.numel() for q in model.parameters() if q.requires_grad)
@@ -149,6 +166,8 @@ def main():
     ap.add_argument("--optimizer", default="scaled_adam", choices=["scaled_adam", "adamw"])
     ap.add_argument("--use-fp16", type=lambda s: s.lower() == "true", default=False)
     ap.add_argument("--use-bf16", type=lambda s: s.lower() == "true", default=False)
+    ap.add_argument("--grad-checkpointing", type=lambda s: s.lower() == "true", default=False,
+                    help="activation checkpointing of the LLM layers (src/train.py --grad-checkpointing)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--tokenizer-dir", default=str(REPO.parent / "shared" / "golden" / "speechllm" / "models" / "llm"))
     args = ap.parse_args()

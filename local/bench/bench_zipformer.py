@@ -111,7 +111,8 @@ def main() -> None:
         else:
             peak = f"peak RSS {peak_rss_mb():.0f} MiB, +{peak_rss_mb() - base:.0f} MiB above weights"
         print(f"{enc_type:>7}: {nparams / 1e6:.1f} M params, out {tuple(out.shape)}; inference "
-              f"{dt * 1000:.0f} ms/batch = {frames / dt:,.0f} frames/s ({frames / dt / 100:.1f} s audio/s); {peak}")
+              f"{dt * 1000:.0f} ms/batch = {frames / dt:,.0f} frames/s ({frames / dt / 100:.1f} s audio/s, "
+              f"RTF {dt * 100 / frames:.4f}); {peak}")
 
         if args.train:
             model.train()

@@ -353,6 +353,28 @@ def markov_sentence(rng: random.Random, min_words: int = 4, max_words: int = 12)
             return " ".join(w.rstrip(".,;:").lower() for w in words)
 
 
+def _common_words(lang: str) -> Tuple[str, ...]:
+    """Faker's curated lists of common words (en: ~960 frequent English words, zh: ~350 frequent
+    Chinese words), cleaned to what espeak-ng reads as written."""
+    try:
+        if lang == "en":
+            from faker.providers.lorem.en_US import Provider
+        else:
+            from faker.providers.lorem.zh_CN import Provider
+    except ImportError:
+        raise RuntimeError("common-word demo text needs the faker package (pip install -r requirements.txt)") from None
+    pattern = r"[a-z]+" if lang == "en" else r"[\u4e00-\u9fff]+"
+    return tuple(w for w in Provider.word_list if re.fullmatch(pattern, w))
+
+
+def common_words_sentence(rng: random.Random, lang: str = "en", min_words: int = 4, max_words: int = 10) -> str:
+    """A random sequence of common words (no grammar: only the audio tells which words come):
+    English words separated by spaces, Mandarin words joined."""
+    words = _common_words(lang)
+    n = rng.randint(min_words, max_words) if lang == "en" else rng.randint(2, max(2, max_words // 2))
+    return (" " if lang == "en" else "").join(rng.choice(words) for _ in range(n))
+
+
 # --------------------------------------------------------------------------------------------
 # Held-out test text: sentence shapes the training templates never produce, and hand-written
 # everyday sentences. Neither is ever used for training.
@@ -597,12 +619,15 @@ def make_espeak_corpus(
     markov_fraction: float = 0.0,
     markov_max_words: int = 12,
     more_voices: bool = False,
+    common_fraction: float = 0.0,
 ) -> Path:
     """Synthesise a corpus under ``out_dir`` (a download dir, e.g. ``--dl-dir`` of prepare.sh).
 
     ``markov_fraction`` (English): that share of the train and dev sentences comes from
     :func:`markov_sentence` (open-domain text of at most ``markov_max_words`` words) instead of
-    the templates; test sets stay template sentences. ``more_voices``: every subset also uses
+    the templates; ``common_fraction`` (English, Mandarin): that share from
+    :func:`common_words_sentence` (random sequences of common words). Test sets stay template
+    sentences. ``more_voices``: every subset also uses
     espeak-ng's named variants (``_EXTRA_TRAIN_VARIANTS``); voices of the held-out sets
     (:func:`make_heldout_sets`) are never used either way.
 
@@ -614,8 +639,9 @@ def make_espeak_corpus(
     """
     if lang not in ("en", "cmn"):
         raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
-    if not 0.0 <= markov_fraction <= 1.0:
-        raise ValueError(f"markov_fraction must be in [0, 1], got {markov_fraction}")
+    if not (0.0 <= markov_fraction and 0.0 <= common_fraction and markov_fraction + common_fraction <= 1.0):
+        raise ValueError(f"markov_fraction ({markov_fraction}) and common_fraction ({common_fraction}) must be "
+                         ">= 0 with a sum <= 1")
     if markov_fraction > 0 and lang != "en":
         raise ValueError("markov_fraction: the Markov text is English; the Mandarin corpus has templates only")
     _check_tools()
@@ -644,17 +670,19 @@ def make_espeak_corpus(
     for name, n, _ in subsets:
         texts[name] = pool[start:start + n]
         start += n
-    if markov_fraction > 0:
-        # Its own RNG: the template sentences, speakers and voices stay those of a template corpus.
+    if markov_fraction > 0 or common_fraction > 0:
+        # Their own RNG: the template sentences, speakers and voices stay those of a template corpus.
         mrng = random.Random(f"llmasr-markov-{lang}-{seed}")
         taken = set(pool)
         for name, n, _ in subsets:
             if name.startswith(("train", "dev")):
-                k = round(markov_fraction * n)
+                k, c = round(markov_fraction * n), round(common_fraction * n)
                 extra = _unique_sentences(mrng, lambda r: markov_sentence(r, max_words=markov_max_words), k,
                                           exclude=taken)
+                extra += _unique_sentences(mrng, lambda r: common_words_sentence(r, "en" if lang == "en" else "zh"),
+                                           c, exclude=taken)
                 taken.update(extra)
-                texts[name] = texts[name][:n - k] + extra
+                texts[name] = texts[name][:n - k - c] + extra
                 rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
                 rng_mix.shuffle(texts[name])
     train_name = subsets[0][0] if subsets and subsets[0][0].startswith("train") else None
@@ -709,6 +737,7 @@ def make_espeak_corpus(
     meta = {
         "lang": lang, "seed": seed, "utts_per_speaker": utts_per_speaker,
         "markov_fraction": markov_fraction, "markov_max_words": markov_max_words, "more_voices": more_voices,
+        "common_fraction": common_fraction,
         "subsets": {name: n for name, n, _ in subsets},
         "speakers": sorted({(u.subset, u.speaker.id, u.speaker.voice, u.speaker.speed, u.speaker.pitch)
                             for u in utts}),

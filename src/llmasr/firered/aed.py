@@ -16,7 +16,7 @@ results. The loop is vectorised over utterances x beams with a key/value cache.
 """
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -109,15 +109,48 @@ class DecoderLayer(nn.Module):
         ck, cv = self.cross_attn.project_kv(enc_out)
         return self._cross_and_mlp(x, ck, cv, cross_valid)
 
-    def step(self, x, cache_k, cache_v, self_valid, cross_k, cross_v, cross_valid):
-        """One new position x (M, 1, d) given cached self-attention keys/values (M, H, t, dk)."""
+    def step(self, x, cache: "_BeamKVCache", layer_idx: int, t: int, self_valid, cross_k, cross_v, cross_valid):
+        """Position ``t`` x (M, 1, d); its self-attention key/value join the cached ones of positions < t."""
         h = self.self_attn_norm(x)
-        k, v = self.self_attn.project_kv(h)
-        if cache_k is not None:
-            k = torch.cat([cache_k, k], dim=2)
-            v = torch.cat([cache_v, v], dim=2)
+        k, v = cache.append(layer_idx, t, *self.self_attn.project_kv(h))
         x = x + self.self_attn.attend(h, k, v, self_valid)
-        return self._cross_and_mlp(x, cross_k, cross_v, cross_valid), k, v
+        return self._cross_and_mlp(x, cross_k, cross_v, cross_valid)
+
+
+class _BeamKVCache:
+    """Self-attention keys/values of all decoder layers for the beam search's M hypotheses:
+    ``(layers, 2, M, H, capacity, dk)`` buffers, capacity doubling up to the step limit. A step
+    writes its key/value in place; :meth:`reorder` gathers the surviving hypotheses' rows into the
+    spare buffer in one ``index_select`` (instead of a concatenation and a gather per layer and step)."""
+
+    def __init__(self, n_layers: int, max_steps: int):
+        self.n_layers, self.max_steps = n_layers, max_steps
+        self.buf: Optional[torch.Tensor] = None  # allocated at the first append, in the dtype of k (autocast)
+        self.spare: Optional[torch.Tensor] = None
+
+    def append(self, layer_idx: int, t: int, k: torch.Tensor, v: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Store position ``t``'s k, v (M, H, 1, dk); return keys/values of positions 0..t (views)."""
+        if self.buf is None:
+            m, n_head, _, d_k = k.shape
+            self.buf = k.new_empty(self.n_layers, 2, m, n_head, min(16, self.max_steps), d_k)
+            self.spare = torch.empty_like(self.buf)
+        if t >= self.buf.size(4):
+            self._grow(t)
+        kv = self.buf[layer_idx]
+        kv[0, :, :, t : t + 1] = k
+        kv[1, :, :, t : t + 1] = v
+        return kv[0, :, :, : t + 1], kv[1, :, :, : t + 1]
+
+    def _grow(self, t: int) -> None:
+        cap = min(max(2 * self.buf.size(4), t + 1), self.max_steps)
+        new = self.buf.new_empty(*self.buf.shape[:4], cap, self.buf.size(5))
+        new[:, :, :, :, :t] = self.buf[:, :, :, :, :t]
+        self.buf, self.spare = new, torch.empty_like(new)
+
+    def reorder(self, src: torch.Tensor, length: int) -> None:
+        """Row i of positions < ``length`` becomes row ``src[i]``."""
+        torch.index_select(self.buf[:, :, :, :, :length], 2, src, out=self.spare[:, :, :, :, :length])
+        self.buf, self.spare = self.spare, self.buf
 
 
 class TransformerDecoder(nn.Module):
@@ -149,7 +182,7 @@ class TransformerDecoder(nn.Module):
             x = layer(x, enc_out, self_valid, cross_valid)
         return self.tgt_word_prj(self.layer_norm_out(x))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def beam_search(
         self,
         enc_out: torch.Tensor,
@@ -197,7 +230,7 @@ class TransformerDecoder(nn.Module):
 
         ys = torch.full((NB, 1), self.sos_id, dtype=torch.long, device=device)
         tok_valid = torch.ones(NB, 1, dtype=torch.bool, device=device)  # keys that are not <pad>
-        cache: List[Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]] = [(None, None)] * len(self.layer_stack)
+        cache = _BeamKVCache(len(self.layer_stack), max(total_steps, 1))
         init = torch.full((B,), -INF, device=device)
         init[0] = 0.0
         scores = init.repeat(N)[:, None]
@@ -213,12 +246,11 @@ class TransformerDecoder(nn.Module):
             if bool(finished.all()):
                 break
             x = self.embed(ys[:, -1:], start=t)
-            new_cache = []
-            for layer, (ck, cv), (sk, sv) in zip(self.layer_stack, cross_kv, cache):
-                x, sk, sv = layer.step(x, sk, sv, tok_valid[:, None, :], ck, cv, cross_valid)
-                new_cache.append((sk, sv))
+            for i, (layer, (ck, cv)) in enumerate(zip(self.layer_stack, cross_kv)):
+                x = layer.step(x, cache, i, t, tok_valid[:, None, :], ck, cv, cross_valid)
             logits = self.tgt_word_prj(self.layer_norm_out(x[:, -1]))
-            t_scores = F.log_softmax(logits / softmax_smoothing, dim=-1)
+            # fp32 log-probs (a no-op in fp32; under bf16/fp16 autocast the beam ranking keeps full precision)
+            t_scores = F.log_softmax(logits.float() / softmax_smoothing, dim=-1)
             if return_step_scores:
                 step_scores.append(t_scores.clone())
             if eos_penalty != 1.0:
@@ -232,9 +264,9 @@ class TransformerDecoder(nn.Module):
             scores = scores.reshape(NB, 1)
             src = (ids // B + stride).view(NB)
             new_tok = top_y.view(N, B * B).gather(1, ids).view(NB, 1)
-            ys = torch.cat([ys[src], new_tok], dim=1)
-            tok_valid = torch.cat([tok_valid[src], new_tok.ne(self.pad_id)], dim=1)
-            cache = [(k[src], v[src]) for k, v in new_cache]
+            ys = torch.cat([ys.index_select(0, src), new_tok], dim=1)
+            tok_valid = torch.cat([tok_valid.index_select(0, src), new_tok.ne(self.pad_id)], dim=1)
+            cache.reorder(src, t + 1)
             finished = new_tok.eq(self.eos_id)
 
         scores = scores.view(N, B)
@@ -293,7 +325,7 @@ class FireRedAsrAed(nn.Module):
             return torch.full_like(feat_lens, padded_encoder_length(padded_frames))
         return padded_encoder_length(feat_lens)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor, beam_size: int = 1, nbest: int = 1,
                    decode_max_len: int = 0, softmax_smoothing: float = 1.0, length_penalty: float = 0.0,
                    eos_penalty: float = 1.0, compat_reference_padding: bool = False, return_step_scores: bool = False):

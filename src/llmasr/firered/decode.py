@@ -66,7 +66,8 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
              "code's batch-size-1 result, whatever the batch size.")
     opt("device", default="cuda" if torch.cuda.is_available() else "cpu")
     opt("dtype", default=None, choices=["float32", "float16", "bfloat16"],
-        help="LLM dtype (default: float16 if the package says use_fp16, else float32)")
+        help="LLM dtype (default: float16 if the package says use_fp16, else float32); AED: encoder and beam "
+             "search under autocast to it (bfloat16 on CPUs with AVX512-BF16/AMX; default float32)")
 
 
 def wav_list(args) -> List[Tuple[str, str]]:
@@ -114,6 +115,8 @@ class Recognizer:
                  compat_reference_padding: bool = False):
         self.asr_type = asr_type
         self.device = torch.device(device)
+        # AED: fp32 weights, matmuls under autocast (norms, softmax, log-softmax stay fp32)
+        self.aed_autocast = getattr(torch, dtype) if asr_type == "aed" and dtype not in (None, "float32") else None
         if asr_type == "aed":
             from .load import load_aed_dir
 
@@ -123,16 +126,18 @@ class Recognizer:
 
             self.features, self.model = load_firered_llm(model_dir, dtype=dtype,
                                                          compat_reference_padding=compat_reference_padding)
+            self.model.merge_lora_for_inference()
         self.model.to(self.device)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def transcribe(self, wavs: Sequence[str], args) -> List[str]:
         feats, lens, _ = self.features(list(wavs))
         feats, lens = feats.to(self.device), lens.to(self.device)
         if self.asr_type == "aed":
-            hyps = self.model.transcribe(feats, lens, args.beam_size, args.nbest, args.decode_max_len,
-                                         args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
-                                         compat_reference_padding=args.compat_reference_padding)
+            with torch.autocast(self.device.type, dtype=self.aed_autocast, enabled=self.aed_autocast is not None):
+                hyps = self.model.transcribe(feats, lens, args.beam_size, args.nbest, args.decode_max_len,
+                                             args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
+                                             compat_reference_padding=args.compat_reference_padding)
             return [self.tokenizer.detokenize(h[0]["yseq"].tolist()) for h in hyps]
         from .llm import generation_options
 

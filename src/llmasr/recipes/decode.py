@@ -86,6 +86,10 @@ def add_decoding_arguments(parser) -> None:
     g.add_argument("--length-penalty", type=float, default=1.0, help="Beam search length penalty.")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Hugging Face repetition penalty over the generated tokens (1.0 = off; FireRedASR-LLM uses 3.0).")
+    g.add_argument("--decode-dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
+                   help="Decode the LLM in this dtype and run the encoders under autocast to it (SpeechLLM."
+                   "set_decode_dtype; bfloat16 on CPUs with AVX512-BF16/AMX, float16/bfloat16 on CUDA). "
+                   "Default: the --llm-dtype LLM with fp32 encoders (all fp32 on CPU: the golden results).")
 
 
 def generation_options_from_args(args) -> Dict[str, Any]:
@@ -172,6 +176,8 @@ def _options_tag(args) -> str:
         tag += f"-lp{args.length_penalty:g}"
     if getattr(args, "repetition_penalty", 1.0) != 1.0:
         tag += f"-rp{args.repetition_penalty:g}"
+    if getattr(args, "decode_dtype", None) not in (None, "float32"):
+        tag += f"-{args.decode_dtype}"
     return tag
 
 
@@ -386,6 +392,10 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
     del state_dict
     model.to(device)
     model.eval()
+    if not aed:
+        model.merge_lora_for_inference()
+        if getattr(args, "decode_dtype", None):
+            model.set_decode_dtype(getattr(torch, args.decode_dtype))
 
     # 5. decode + score
     gen = generation_options_from_args(args)

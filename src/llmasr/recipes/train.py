@@ -95,6 +95,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="fp16 autocast + GradScaler (default: true on CUDA unless --use-bf16, as SpeechLLM; "
                    "false on CPU).")
     g.add_argument("--use-bf16", type=_str2bool, default=False, help="bf16 autocast.")
+    g.add_argument("--grad-checkpointing", type=_str2bool, default=False,
+                   help="Activation checkpointing of the LLM's decoder layers: their activations are recomputed in "
+                   "the backward pass (less memory for long batches on GPUs, about a third more LLM compute).")
     g.add_argument("--cache-encoder-outputs", type=_str2bool, default=False,
                    help="Keep the frozen encoder's output of every cut in CPU memory and reuse it in later "
                    "steps/epochs (small corpora: the demo; needs fixed features - no SpecAugment or MUSAN).")
@@ -484,6 +487,8 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
             params.start_epoch = params.cur_epoch
 
         model.to(device)
+        if params.get("grad_checkpointing") and hasattr(model, "llm"):
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if params.inf_check:
             register_inf_check_hooks(model)
 
