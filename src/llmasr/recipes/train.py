@@ -515,7 +515,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         # which must see the warmed-up weights.
         # (sync_ranks off: each rank warms up alone, and a time limit may stop them at different steps)
         maybe_projector_warmup(params, model, data.train_dataloader(train_cuts, sync_ranks=False), device)
-        model.enable_aux_ctc(build_aux_ctc(args, model))
+        aux_ctc = build_aux_ctc(args, model)
+        if aux_ctc is not None:  # (only SpeechLLM models can have one)
+            model.enable_aux_ctc(aux_ctc)
 
         def make_optimizer(m):
             return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
