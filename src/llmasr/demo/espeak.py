@@ -12,9 +12,12 @@ converted with sox to 16 kHz mono 16-bit) laid out exactly like the published co
   uttids ``BAC009S0002W0123`` like AISHELL.
 
 Sentences are generated from templates and word lists (numbers, dates, times, names, places, short
-everyday statements) by a seeded RNG; every sentence is unique and the sentences of the test/dev
-subsets never occur in the training subset. Everything (texts, speakers, voices, audio bytes) is a
-deterministic function of the arguments.
+everyday statements) by a seeded RNG, optionally mixed in train/dev with open-domain text (a Markov
+chain over encyclopaedic English, ``markov_fraction``) and random common-word sequences
+(``common_fraction``); every sentence is unique and the sentences of the test/dev subsets never occur
+in the training subset. :func:`make_heldout_sets` writes test sets from other sources (new sentence
+shapes, hand-written everyday sentences) spoken by voices no training corpus uses. Everything (texts,
+speakers, voices, audio bytes) is a deterministic function of the arguments.
 """
 from __future__ import annotations
 
