@@ -4,7 +4,8 @@
 - bf16 decoding on CPU (SpeechLLM.set_decode_dtype): the recipe's fp32 first tokens, logits close to fp32,
   and the decode script's --decode-dtype;
 - the output layer's pre-hook that spares generate()'s prefill a per-row copy of the weight;
-- the AED beam search's growing key/value cache: every hypothesis' score is its teacher-forced log-prob.
+- the AED beam search's growing key/value cache: every hypothesis' score is its teacher-forced log-prob;
+- bf16 AED decoding (FireRedAsrAed.set_decode_dtype) and the Conformer's pointwise convolutions as matmuls.
 """
 import json
 import shutil
@@ -152,3 +153,58 @@ def test_aed_beam_scores_are_teacher_forced_log_probs():
                 logp = F.log_softmax(model.decoder(ys_in, enc[n:n + 1], enc_lens[n:n + 1]) / smoothing, dim=-1)
                 forced = logp[0, torch.arange(len(toks)), torch.tensor(toks)].sum().item()
                 assert forced == pytest.approx(h["score"], abs=1e-3), (n, toks)
+
+
+def test_aed_bf16_decode_casts_matmul_weights_once_and_keeps_the_release_results_close(golden_dir):
+    """FireRedAsrAed.set_decode_dtype on the released-format golden AED: Linear/Embedding weights in
+    bf16 (the tied decoder rows stay one tensor), norms and convolutions fp32; the encoder output
+    within 2 % of the release's fp32 one and the first 16 tokens of every recorded beam and greedy
+    decode identical (tiny random weights: later tokens may drift; the real models' CER cost is in
+    the README's Speed section)."""
+    from llmasr.firered.load import load_aed_dir
+
+    root = golden_dir / "firered"
+    exp = torch.load(root / "expected_aed.pt", weights_only=True)
+    fe, model, _ = load_aed_dir(root / "aed")
+    with pytest.raises(ValueError, match="float32, float16 or bfloat16"):
+        model.set_decode_dtype(torch.float64)
+    model.set_decode_dtype(torch.bfloat16)
+    for name, module in model.named_modules():
+        own = {p.dtype for p in module.parameters(recurse=False)}
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            assert own == {torch.bfloat16}, name
+        elif own:
+            assert own == {torch.float32}, name  # LayerNorm, Conv*, ...
+    assert model.decoder.tgt_word_prj.weight is model.decoder.tgt_word_emb.weight
+
+    for u in exp["utts"]:
+        feats = torch.from_numpy(fe.from_file(root / u["wav"]))[None]
+        lens = torch.tensor([feats.size(1)])
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            enc, _ = model.encoder(feats, lens)
+        ref = u["enc_out"].reshape(enc.shape).float()
+        assert (enc.float() - ref).norm() <= 0.02 * ref.norm(), u["uttid"]
+        for case in (u["beam"], u["greedy"]):
+            o = case["options"]
+            hyp = model.transcribe(feats, lens, o["beam_size"], o["nbest"], o["decode_max_len"],
+                                   o["softmax_smoothing"], o["aed_length_penalty"], o["eos_penalty"])[0][0]
+            assert hyp["yseq"].tolist()[:16] == case["token_ids"][:16], u["uttid"]
+
+
+def test_pointwise_conv_is_the_convolution_in_fp32_and_a_half_matmul_under_autocast():
+    from llmasr.layers import pointwise_conv1d
+
+    torch.manual_seed(0)
+    conv = nn.Conv1d(24, 40, kernel_size=1, bias=True)
+    x = torch.randn(3, 24, 17)
+    with torch.inference_mode():
+        assert torch.equal(pointwise_conv1d(conv, x), conv(x))  # fp32: the convolution itself
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = pointwise_conv1d(conv, x)
+        assert y.dtype == torch.bfloat16 and y.shape == (3, 40, 17)
+        torch.testing.assert_close(y.float(), conv(x), rtol=2e-2, atol=2e-2)
+        y = pointwise_conv1d(conv, x.bfloat16())  # half input, fp32 weights, no autocast
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), conv(x), rtol=2e-2, atol=2e-2)
+    with pytest.raises(ValueError, match="not a pointwise convolution"):
+        pointwise_conv1d(nn.Conv1d(24, 40, kernel_size=3), x)

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmasr.layers import cpu_fp32_conv
+from llmasr.layers import cpu_fp32_conv, pointwise_conv1d
 
 
 def subsampled_lengths(lengths: torch.Tensor) -> torch.Tensor:
@@ -198,11 +198,12 @@ class ConformerConvolution(nn.Module):
         """x (N, T, d); valid (N, T) bool. Padding frames are zeroed before and after the convs."""
         pad = ~valid[:, :, None]
         out = self.pre_layer_norm(x).masked_fill(pad, 0.0).transpose(1, 2)
-        # Convs in fp32 on CPU (oneDNN's fp16/bf16 depthwise kernel can take minutes to JIT-compile).
-        out = F.glu(cpu_fp32_conv(self.pointwise_conv1, out), dim=1)
+        # The depthwise conv in fp32 on CPU (oneDNN's fp16/bf16 depthwise kernel can take minutes to
+        # JIT-compile); the pointwise ones are matmuls, in the autocast dtype.
+        out = F.glu(pointwise_conv1d(self.pointwise_conv1, out), dim=1)
         out = cpu_fp32_conv(self.depthwise_conv, out).transpose(1, 2)
         out = self.swish(self.batch_norm(out)).transpose(1, 2)
-        out = self.dropout(cpu_fp32_conv(self.pointwise_conv2, out)).transpose(1, 2).masked_fill(pad, 0.0)
+        out = self.dropout(pointwise_conv1d(self.pointwise_conv2, out)).transpose(1, 2).masked_fill(pad, 0.0)
         return out + x
 
 

@@ -149,6 +149,10 @@ def add_aed_arguments(parser: argparse.ArgumentParser, training: bool) -> None:
                        help="GNMT length penalty of the final ranking.")
         g.add_argument("--eos-penalty", type=float, default=d["eos_penalty"],
                        help="<eos> log-prob multiplier in (0, 1].")
+        g.add_argument("--decode-dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
+                       help="FireRedAsrAed.set_decode_dtype: Linear/Embedding weights in this dtype, encoder and "
+                       "beam search under autocast (bfloat16 on CPUs with AVX512-BF16/AMX, float16/bfloat16 on "
+                       "CUDA). Default: fp32, the release's results.")
         parser.set_defaults(scoring="cer")
     parser.set_defaults(feature_type="firered", exp_dir="exp/firered_aed", model_type="aed")
 

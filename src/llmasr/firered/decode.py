@@ -66,8 +66,9 @@ def add_decode_args(parser: argparse.ArgumentParser) -> None:
              "code's batch-size-1 result, whatever the batch size.")
     opt("device", default="cuda" if torch.cuda.is_available() else "cpu")
     opt("dtype", default=None, choices=["float32", "float16", "bfloat16"],
-        help="LLM dtype (default: float16 if the package says use_fp16, else float32); AED: encoder and beam "
-             "search under autocast to it (bfloat16 on CPUs with AVX512-BF16/AMX; default float32)")
+        help="LLM dtype (default: float16 if the package says use_fp16, else float32); AED: Linear/Embedding "
+             "weights cast to it, encoder and beam search under autocast (bfloat16 on CPUs with AVX512-BF16/AMX; "
+             "default float32)")
 
 
 def wav_list(args) -> List[Tuple[str, str]]:
@@ -115,12 +116,12 @@ class Recognizer:
                  compat_reference_padding: bool = False):
         self.asr_type = asr_type
         self.device = torch.device(device)
-        # AED: fp32 weights, matmuls under autocast (norms, softmax, log-softmax stay fp32)
-        self.aed_autocast = getattr(torch, dtype) if asr_type == "aed" and dtype not in (None, "float32") else None
         if asr_type == "aed":
             from .load import load_aed_dir
 
             self.features, self.model, self.tokenizer = load_aed_dir(model_dir)
+            if dtype is not None:  # matmul weights cast once, the rest fp32 under autocast
+                self.model.set_decode_dtype(getattr(torch, dtype))
         else:
             from .llm import load_firered_llm
 
@@ -134,10 +135,9 @@ class Recognizer:
         feats, lens, _ = self.features(list(wavs))
         feats, lens = feats.to(self.device), lens.to(self.device)
         if self.asr_type == "aed":
-            with torch.autocast(self.device.type, dtype=self.aed_autocast, enabled=self.aed_autocast is not None):
-                hyps = self.model.transcribe(feats, lens, args.beam_size, args.nbest, args.decode_max_len,
-                                             args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
-                                             compat_reference_padding=args.compat_reference_padding)
+            hyps = self.model.transcribe(feats, lens, args.beam_size, args.nbest, args.decode_max_len,
+                                         args.softmax_smoothing, args.aed_length_penalty, args.eos_penalty,
+                                         compat_reference_padding=args.compat_reference_padding)
             return [self.tokenizer.detokenize(h[0]["yseq"].tolist()) for h in hyps]
         from .llm import generation_options
 

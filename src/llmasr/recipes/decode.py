@@ -161,10 +161,11 @@ def _checkpoint_tag(args) -> str:
 
 
 def _options_tag(args) -> str:
+    dtype_tag = f"-{args.decode_dtype}" if getattr(args, "decode_dtype", None) not in (None, "float32") else ""
     if getattr(args, "model_type", "speechllm") == "aed":
         from llmasr.firered.aed_recipe import decoding_options_tag
 
-        return decoding_options_tag(args)
+        return decoding_options_tag(args) + dtype_tag
     tag = f"beam{args.beam_size}"
     if args.max_new_tokens != 200:
         tag += f"-maxnew{args.max_new_tokens}"
@@ -176,9 +177,7 @@ def _options_tag(args) -> str:
         tag += f"-lp{args.length_penalty:g}"
     if getattr(args, "repetition_penalty", 1.0) != 1.0:
         tag += f"-rp{args.repetition_penalty:g}"
-    if getattr(args, "decode_dtype", None) not in (None, "float32"):
-        tag += f"-{args.decode_dtype}"
-    return tag
+    return tag + dtype_tag
 
 
 def _test_set_name(args, name: str) -> str:
@@ -394,8 +393,9 @@ def _run_decode(args, mose, exp_dir, decode_dir, suffix, data, test_sets, cuts, 
     model.eval()
     if not aed:
         model.merge_lora_for_inference()
-        if getattr(args, "decode_dtype", None):
-            model.set_decode_dtype(getattr(torch, args.decode_dtype))
+    if getattr(args, "decode_dtype", None):
+        model.set_decode_dtype(getattr(torch, args.decode_dtype))
+        logging.info(f"decode dtype {args.decode_dtype}")
 
     # 5. decode + score
     gen = generation_options_from_args(args)
