@@ -6,7 +6,8 @@ real-time factor (encoder + beam search) and peak memory. Without --model-dir a 
 model of ``--shape`` is built: ``small`` (d_model 256, 12 encoder / 6 decoder layers) or
 ``published`` (FireRedASR-AED-L: d_model 1280, 20 heads, 16 + 16 layers, 1.1B). Random weights rarely
 emit <eos>, so every hypothesis runs --decode-max-len steps: a worst-case, fixed amount of work per
-utterance. ``--dtype bfloat16``: encoder and beam search under autocast (AVX512-BF16/AMX CPUs, GPUs).
+utterance. ``--dtype bfloat16``: FireRedAsrAed.set_decode_dtype (what ``src/decode_aed.py --decode-dtype`` does:
+Linear/Embedding weights cast once, encoder and beam search under autocast; AVX512-BF16/AMX CPUs, GPUs).
 
   python local/bench/bench_aed.py                                  # random small model
   python local/bench/bench_aed.py --shape published --device cuda --dtype bfloat16
@@ -50,7 +51,7 @@ def main():
     p.add_argument("--odim", type=int, default=7832, help="FireRedASR-AED-L's vocabulary size")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="autocast dtype")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="decode dtype")
     args = p.parse_args()
     for k, v in SHAPES[args.shape].items():
         if getattr(args, k) is None:
@@ -85,25 +86,24 @@ def main():
           f"load average {os.getloadavg()[0]:.1f}")
     # cpu_s (process CPU time) is less sensitive than wall time to other jobs on a shared machine.
     print(f"{'batch':>5} {'time_s':>8} {'cpu_s':>8} {'utt/s':>8} {'steps/s':>9} {'RTF':>8} {'peak MB':>8}")
-    amp = getattr(torch, args.dtype)
+    model.set_decode_dtype(getattr(torch, args.dtype))
     for bs in [int(b) for b in args.batch_sizes.split(",")]:
-        with torch.autocast(dev.type, dtype=amp, enabled=amp != torch.float32):
-            # warm-up
-            x, lens = pad_features(feats[:bs])
-            model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, 4)
+        # warm-up
+        x, lens = pad_features(feats[:bs])
+        model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, 4)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        with PeakMemory(dev) as mem:
+            t0, c0 = time.perf_counter(), time.process_time()
+            steps = 0
+            for i in range(0, len(feats), bs):
+                x, lens = pad_features(feats[i : i + bs])
+                hyps = model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, args.decode_max_len, 1.25,
+                                        0.6, 1.0)
+                steps += max(len(h[0]["yseq"]) for h in hyps) + 1
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            with PeakMemory(dev) as mem:
-                t0, c0 = time.perf_counter(), time.process_time()
-                steps = 0
-                for i in range(0, len(feats), bs):
-                    x, lens = pad_features(feats[i : i + bs])
-                    hyps = model.transcribe(x.to(dev), lens.to(dev), args.beam_size, 1, args.decode_max_len, 1.25,
-                                            0.6, 1.0)
-                    steps += max(len(h[0]["yseq"]) for h in hyps) + 1
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+            dt, cpu = time.perf_counter() - t0, time.process_time() - c0
         print(f"{bs:>5} {dt:>8.2f} {cpu:>8.2f} {len(feats) / dt:>8.2f} {steps / dt:>9.1f} {dt / audio_sec:>8.4f} "
               f"{mem.extra / 2**20:>8.0f}")
 
