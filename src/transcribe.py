@@ -95,9 +95,17 @@ def load_weights(args):
     return ckpt_lib.averaged_checkpoint(exp_dir, args.epoch, args.avg, it), f"{exp_dir} epoch {args.epoch} avg {args.avg}"
 
 
+def feature_loader(args, cuts):
+    """Batches of on-the-fly features: the data module's front end for --feature-type (audio of any
+    sampling rate resampled to 16 kHz first)."""
+    from llmasr.data import AsrDataModule
+
+    args.on_the_fly_feats = True
+    return AsrDataModule(args).test_dataloader(cuts)
+
+
 def transcribe(args) -> List[Tuple[str, str]]:
     from llmasr import checkpoint as ckpt_lib
-    from llmasr.data import AsrDataModule
     from llmasr.features import check_feature_type
     from llmasr.recipes.decode import decode_dataset, generation_options_from_args
     from llmasr.recipes.model_args import build_model_from_args
@@ -117,11 +125,9 @@ def transcribe(args) -> List[Tuple[str, str]]:
     model.merge_lora_for_inference()
     if args.decode_dtype:
         model.set_decode_dtype(getattr(torch, args.decode_dtype))
-    # On-the-fly features: the data module's front end for --feature-type (16 kHz resampling included).
-    args.on_the_fly_feats = True
-    loader = AsrDataModule(args).test_dataloader(cuts)
-    hyps = {cut_id: hyp.strip() for cut_id, _, hyp in
-            decode_dataset(model, loader, num_cuts=len(items), **generation_options_from_args(args))}
+    decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(items),
+                             **generation_options_from_args(args))
+    hyps = {cut_id: hyp.strip() for cut_id, _, hyp in decoded}
     return [(uid, hyps[uid]) for uid, _ in items]
 
 

@@ -64,3 +64,31 @@ def test_cli_without_weights_is_one_line_error(tmp_path):
     proc = subprocess.run([sys.executable, str(REPO / "src" / "transcribe.py"), "--exp-dir", str(tmp_path / "exp"),
                            "--checkpoint", "nope.pt", str(a)], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 1 and "--checkpoint nope.pt" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@pytest.mark.timeout(120)
+def test_any_sampling_rate_gives_the_16khz_features(tmp_path):
+    """espeak-ng speaks at 22.05 kHz; the same clip resampled to 16 kHz by sox. transcribe's front end
+    (Whisper features, as the demo's model) gives both nearly the same features, in the input order;
+    unresampled 22.05 kHz audio read as 16 kHz would be 38 % slower speech and other features."""
+    from conftest import require_binary
+
+    require_binary("espeak-ng")
+    require_binary("sox")
+    native = tmp_path / "native.wav"
+    subprocess.run(["espeak-ng", "-w", str(native), "the red taxi is parked near the station"], check=True)
+    assert sf.info(str(native)).samplerate == 22050
+    at16k = tmp_path / "at16k.wav"
+    subprocess.run(["sox", str(native), "-r", "16000", str(at16k)], check=True)
+
+    args = transcribe.get_parser().parse_args(["--feature-type", "whisper", "--num-workers", "0"])
+    cuts = transcribe.make_cuts(transcribe.read_inputs([native, at16k], None))
+    feats = {}
+    for batch in transcribe.feature_loader(args, cuts):
+        for cut_id, f, n in zip(batch["cut_ids"], batch["features"], batch["feature_lens"]):
+            feats[cut_id] = f[: int(n)]
+    a, b = feats["native"], feats["at16k"]
+    assert abs(a.shape[0] - b.shape[0]) <= 1, (a.shape, b.shape)
+    n = min(a.shape[0], b.shape[0])
+    rel = ((a[:n] - b[:n]).norm() / (b[:n] - b[:n].mean()).norm()).item()
+    assert rel < 0.1, rel  # two resamplers: small differences only
