@@ -160,13 +160,15 @@ def test_ddp_kill_and_resume_with_workers_is_exact(env, tmp_path):
     print(f"DDP resume test: {time.time() - t0:.0f} s", file=sys.stderr)
 
 
-def test_throughput_counts_samples_frames_and_padding():
-    from llmasr.training.logs import Throughput
+def test_throughput_counts_samples_frames_and_padding(monkeypatch):
+    from llmasr.training import logs
 
-    speed = Throughput()
+    now = [1000.0]  # a fake clock: a loaded machine must not move the numbers
+    monkeypatch.setattr(logs.time, "time", lambda: now[0])
+    speed = logs.Throughput()
     speed.update(torch.tensor([100, 50]), 100)  # 50 of 200 frames are padding
     speed.update(torch.tensor([80]), 80)
-    speed.t0 -= 2.0  # as if the 2 batches took 2 s
+    now[0] += 2.0  # the 2 batches took 2 s
     rates = speed.report()
     assert rates["samples_per_s"] == pytest.approx(1.5, rel=1e-3)
     assert rates["frames_per_s"] == pytest.approx(115, rel=1e-3)
