@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable, Optional
 
 import torch
@@ -82,6 +83,20 @@ def cpu_fp32_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return cpu_fp32_functional_conv(conv._conv_forward, x, conv.weight, conv.bias)
 
 
+def decode_autocast_dtype(dtype: torch.dtype) -> Optional[torch.dtype]:
+    """The argument of a model's ``set_decode_dtype``, checked: None for float32 (no autocast), else
+    the half dtype its matmuls run in."""
+    if dtype not in (torch.float32, *_HALF):
+        raise ValueError(f"decode dtype must be float32, float16 or bfloat16, got {dtype}")
+    return None if dtype == torch.float32 else dtype
+
+
+def autocast_to(device_type: str, dtype: Optional[torch.dtype]):
+    """Autocast to ``dtype``, or no context at all for None: ``autocast(enabled=False)`` would switch
+    off an autocast the caller (e.g. the training loop) has on."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device_type, dtype=dtype)
+
+
 def pointwise_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for a kernel-size-1 ``nn.Conv1d`` on x (N, C, T). Where :func:`cpu_fp32_conv` would
     force fp32 (half precision on CPU), it runs as the matmul it is, in the half dtype: no oneDNN
@@ -99,4 +114,5 @@ def pointwise_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x.transpose(1, 2).to(dtype), conv.weight.squeeze(-1).to(dtype), bias).transpose(1, 2)
 
 
-__all__ = ["swoosh_l", "swoosh_r", "SwooshR", "cpu_fp32_conv", "cpu_fp32_functional_conv", "pointwise_conv1d"]
+__all__ = ["swoosh_l", "swoosh_r", "SwooshR", "cpu_fp32_conv", "cpu_fp32_functional_conv", "pointwise_conv1d",
+           "decode_autocast_dtype", "autocast_to"]

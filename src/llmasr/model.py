@@ -32,7 +32,6 @@ rows, as whisper_llm_zh's training passes no position ids.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -44,6 +43,7 @@ import torch.nn.functional as F
 from llmasr.encoder_cache import EncoderOutputCache
 from llmasr.features import data_feature_type_of
 from llmasr.generation import GenerationOptions, generate
+from llmasr.layers import autocast_to, decode_autocast_dtype
 from llmasr.llm import decoder_and_head, merge_lora
 from llmasr.projector import Projector
 from llmasr.prompt import (
@@ -247,11 +247,7 @@ class SpeechLLM(nn.Module):
         autocast = self.encoder_autocast_dtype
         for idx, (encoder, projector) in enumerate(zip(self.encoders, self.projectors)):
             feats, lens = self._encoder_input(idx, features, feature_lens, features_by_type)
-            # (no autocast context at all without a decode dtype: enabled=False would switch off a
-            # training loop's autocast)
-            precision = (contextlib.nullcontext() if autocast is None
-                         else torch.autocast(feats.device.type, dtype=autocast))
-            with torch.set_grad_enabled(grad), precision:
+            with torch.set_grad_enabled(grad), autocast_to(feats.device.type, autocast):
                 if self.encoder_cache is not None and cut_ids is not None and not grad:
                     enc_out, enc_lens = self._encode_cached(idx, encoder, feats, lens, cut_ids)
                 else:
@@ -501,10 +497,8 @@ class SpeechLLM(nn.Module):
         fp32 and their output is cast to the LLM dtype when spliced. Merge LoRA first
         (:meth:`merge_lora_for_inference`): merging in fp32 and then casting rounds once. float32
         turns the autocast off. bfloat16 on CPUs with AVX512-BF16/AMX; float16 or bfloat16 on CUDA."""
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"decode dtype must be float32, float16 or bfloat16, got {dtype}")
+        self.encoder_autocast_dtype = decode_autocast_dtype(dtype)
         self.llm.to(dtype)
-        self.encoder_autocast_dtype = None if dtype == torch.float32 else dtype
         return self
 
     @torch.inference_mode()

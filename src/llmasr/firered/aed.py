@@ -16,7 +16,6 @@ results. The loop is vectorised over utterances x beams with a key/value cache.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmasr.encoders.firered_conformer import ConformerEncoder, padded_encoder_length, sinusoid_table
+from llmasr.layers import autocast_to, decode_autocast_dtype
 
 INF = 1e10  # the released search uses 1e10, not inf, for dead beams
 
@@ -73,19 +73,6 @@ class DecoderMultiHeadAttention(nn.Module):
         out = torch.matmul(attn, v).transpose(1, 2).reshape(n, -1, self.d_model)
         return self.dropout(self.fc(out))
 
-    def attend_beams(self, x: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor) -> torch.Tensor:
-        """Cross-attention of the beam search: x (N*B, 1, d), the B hypotheses of each utterance
-        consecutive; k_t (N, H, dk, Tk) and v (N, H, Tk, dk) contiguous, once per utterance (no copy
-        per step); key_valid (N, 1, Tk). The B queries of an utterance share one matmul against its
-        keys instead of B copies of them (B times less memory read per step)."""
-        n = k_t.size(0)
-        q = self.w_qs(x).view(n, -1, self.n_head, self.d_k).transpose(1, 2)  # (N, H, B, dk)
-        scores = torch.matmul(q, k_t) / self.temperature
-        masked = ~key_valid.unsqueeze(1)
-        attn = torch.softmax(scores.masked_fill(masked, float("-inf")), dim=-1).masked_fill(masked, 0.0)
-        out = torch.matmul(attn, v).transpose(1, 2).reshape(x.size(0), 1, self.d_model)
-        return self.dropout(self.fc(out))
-
 
 class PositionwiseFeedForward(nn.Module):
     def __init__(self, d_model: int, d_ff: int, dropout: float = 0.1):
@@ -121,12 +108,16 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.mlp_norm(x))
 
     def step(self, x, cache: "_BeamKVCache", layer_idx: int, t: int, self_valid, cross_k, cross_v, cross_valid):
-        """Position ``t`` x (N*B, 1, d); its self-attention key/value join the cached ones of positions
-        < t; cross_k (N, H, dk, Ti), cross_v (N, H, Ti, dk), cross_valid (N, 1, Ti) once per utterance."""
+        """Position ``t`` x (N*B, 1, d), the B hypotheses of an utterance consecutive; its self-attention
+        key/value join the cached ones of positions < t. cross_k/cross_v (N, H, Ti, dk) and cross_valid
+        (N, 1, Ti) once per utterance: the B hypotheses attend as the B query rows of their utterance
+        (one matmul against its keys instead of B copies of them)."""
         h = self.self_attn_norm(x)
         k, v = cache.append(layer_idx, t, *self.self_attn.project_kv(h))
         x = x + self.self_attn.attend(h, k, v, self_valid)
-        x = x + self.cross_attn.attend_beams(self.cross_attn_norm(x), cross_k, cross_v, cross_valid)
+        n = cross_k.size(0)
+        cross = self.cross_attn.attend(self.cross_attn_norm(x).view(n, -1, x.size(-1)), cross_k, cross_v, cross_valid)
+        x = x + cross.view_as(x)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -239,7 +230,8 @@ class TransformerDecoder(nn.Module):
         cross_kv = []
         for layer in self.layer_stack:
             k, v = layer.cross_attn.project_kv(enc_out)
-            cross_kv.append((k.transpose(2, 3).contiguous(), v.contiguous()))
+            # stored so that attend's k.transpose(2, 3) and v are contiguous: no copy per step
+            cross_kv.append((k.transpose(2, 3).contiguous().transpose(2, 3), v.contiguous()))
 
         ys = torch.full((NB, 1), self.sos_id, dtype=torch.long, device=device)
         tok_valid = torch.ones(NB, 1, dtype=torch.bool, device=device)  # keys that are not <pad>
@@ -312,6 +304,7 @@ class FireRedAsrAed(nn.Module):
                                         kernel_size, pe_maxlen)
         self.decoder = TransformerDecoder(sos_id, eos_id, pad_id, odim, n_layers_dec, n_head, d_model,
                                           residual_dropout, pe_maxlen)
+        self.decode_dtype: Optional[torch.dtype] = None  # set_decode_dtype
 
     ARG_NAMES = ("idim", "n_layers_enc", "n_head", "d_model", "residual_dropout", "dropout_rate", "kernel_size",
                  "pe_maxlen", "sos_id", "eos_id", "pad_id", "odim", "n_layers_dec")
@@ -336,16 +329,12 @@ class FireRedAsrAed(nn.Module):
         weights at every call, i.e. the whole decoder at every beam step (measured: 30 % of a bf16
         beam search at batch 16). For decoding only (the weights lose precision); float32 undoes
         nothing, it only turns the autocast off. bfloat16 on CPUs with AVX512-BF16/AMX."""
-        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
-            raise ValueError(f"decode dtype must be float32, float16 or bfloat16, got {dtype}")
-        if dtype != torch.float32:
+        self.decode_dtype = decode_autocast_dtype(dtype)
+        if self.decode_dtype is not None:
             for module in self.modules():
                 if isinstance(module, (nn.Linear, nn.Embedding)):
                     module.to(dtype)  # tied decoder input/output rows: one Parameter, cast once
-        self.decode_dtype = None if dtype == torch.float32 else dtype
         return self
-
-    decode_dtype: Optional[torch.dtype] = None
 
     def decode_maxlens(self, feat_lens: torch.Tensor, padded_frames: int, decode_max_len: int = 0,
                        compat_reference_padding: bool = False) -> torch.Tensor:
@@ -360,10 +349,7 @@ class FireRedAsrAed(nn.Module):
     def transcribe(self, feats: torch.Tensor, feat_lens: torch.Tensor, beam_size: int = 1, nbest: int = 1,
                    decode_max_len: int = 0, softmax_smoothing: float = 1.0, length_penalty: float = 0.0,
                    eos_penalty: float = 1.0, compat_reference_padding: bool = False, return_step_scores: bool = False):
-        # (no autocast context at all without a decode dtype: enabled=False would switch off a caller's)
-        precision = (contextlib.nullcontext() if self.decode_dtype is None
-                     else torch.autocast(feats.device.type, dtype=self.decode_dtype))
-        with precision:
+        with autocast_to(feats.device.type, self.decode_dtype):
             enc_out, enc_lens = self.encoder(feats, feat_lens)
             maxlens = self.decode_maxlens(feat_lens, feats.size(1), decode_max_len, compat_reference_padding)
             return self.decoder.beam_search(enc_out, enc_lens, beam_size, nbest, maxlens, softmax_smoothing,

@@ -12,7 +12,6 @@ and lowers the scale; a scale that keeps collapsing is reported as an error.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import math
@@ -25,6 +24,7 @@ import torch.nn as nn
 
 from llmasr.data.datamodule import speech_inputs
 from llmasr.io import atomic_torch_save, unwrap_model
+from llmasr.layers import autocast_to
 from llmasr.training.logs import MetricsTracker, Progress, Throughput
 
 __all__ = [
@@ -53,9 +53,7 @@ def is_deepspeed(model) -> bool:
 
 
 def autocast_ctx(params, device: torch.device):
-    if not params.use_autocast:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=params.dtype)
+    return autocast_to(device.type, params.dtype if params.use_autocast else None)
 
 
 # --------------------------------------------------------------------------- batches
