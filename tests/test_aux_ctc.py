@@ -191,6 +191,38 @@ def test_projector_warmup_learns_to_spell_the_transcript_in_llm_tokens(one_threa
     assert torch.equal(model.embedding.weight, emb)
 
 
+def test_cosine_warmup_schedule_ends_with_vanishing_steps(one_thread):
+    """--projector-warmup-lr-schedule cosine: the learning rate falls from lr to 0 over the steps, so
+    the last updates are tiny; with the constant schedule they are as large as the first."""
+    words = ["one", "two", "three", "four", "five", "six"]
+    tok = WordTokenizer(words)
+    protos = {w: torch.randn(12, generator=torch.Generator().manual_seed(i)) for i, w in enumerate(words)}
+
+    def step_sizes(schedule):
+        torch.manual_seed(0)
+        model = ToyModel(12, torch.randn(len(words) + 1, 16))
+        aux = AuxCtc(AuxCtcConfig(weight=1.0), tok, model.embedding, prompt_format="speechllm")
+        weights = [p for p in model.parameters() if p.requires_grad and p is not model.embedding.weight]
+        last = [torch.cat([w.detach().flatten() for w in weights])]
+        sizes = []
+
+        def on_log(step, loss, elapsed):
+            now = torch.cat([w.detach().flatten() for w in weights])
+            sizes.append(float((now - last[0]).norm()))
+            last[0] = now
+
+        projector_warmup(model, _toy_batches(words, protos, 40, seed=1), aux, num_steps=40, lr=3e-3,
+                         lr_schedule=schedule, log_interval=1, on_log=on_log)
+        return sizes
+
+    const, cosine = step_sizes("constant"), step_sizes("cosine")
+    assert len(const) == len(cosine) == 40
+    assert const[-1] > 0.3 * const[0]
+    assert cosine[-1] < 0.02 * cosine[0] and cosine[20] > 0.3 * cosine[0]
+    with pytest.raises(ValueError, match="lr schedule"):
+        projector_warmup(ToyModel(12, torch.randn(len(words) + 1, 16)), [], None, 1, lr_schedule="linear")
+
+
 def test_greedy_ctc_merges_repeats_and_drops_blanks():
     emb = torch.eye(4)
     # frames nearest to rows: 1 1 0 1 2 2 0(pad beyond length)

@@ -587,6 +587,37 @@ def test_projector_warmup_and_aux_ctc_are_recipe_options(env, tmp_path):
     assert after < 0.8 * before, (before, after)
 
 
+def test_projector_lr_scale_and_warmup_cuts(env, tmp_path):
+    """--projector-lr-scale 0 keeps the (warmed-up) projector fixed while LoRA trains, and the projector
+    stays in the checkpoint; --projector-warmup-cuts gives the warm-up its own cuts."""
+    common = dict(optimizer="adamw", num_epochs=1, encoder_projector_ds_rate=1)
+    init = tmp_path / "init"
+    train(env, init, **common, base_lr="0")
+    untrained = load(init / "epoch-1.pt")["model"]
+
+    a = tmp_path / "a"
+    train(env, a, **common, base_lr="0.01", projector_lr_scale="0", pretrained_model_path=init / "epoch-1.pt")
+    trained = load(a / "epoch-1.pt")["model"]
+    proj = [k for k in untrained if k.startswith("encoder_projector.")]
+    lora = [k for k in untrained if "lora_" in k]
+    assert proj and lora and all(k in trained for k in proj)
+    assert all(torch.equal(untrained[k], trained[k]) for k in proj)
+    assert sum(not torch.equal(untrained[k], trained[k]) for k in lora) > len(lora) // 2
+    b = tmp_path / "b"  # the same run without the flag moves the projector
+    train(env, b, **common, base_lr="0.01", pretrained_model_path=init / "epoch-1.pt")
+    assert any(not torch.equal(untrained[k], load(b / "epoch-1.pt")["model"][k]) for k in proj)
+
+    # The warm-up reads the cuts it is given (here the dev part), the LLM stage the training cuts.
+    c = tmp_path / "c"
+    train(env, c, **common, base_lr="0", projector_warmup_steps=4, projector_warmup_cuts="dev",
+          pretrained_model_path=init / "epoch-1.pt")
+    log = "".join(p.read_text() for p in (c / "log").glob("log-train-*"))
+    assert "training cuts: " + str(env["manifests"] / "librispeech_cuts_dev.jsonl.gz") in log
+    assert "projector warm-up done: 4 steps" in log
+    with pytest.raises(FileNotFoundError, match="no-such-part"):
+        train(env, tmp_path / "d", **common, projector_warmup_steps=4, projector_warmup_cuts="no-such-part")
+
+
 def test_encoder_output_cache_reuses_frozen_encoder_outputs(env, tmp_path, monkeypatch):
     """--cache-encoder-outputs: each cut is encoded once; the projected frames, and so training,
     are those of the uncached model."""

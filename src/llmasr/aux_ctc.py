@@ -56,6 +56,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -291,6 +292,7 @@ class AuxCtcConfig:
     blank: Union[str, int] = "pad"
     warmup_steps: int = 0  # projector-only warm-up steps before training
     warmup_lr: float = 1e-3
+    warmup_lr_schedule: str = "constant"  # or "cosine": from warmup_lr down to 0 over the warm-up steps
     warmup_max_seconds: float = 0.0  # 0: no time limit
     num_negatives: int = 0  # 0: softmax over the whole vocabulary; > 0: sampled softmax
     norm_weight: float = 0.0  # frame-norm penalty (keeps projected frames at the embeddings' scale)
@@ -314,6 +316,7 @@ class AuxCtcConfig:
             blank=getattr(args, "aux_ctc_blank", "pad"),
             warmup_steps=getattr(args, "projector_warmup_steps", 0),
             warmup_lr=getattr(args, "projector_warmup_lr", 1e-3),
+            warmup_lr_schedule=getattr(args, "projector_warmup_lr_schedule", "constant"),
             warmup_max_seconds=getattr(args, "projector_warmup_max_seconds", 0.0),
             num_negatives=getattr(args, "aux_ctc_negatives", 0),
             norm_weight=getattr(args, "aux_ctc_norm_weight", 0.0),
@@ -342,8 +345,15 @@ def add_aux_ctc_arguments(parser: argparse.ArgumentParser) -> None:
                    "steps (no LLM forward; cheap). 0 = off.")
     g.add_argument("--projector-warmup-lr", type=float, default=1e-3,
                    help="Adam learning rate of the projector warm-up.")
+    g.add_argument("--projector-warmup-lr-schedule", type=str, default="constant", choices=["constant", "cosine"],
+                   help="constant, or cosine: from --projector-warmup-lr down to 0 over the warm-up steps "
+                   "(the demo: a long warm-up ends at a lower CTC loss).")
     g.add_argument("--projector-warmup-max-seconds", type=float, default=0.0,
                    help="Stop the projector warm-up after this many seconds (0 = no limit).")
+    g.add_argument("--projector-warmup-cuts", type=str, default=None,
+                   help="Cuts of the projector warm-up, given like --train-cuts (default: the training cuts). "
+                   "The warm-up runs no LLM, so it can afford more data than the LLM training: e.g. "
+                   "train-clean-100,train-clean-360 for the warm-up and train-clean-100 for the LLM.")
 
 
 class AuxCtc:
@@ -418,9 +428,9 @@ def maybe_projector_warmup(params, model, batches: Iterable[dict], device: torch
         return None
     aux = AuxCtc(cfg, model.tokenizer, model.llm.get_input_embeddings(), model.prompt_format)
     logging.info(f"projector warm-up: {cfg.warmup_steps} steps of aux CTC (mode {cfg.mode}, "
-                 f"lr {cfg.warmup_lr}), projector only")
+                 f"lr {cfg.warmup_lr}, {cfg.warmup_lr_schedule}), projector only")
     out = projector_warmup(
-        model, batches, aux, cfg.warmup_steps, lr=cfg.warmup_lr, device=device,
+        model, batches, aux, cfg.warmup_steps, lr=cfg.warmup_lr, lr_schedule=cfg.warmup_lr_schedule, device=device,
         max_seconds=cfg.warmup_max_seconds, log_interval=max(1, getattr(params, "log_interval", 20)),
     )
     logging.info(f"projector warm-up done: {out['steps']} steps, aux CTC loss {out['loss']:.3f}, "
@@ -434,6 +444,7 @@ def projector_warmup(
     aux: AuxCtc,
     num_steps: int,
     lr: float = 1e-3,
+    lr_schedule: str = "constant",
     device: Optional[torch.device] = None,
     max_seconds: float = 0.0,
     log_interval: int = 20,
@@ -445,7 +456,8 @@ def projector_warmup(
     ``batches`` yields the training batches (dicts with ``features``, ``feature_lens``, ``texts``,
     optionally ``cut_ids``); it is cycled until ``num_steps`` steps (or ``max_seconds``) are done.
     The encoders run without gradient unless they are being fine-tuned; the LLM is not run at all.
-    Uses its own Adam optimizer (the main optimizer's state is untouched); run it before the model
+    Uses its own Adam optimizer (the main optimizer's state is untouched), at ``lr`` or, with ``lr_schedule``
+    "cosine", from ``lr`` down to 0 over ``num_steps``; run it before the model
     is wrapped by DDP/DeepSpeed (with several processes the result of rank 0 is broadcast). Returns
     ``{"steps", "loss" (mean of the last log interval), "seconds"}``; ``on_log(step, loss, elapsed)``
     is called every ``log_interval`` steps (progress display).
@@ -458,6 +470,9 @@ def projector_warmup(
         raise ValueError("projector warm-up: the projector has no trainable parameters")
     device = device or params[0].device
     opt = torch.optim.Adam(params, lr=lr)
+    if lr_schedule not in ("constant", "cosine"):
+        raise ValueError(f"projector warm-up: unknown lr schedule {lr_schedule!r} (constant, cosine)")
+    total = num_steps
     was_training = model.training
     model.train()
     start = time.time()
@@ -475,6 +490,9 @@ def projector_warmup(
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
                 step += 1
+                if lr_schedule == "cosine":
+                    for group in opt.param_groups:
+                        group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total) / total))
                 window += float(loss.detach())
                 window_n += 1
                 elapsed = time.time() - start

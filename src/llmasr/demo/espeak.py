@@ -356,26 +356,57 @@ def markov_sentence(rng: random.Random, min_words: int = 4, max_words: int = 12)
             return " ".join(w.rstrip(".,;:").lower() for w in words)
 
 
-def _common_words(lang: str) -> Tuple[str, ...]:
-    """Faker's curated lists of common words (en: ~960 frequent English words, zh: ~350 frequent
-    Chinese words), cleaned to what espeak-ng reads as written."""
+# Words of at most two letters that espeak-ng reads as words (the others in frequency lists are
+# initials and abbreviations it spells or expands: "mr", "pm", "vs", "de").
+_SHORT_WORDS = frozenset("a i am an as at be by do go he if in is it me my no of oh on or so to up us we".split())
+EN_VOCAB_SIZE = 8000
+_EN_VOCAB = None
+
+
+def _en_vocabulary(size: int = EN_VOCAB_SIZE) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
+    """English words for the word-sequence text, with sampling weights: the ``size`` most frequent
+    words of ``wordfreq`` that essential-generators' encyclopaedic text also writes in lower case
+    (which drops acronyms and initials: espeak-ng would spell "nfl" or expand "mr"), have a vowel,
+    and have 3+ letters unless they are common short words. Weight = frequency ** 0.5: frequent
+    words come back often enough to be learnt, rarer ones still occur (~6100 words for 8000)."""
+    global _EN_VOCAB
+    if _EN_VOCAB is None or _EN_VOCAB[0] != size:
+        try:
+            from wordfreq import top_n_list, word_frequency
+        except ImportError:
+            raise RuntimeError("word-sequence demo text needs the wordfreq package "
+                               "(pip install -r requirements.txt)") from None
+        chain, _ = _markov_chain()
+        lower = set()
+        for key, node in chain.items():
+            for w in key.split() + list(node.get("transitions") or ()):
+                w = w.rstrip(".,;:")
+                if w.isalpha() and w.islower():
+                    lower.add(w)
+        words = tuple(w for w in top_n_list("en", size) if re.fullmatch(r"[a-z]+", w) and w in lower
+                      and re.search(r"[aeiouy]", w) and (len(w) >= 3 or w in _SHORT_WORDS))
+        _EN_VOCAB = (size, words, tuple(word_frequency(w, "en") ** 0.5 for w in words))
+    return _EN_VOCAB[1], _EN_VOCAB[2]
+
+
+def _zh_common_words() -> Tuple[str, ...]:
+    """Faker's curated list of ~350 frequent Chinese words."""
     try:
-        if lang == "en":
-            from faker.providers.lorem.en_US import Provider
-        else:
-            from faker.providers.lorem.zh_CN import Provider
+        from faker.providers.lorem.zh_CN import Provider
     except ImportError:
         raise RuntimeError("common-word demo text needs the faker package (pip install -r requirements.txt)") from None
-    pattern = r"[a-z]+" if lang == "en" else r"[\u4e00-\u9fff]+"
-    return tuple(w for w in Provider.word_list if re.fullmatch(pattern, w))
+    return tuple(w for w in Provider.word_list if re.fullmatch(r"[\u4e00-\u9fff]+", w))
 
 
 def common_words_sentence(rng: random.Random, lang: str = "en", min_words: int = 4, max_words: int = 10) -> str:
     """A random sequence of common words (no grammar: only the audio tells which words come):
-    English words separated by spaces, Mandarin words joined."""
-    words = _common_words(lang)
-    n = rng.randint(min_words, max_words) if lang == "en" else rng.randint(2, max(2, max_words // 2))
-    return (" " if lang == "en" else "").join(rng.choice(words) for _ in range(n))
+    English from :func:`_en_vocabulary` (frequency-weighted), separated by spaces; Mandarin
+    words from faker's list, joined."""
+    if lang == "en":
+        words, weights = _en_vocabulary()
+        return " ".join(rng.choices(words, weights=weights, k=rng.randint(min_words, max_words)))
+    words = _zh_common_words()
+    return "".join(rng.choice(words) for _ in range(rng.randint(2, max(2, max_words // 2))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -623,6 +654,7 @@ def make_espeak_corpus(
     markov_max_words: int = 12,
     more_voices: bool = False,
     common_fraction: float = 0.0,
+    num_train_extra: int = 0,
 ) -> Path:
     """Synthesise a corpus under ``out_dir`` (a download dir, e.g. ``--dl-dir`` of prepare.sh).
 
@@ -637,7 +669,9 @@ def make_espeak_corpus(
     Returns the corpus directory: ``out_dir/LibriSpeech`` (lang "en") or ``out_dir/aishell``
     (lang "cmn", containing ``data_aishell``). ``num_dev`` defaults to ``num_test``;
     ``num_test_other`` (English only, subset ``test-other``: faster speech, extreme pitch)
-    defaults to ``num_test``. Existing audio files are kept (re-running is cheap); the
+    defaults to ``num_test``. ``num_train_extra`` (English only): a second training subset,
+    ``train-clean-360``, made like ``train-clean-100`` (text mix, voice pool) with its own speakers:
+    e.g. data for the cheap projector warm-up only (prepare.sh puts both in ``train-all-shuf``). Existing audio files are kept (re-running is cheap); the
     transcripts and ``espeak_corpus.json`` (speakers, voices, arguments) are rewritten.
     """
     if lang not in ("en", "cmn"):
@@ -645,6 +679,8 @@ def make_espeak_corpus(
     if not (0.0 <= markov_fraction and 0.0 <= common_fraction and markov_fraction + common_fraction <= 1.0):
         raise ValueError(f"markov_fraction ({markov_fraction}) and common_fraction ({common_fraction}) must be "
                          ">= 0 with a sum <= 1")
+    if num_train_extra and lang != "en":
+        raise ValueError("num_train_extra: the AISHELL layout has a single training subset")
     if markov_fraction > 0 and lang != "en":
         raise ValueError("markov_fraction: the Markov text is English; the Mandarin corpus has templates only")
     _check_tools()
@@ -654,7 +690,8 @@ def make_espeak_corpus(
     out_dir = Path(out_dir)
 
     if lang == "en":
-        subsets = [("train-clean-100", num_train, False), ("dev-clean", num_dev, False),
+        subsets = [("train-clean-100", num_train, False), ("train-clean-360", num_train_extra, False),
+                   ("dev-clean", num_dev, False),
                    ("test-clean", num_test, False), ("test-other", num_test_other, True)]
         templates = _en_templates()
         make = lambda r: _en_sentence(r, templates)  # noqa: E731
@@ -688,12 +725,11 @@ def make_espeak_corpus(
                 texts[name] = texts[name][:n - k - c] + extra
                 rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
                 rng_mix.shuffle(texts[name])
-    train_name = subsets[0][0] if subsets and subsets[0][0].startswith("train") else None
-    if train_name is not None:
-        train_set = set(texts[train_name])
-        for name, _, _ in subsets[1:]:
+    train_set = {t for name, _, _ in subsets if name.startswith("train") for t in texts[name]}
+    for name, _, _ in subsets:
+        if not name.startswith("train"):
             overlap = train_set.intersection(texts[name])
-            assert not overlap, f"{name} shares sentences with {train_name}: {sorted(overlap)[:3]}"
+            assert not overlap, f"{name} shares sentences with the training subsets: {sorted(overlap)[:3]}"
 
     used_voices: set = set()
     spk_counter = iter(range(2, 100000))
@@ -740,7 +776,7 @@ def make_espeak_corpus(
     meta = {
         "lang": lang, "seed": seed, "utts_per_speaker": utts_per_speaker,
         "markov_fraction": markov_fraction, "markov_max_words": markov_max_words, "more_voices": more_voices,
-        "common_fraction": common_fraction,
+        "common_fraction": common_fraction, "num_train_extra": num_train_extra,
         "subsets": {name: n for name, n, _ in subsets},
         "speakers": sorted({(u.subset, u.speaker.id, u.speaker.voice, u.speaker.speed, u.speaker.pitch)
                             for u in utts}),

@@ -83,6 +83,9 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--optimizer", dest="optimizer_type", type=str, default="scaled_adam",
                    choices=["scaled_adam", "adamw"], help="ScaledAdam (the recipe's, lr 0.01) or AdamW.")
     g.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (matrices only).")
+    g.add_argument("--projector-lr-scale", type=float, default=1.0,
+                   help="The projector's learning rate is --base-lr times this (icefall's lr_scale). 0 keeps a "
+                   "projector aligned by --projector-warmup-steps fixed while the LLM (LoRA) learns to read it.")
     g.add_argument("--lr-scheduler", type=str, default="fixed", choices=["fixed", "cosine", "eden"],
                    help="fixed (the recipe's), cosine (needs --lr-decay-steps) or eden.")
     g.add_argument("--warmup-steps", type=int, default=0, help="Linear learning-rate warm-up, in batches.")
@@ -514,10 +517,17 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         # the auxiliary CTC loss added inside SpeechLLM.forward. Both before the DDP/DeepSpeed wrap,
         # which must see the warmed-up weights.
         # (sync_ranks off: each rank warms up alone, and a time limit may stop them at different steps)
-        maybe_projector_warmup(params, model, data.train_dataloader(train_cuts, sync_ranks=False), device)
+        warmup_cuts = data.train_cuts(params.projector_warmup_cuts) if params.get("projector_warmup_cuts") else train_cuts
+        maybe_projector_warmup(params, model, data.train_dataloader(warmup_cuts, sync_ranks=False), device)
         aux_ctc = build_aux_ctc(args, model)
         if aux_ctc is not None:  # (only SpeechLLM models can have one)
             model.enable_aux_ctc(aux_ctc)
+
+        if params.get("projector_lr_scale", 1.0) != 1.0:
+            if not hasattr(model, "projectors"):
+                raise UserError("--projector-lr-scale: this model has no projector")
+            for proj in model.projectors:
+                proj.lr_scale = params.projector_lr_scale  # read by get_parameter_groups
 
         def make_optimizer(m):
             return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
