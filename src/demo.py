@@ -251,8 +251,8 @@ def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
         common_fraction=c.get("common_fraction", 0.0),
         num_train_extra=c.get("num_train_extra", 0),
     )
-    extra = c.get("num_train_extra", 0)
-    extra = f" + {extra} for the projector warm-up only" if extra else ""
+    n_extra = c.get("num_train_extra", 0)
+    extra = f" + {n_extra} for the projector warm-up only" if n_extra else ""
     say(f"  corpus: {root} ({c['num_train']} train{extra} / {c.get('num_dev')} dev / {c['num_test']} test utterances; "
         f"train/dev: {c.get('markov_fraction', 0.0):.0%} Markov text, {c.get('common_fraction', 0.0):.0%} "
         "common-word sequences, the rest templates)")

@@ -57,6 +57,28 @@ def test_librispeech_layout(prepared_en):
     assert not spk["train-clean-100"] & (spk["test-clean"] | spk["test-other"] | spk["dev-clean"])
 
 
+def test_extra_training_subset_has_its_own_speakers_and_sentences(tmp_path):
+    """num_train_extra: a train-clean-360 subset with its own speakers and no sentence shared with the
+    other subsets; the Mandarin layout refuses it."""
+    require_binary("espeak-ng")
+    require_binary("sox")
+    from llmasr.demo.espeak import make_espeak_corpus
+
+    root = make_espeak_corpus(tmp_path / "dl", "en", num_train=4, num_train_extra=6, num_test=2, num_dev=0,
+                              num_test_other=0, seed=5, utts_per_speaker=2, num_jobs=2, common_fraction=0.5)
+    trans = read_trans(root)
+    per_subset = {}
+    for uid, (subset, text) in trans.items():
+        per_subset.setdefault(subset, []).append((uid.split("-")[0], text))
+    assert {k: len(v) for k, v in per_subset.items()} == {"train-clean-100": 4, "train-clean-360": 6, "test-clean": 2}
+    speakers = {k: {spk for spk, _ in v} for k, v in per_subset.items()}
+    assert not speakers["train-clean-100"] & speakers["train-clean-360"]
+    texts = [t for v in per_subset.values() for _, t in v]
+    assert len(set(texts)) == len(texts)
+    with pytest.raises(ValueError, match="num_train_extra"):
+        make_espeak_corpus(tmp_path / "zh", "cmn", num_train=2, num_train_extra=2, num_test=1)
+
+
 def test_deterministic_and_seeded(tmp_path):
     require_binary("espeak-ng")
     from llmasr.demo.espeak import make_espeak_corpus

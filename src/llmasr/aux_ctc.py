@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -67,6 +66,7 @@ import torch.nn.functional as F
 
 from llmasr.data.datamodule import speech_inputs
 from llmasr.prompt import get_prompt_format, transcript_ids
+from llmasr.training.schedulers import build_scheduler
 
 MODES = ("distance", "cosine", "dot")
 DEFAULT_TEMPERATURE = {"distance": 1.0, "cosine": 0.05, "dot": 1.0}
@@ -284,6 +284,9 @@ def resolve_blank_id(tokenizer, blank: Union[str, int, None], prompt_format=None
 # --------------------------------------------------------------------------------------------
 
 
+WARMUP_LR_SCHEDULES = ("constant", "cosine")
+
+
 @dataclass
 class AuxCtcConfig:
     weight: float = 0.0  # weight of the aux loss added to the LLM cross-entropy (0: off)
@@ -345,7 +348,7 @@ def add_aux_ctc_arguments(parser: argparse.ArgumentParser) -> None:
                    "steps (no LLM forward; cheap). 0 = off.")
     g.add_argument("--projector-warmup-lr", type=float, default=1e-3,
                    help="Adam learning rate of the projector warm-up.")
-    g.add_argument("--projector-warmup-lr-schedule", type=str, default="constant", choices=["constant", "cosine"],
+    g.add_argument("--projector-warmup-lr-schedule", type=str, default="constant", choices=WARMUP_LR_SCHEDULES,
                    help="constant, or cosine: from --projector-warmup-lr down to 0 over the warm-up steps "
                    "(the demo: a long warm-up ends at a lower CTC loss).")
     g.add_argument("--projector-warmup-max-seconds", type=float, default=0.0,
@@ -469,10 +472,11 @@ def projector_warmup(
     if not params:
         raise ValueError("projector warm-up: the projector has no trainable parameters")
     device = device or params[0].device
+    if lr_schedule not in WARMUP_LR_SCHEDULES:
+        raise ValueError(f"projector warm-up: unknown lr schedule {lr_schedule!r} ({', '.join(WARMUP_LR_SCHEDULES)})")
     opt = torch.optim.Adam(params, lr=lr)
-    if lr_schedule not in ("constant", "cosine"):
-        raise ValueError(f"projector warm-up: unknown lr schedule {lr_schedule!r} (constant, cosine)")
-    total = num_steps
+    # the training recipe's own schedulers, indexed by the warm-up step
+    scheduler = build_scheduler("cosine" if lr_schedule == "cosine" else "fixed", opt, 0, num_steps)
     was_training = model.training
     model.train()
     start = time.time()
@@ -490,9 +494,7 @@ def projector_warmup(
                 torch.nn.utils.clip_grad_norm_(params, grad_clip)
                 opt.step()
                 step += 1
-                if lr_schedule == "cosine":
-                    for group in opt.param_groups:
-                        group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total) / total))
+                scheduler.step_batch(step)
                 window += float(loss.detach())
                 window_n += 1
                 elapsed = time.time() - start

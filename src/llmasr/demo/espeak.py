@@ -21,6 +21,7 @@ speakers, voices, audio bytes) is a deterministic function of the arguments.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -360,33 +361,30 @@ def markov_sentence(rng: random.Random, min_words: int = 4, max_words: int = 12)
 # initials and abbreviations it spells or expands: "mr", "pm", "vs", "de").
 _SHORT_WORDS = frozenset("a i am an as at be by do go he if in is it me my no of oh on or so to up us we".split())
 EN_VOCAB_SIZE = 8000
-_EN_VOCAB = None
 
 
+@functools.lru_cache(maxsize=None)
 def _en_vocabulary(size: int = EN_VOCAB_SIZE) -> Tuple[Tuple[str, ...], Tuple[float, ...]]:
     """English words for the word-sequence text, with sampling weights: the ``size`` most frequent
     words of ``wordfreq`` that essential-generators' encyclopaedic text also writes in lower case
     (which drops acronyms and initials: espeak-ng would spell "nfl" or expand "mr"), have a vowel,
     and have 3+ letters unless they are common short words. Weight = frequency ** 0.5: frequent
     words come back often enough to be learnt, rarer ones still occur (~6100 words for 8000)."""
-    global _EN_VOCAB
-    if _EN_VOCAB is None or _EN_VOCAB[0] != size:
-        try:
-            from wordfreq import top_n_list, word_frequency
-        except ImportError:
-            raise RuntimeError("word-sequence demo text needs the wordfreq package "
-                               "(pip install -r requirements.txt)") from None
-        chain, _ = _markov_chain()
-        lower = set()
-        for key, node in chain.items():
-            for w in key.split() + list(node.get("transitions") or ()):
-                w = w.rstrip(".,;:")
-                if w.isalpha() and w.islower():
-                    lower.add(w)
-        words = tuple(w for w in top_n_list("en", size) if re.fullmatch(r"[a-z]+", w) and w in lower
-                      and re.search(r"[aeiouy]", w) and (len(w) >= 3 or w in _SHORT_WORDS))
-        _EN_VOCAB = (size, words, tuple(word_frequency(w, "en") ** 0.5 for w in words))
-    return _EN_VOCAB[1], _EN_VOCAB[2]
+    try:
+        from wordfreq import top_n_list, word_frequency
+    except ImportError:
+        raise RuntimeError("word-sequence demo text needs the wordfreq package "
+                           "(pip install -r requirements.txt)") from None
+    chain, _ = _markov_chain()
+    lower = set()
+    for key, node in chain.items():
+        for w in key.split() + list(node.get("transitions") or ()):
+            w = w.rstrip(".,;:")
+            if w.isalpha() and w.islower():
+                lower.add(w)
+    words = tuple(w for w in top_n_list("en", size) if re.fullmatch(r"[a-z]+", w) and w in lower
+                  and re.search(r"[aeiouy]", w) and (len(w) >= 3 or w in _SHORT_WORDS))
+    return words, tuple(word_frequency(w, "en") ** 0.5 for w in words)
 
 
 def _zh_common_words() -> Tuple[str, ...]:
@@ -671,8 +669,9 @@ def make_espeak_corpus(
     ``num_test_other`` (English only, subset ``test-other``: faster speech, extreme pitch)
     defaults to ``num_test``. ``num_train_extra`` (English only): a second training subset,
     ``train-clean-360``, made like ``train-clean-100`` (text mix, voice pool) with its own speakers:
-    e.g. data for the cheap projector warm-up only (prepare.sh puts both in ``train-all-shuf``). Existing audio files are kept (re-running is cheap); the
-    transcripts and ``espeak_corpus.json`` (speakers, voices, arguments) are rewritten.
+    e.g. data for the cheap projector warm-up only (prepare.sh puts both in ``train-all-shuf``).
+    Existing audio files are kept (re-running is cheap); the transcripts and ``espeak_corpus.json``
+    (speakers, voices, arguments) are rewritten.
     """
     if lang not in ("en", "cmn"):
         raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
