@@ -12,6 +12,7 @@ from llmasr.aux_ctc import (
     AuxCtc,
     AuxCtcConfig,
     aux_ctc_loss,
+    ctc_compress_frames,
     embedding_logits,
     greedy_ctc_ids,
     min_ctc_frames,
@@ -295,3 +296,55 @@ def test_norm_penalty_pulls_frames_to_the_embedding_scale():
         assert pen.item() - plain.item() == pytest.approx(2.0 * math.log(scale) ** 2, abs=1e-5)
         assert s["aux_ctc_frame_norm"] == pytest.approx(float(r) * scale, rel=1e-5)
         assert s["aux_ctc_embedding_norm"] == pytest.approx(float(r), rel=1e-6)
+
+
+def test_ctc_compression_drops_blanks_averages_runs_and_keeps_a_frame_of_silence():
+    # dot logits against the identity: a frame's best class is its largest coordinate; 0 is blank
+    emb = torch.eye(5)
+    spoken = [[0, 1, 1, 0, 2, 2, 2, 3], [0, 0, 0, 0, 0, 4, 4, 4], [4, 4, 0, 4, 1, 1, 1, 1]]
+    frames = torch.stack([torch.stack([2 * emb[i] for i in row]) for row in spoken])
+    frames[0, 2, 1] = 4.0  # the second frame of the "1" run: the mean of the run is (0, 3, 0, 0, 0)
+    frames[1, 3, 2] = 1.0  # all five valid frames say blank; frame 3 is the least blank
+    lens = torch.tensor([8, 5, 4])
+    frames.requires_grad_(True)
+    out, out_lens = ctc_compress_frames(frames, lens, emb, blank_id=0, mode="dot")
+    assert out_lens.tolist() == [3, 1, 2]
+    assert out.shape == (3, 3, 5)
+    assert torch.equal(out[0], torch.tensor([[0, 3.0, 0, 0, 0], [0, 0, 2.0, 0, 0], [0, 0, 0, 2.0, 0]]))
+    assert torch.equal(out[1, 0], frames[1, 3].detach())  # silence: the least-blank frame, not frame 0
+    assert torch.equal(out[2, :2], torch.tensor([[0, 0, 0, 0, 2.0], [0, 0, 0, 0, 2.0]]))  # 4 4 | 4: two runs
+    assert not out[1, 1:].any() and not out[2, 2:].any()  # zero padding
+    # beyond the lengths (row 1's "4 4 4", row 2's "1 1 1 1") nothing is read
+    out.sum().backward()
+    assert torch.allclose(frames.grad[0, :, 0], torch.tensor([0, 0.5, 0.5, 0, 1 / 3, 1 / 3, 1 / 3, 1.0]))
+    assert frames.grad[1, 5:].abs().sum() == 0 and frames.grad[2, 4:].abs().sum() == 0
+
+
+def test_ctc_compression_in_chunks_equals_in_one_go_and_follows_the_mode():
+    g = torch.Generator().manual_seed(0)
+    emb = torch.randn(40, 8, generator=g)
+    frames = torch.randn(3, 17, 8, generator=g)
+    lens = torch.tensor([17, 9, 4])
+    whole = ctc_compress_frames(frames, lens, emb, 0, "cosine", chunk_frames=10_000)
+    chunked = ctc_compress_frames(frames, lens, emb, 0, "cosine", chunk_frames=5)
+    assert torch.equal(whole[1], chunked[1]) and torch.allclose(whole[0], chunked[0])
+    # the runs are those of greedy CTC in the same mode (one compressed vector per greedy token,
+    # unless two equal tokens are separated by a blank - then greedy keeps both too)
+    for mode in ("cosine", "distance"):
+        greedy = greedy_ctc_ids(frames, lens, emb, 0, mode)
+        out, out_lens = ctc_compress_frames(frames, lens, emb, 0, mode)
+        assert out_lens.tolist() == [max(len(t), 1) for t in greedy]
+
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--projector-warmup-steps", "5", "--aux-ctc-mode", "distance"], "--aux-ctc-mode is distance"),
+    (["--aux-ctc-blank", "<|im_end|>"], "--aux-ctc-blank is '<|im_end|>'"),
+])
+def test_training_refuses_a_compression_that_reads_the_projector_unlike_its_alignment(flags, says, capsys, tmp_path):
+    from llmasr.recipes.train import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(argv=["--exp-dir", str(tmp_path), "--ctc-compress-frames", "cosine", *flags])
+    assert exc.value.code == 2 and says in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())  # refused before any work

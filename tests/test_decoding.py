@@ -183,6 +183,43 @@ def test_frozen_encoder_stays_eval_and_gets_no_grad(tiny_llm_dir):
     assert model2.encoder.lin.weight.grad.abs().sum() > 0
 
 
+def test_ctc_compressed_frames_are_what_the_llm_reads(tiny_llm_dir, monkeypatch):
+    model = _model(tiny_llm_dir, [FakeEncoder(16, 2)], ctc_compress_frames="cosine")
+    emb = model.llm.get_input_embeddings().weight.detach()
+    blank = model.ctc_blank_id
+    assert model.tokenizer.convert_ids_to_tokens(blank) == "<|endoftext|>"
+    # projected frames that "say" known tokens: rows of the embedding, with blanks and repeats
+    said = [[blank, 40, 40, blank, 41, 7, 7, 7], [blank, blank, 99, blank, 99, 5, 0, 0]]
+    frames = torch.stack([emb[row] for row in said]) * 2.0
+    lens = torch.tensor([8, 6])
+    monkeypatch.setattr(model, "encode", lambda *a, **k: [(frames, lens)])
+    feats, feat_lens = _batch([16, 12])
+    texts = ["a river", "no"]
+    merged, mask, labels, speech_lens, raw = model.prepare_inputs(feats, feat_lens, texts)
+    assert speech_lens[:, 0].tolist() == [8, 6] and raw[0][0] is frames  # the audio's length; what aux CTC aligns
+    from llmasr.prompt import build_prompts
+
+    ids, pmask, plabels = build_prompts(model.tokenizer, model.prompt_format, texts, 1)
+    read = (2.0 * emb[torch.tensor([[40, 41, 7], [99, 99, 5]])], torch.tensor([3, 3]))  # blanks gone, runs merged
+    ref, ref_mask, ref_lab = _reference_merge(model, [read], model.embed_prompt(ids, pmask), ids, pmask, plabels)
+    torch.testing.assert_close(merged, ref)
+    assert torch.equal(mask, ref_mask) and torch.equal(labels, ref_lab)
+    # training: the loss reaches the projector through the compressed frames; decoding runs them
+    monkeypatch.undo()
+    model.train()
+    loss, stats = model(*_batch([50, 30]), ["a river", "no"])
+    loss.backward()
+    assert torch.isfinite(loss) and model.encoder_projector.proj[1].weight.grad.abs().sum() > 0
+    model.eval()
+    feats, feat_lens = _batch([95, 40, 71], seed=2)
+    batched = _trim(model.generate_ids(feats, feat_lens, max_new_tokens=12))
+    alone = [_trim(model.generate_ids(feats[i:i + 1, :n], feat_lens[i:i + 1], max_new_tokens=12))[0]
+             for i, n in enumerate(feat_lens.tolist())]
+    assert batched == alone
+    with pytest.raises(ValueError, match="ctc_compress_frames"):
+        _model(tiny_llm_dir, [FakeEncoder(16, 2)], ctc_compress_frames="spectral")
+
+
 def _trim(ids, eos=514, pad=512):
     """Rows up to and including <|im_end|>; what follows must be padding."""
     out = []

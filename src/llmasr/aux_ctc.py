@@ -260,6 +260,69 @@ def greedy_ctc_ids(
     return [best[i][keep[i]].tolist() for i in range(n)]
 
 
+def ctc_compress_frames(
+    frames: torch.Tensor,
+    frame_lens: torch.Tensor,
+    embedding: torch.Tensor,
+    blank_id: int,
+    mode: str = "distance",
+    chunk_frames: int = 4096,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """CTC compression of projected frames: what the LLM reads is one vector per token the
+    projector "says", not one per 4-8 encoder frames.
+
+    Each frame's best class under the aux CTC's logits (:func:`embedding_logits`) is taken; frames
+    whose best class is the blank are dropped and each run of frames with the same best token is
+    replaced by the mean of its frames (averaging, not picking one, keeps every frame's gradient
+    and what the run's other frames heard). A projector aligned by the aux CTC says mostly blanks
+    and about one token per spoken token, so the LLM's input becomes a noisy spelling of the
+    transcript, a few times shorter, that it learns to copy and correct - instead of frames it
+    has to learn to read. An utterance whose frames are all blank keeps its least-blank frame
+    (the LLM always gets some speech).
+
+    The argmax runs without gradient over the whole vocabulary, ``chunk_frames`` frames at a time
+    (bounded memory: 4096 x 49k float32 logits = 0.8 GB for SmolLM2). Gradients flow to the kept
+    frames through the means.
+
+    Returns (compressed frames (N, S, H) zero-padded, lengths (N,)).
+    """
+    n, t, h = frames.shape
+    device = frames.device
+    valid = torch.arange(t, device=device)[None, :] < frame_lens.to(device)[:, None]
+    with torch.no_grad():
+        flat = frames.detach().reshape(n * t, h)
+        best, blank_margin = [], []
+        for i in range(0, n * t, chunk_frames):
+            logits = embedding_logits(flat[i:i + chunk_frames], embedding, mode)
+            blank_col = logits[:, blank_id].clone()
+            logits[:, blank_id] = float("-inf")
+            top, top_id = logits.max(-1)  # the best non-blank token
+            best.append(top_id.masked_fill(blank_col > top, blank_id))
+            # how much the best non-blank class beats the blank (for all-blank utterances)
+            blank_margin.append(top - blank_col)
+        best = torch.cat(best).view(n, t)
+        blank_margin = torch.cat(blank_margin).view(n, t)
+        keep = valid & (best != blank_id)
+        # an utterance with frames but no token keeps its least-blank frame
+        silent = (~keep.any(1)) & valid.any(1)
+        if bool(silent.any()):
+            least_blank = blank_margin.masked_fill(~valid, float("-inf")).argmax(1)
+            rows = silent.nonzero().flatten()
+            keep[rows, least_blank[rows]] = True
+            best[rows, least_blank[rows]] = -1  # a token id no neighbour has
+        prev_best = torch.cat([torch.full_like(best[:, :1], -2), best[:, :-1]], 1)
+        prev_keep = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, :-1]], 1)
+        starts = keep & ~(prev_keep & (best == prev_best))  # first frame of each kept run
+        segment = starts.long().cumsum(1) - 1  # (N, T): index of the run a kept frame belongs to
+        lens = starts.sum(1)
+        rows, cols = keep.nonzero(as_tuple=True)
+        seg = segment[rows, cols]
+    width = int(lens.max()) if n else 0
+    summed = frames.new_zeros(n, width, h).index_put((rows, seg), frames[rows, cols], accumulate=True)
+    count = frames.new_zeros(n, width).index_put((rows, seg), frames.new_ones(rows.shape[0]), accumulate=True)
+    return summed / count.clamp(min=1).unsqueeze(-1), lens
+
+
 # --------------------------------------------------------------------------------------------
 # Tokens
 # --------------------------------------------------------------------------------------------

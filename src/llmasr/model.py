@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from llmasr.aux_ctc import MODES as AUX_CTC_MODES, ctc_compress_frames, resolve_blank_id
 from llmasr.encoder_cache import EncoderOutputCache
 from llmasr.features import data_feature_type_of
 from llmasr.generation import GenerationOptions, generate
@@ -69,6 +70,10 @@ class SpeechLLM(nn.Module):
         use_prompt_embedding: really use the ``prompt_embedding`` rows (off: SpeechLLM behaviour).
         compat_reference_padding: splice the padded batch's frames like icefall whisper_llm_zh (see
             the module docstring); also settable as an attribute.
+        ctc_compress_frames: None, or an aux CTC mode (``llmasr.aux_ctc.MODES``): the LLM reads the
+            projected frames CTC-compressed (:func:`llmasr.aux_ctc.ctc_compress_frames`, blank = the
+            prompt format's pad token, as the aux CTC's default) - for projectors aligned by the aux
+            CTC in that mode.
 
     Every encoder gets the features of its own ``feature_type``: MoSE encoders of different front ends
     (Zipformer fbank, Whisper log-mel, FireRedASR fbank+CMVN) take ``features_by_type`` =
@@ -92,6 +97,7 @@ class SpeechLLM(nn.Module):
         mose: Optional[bool] = None,
         num_prompt: int = 4,
         compat_reference_padding: bool = False,
+        ctc_compress_frames: Optional[str] = None,
     ):
         super().__init__()
         encoders = list(encoders)
@@ -151,6 +157,14 @@ class SpeechLLM(nn.Module):
         for e in encoders:
             e.requires_grad_(unfreeze_encoder)
         self.compat_reference_padding = compat_reference_padding
+        if ctc_compress_frames in (None, "none"):
+            ctc_compress_frames = None
+        elif ctc_compress_frames not in AUX_CTC_MODES:
+            raise ValueError(f"ctc_compress_frames must be none or one of {AUX_CTC_MODES}, got {ctc_compress_frames!r}")
+        elif compat_reference_padding:
+            raise ValueError("CTC-compressed frames and compat_reference_padding exclude each other")
+        self.ctc_compress_frames = ctc_compress_frames
+        self.ctc_blank_id = resolve_blank_id(tokenizer, "pad", self.prompt_format) if ctc_compress_frames else None
         if use_prompt_embedding:
             self._init_prompt_embedding()
         self.train(False)
@@ -397,10 +411,16 @@ class SpeechLLM(nn.Module):
         """Encoders + prompt + merge.
 
         Returns (inputs_embeds (B, L, H), attention_mask (B, L) bool, labels (B, L) or None,
-        speech_lens (B, E) projected frames per encoder, per-encoder (frames, lengths)).
+        speech_lens (B, E) projected frames per encoder, per-encoder (frames, lengths)). With
+        ``ctc_compress_frames`` the LLM reads the compressed frames; ``speech_lens`` and the returned
+        frames stay the projector's (the audio's length, and what the aux CTC aligns).
         """
         device = features.device
         speech = self.encode(features, feature_lens, cut_ids, features_by_type)
+        read = speech
+        if self.ctc_compress_frames is not None:
+            emb = self.llm.get_input_embeddings().weight
+            read = [ctc_compress_frames(f, l, emb, self.ctc_blank_id, self.ctc_compress_frames) for f, l in speech]
         b = features.shape[0]
         e = self.num_encoders
         groups = [e] * b if num_speech_groups is None else list(num_speech_groups)
@@ -411,7 +431,7 @@ class SpeechLLM(nn.Module):
         labels = labels.to(device) if labels is not None else None
         slots = None if all(g == e for g in groups) else self._slot_assignment(groups)
         embeds = self.embed_prompt(input_ids, attention_mask)
-        merged, mask, merged_labels = self.merge(speech, embeds, input_ids, attention_mask, labels, slots)
+        merged, mask, merged_labels = self.merge(read, embeds, input_ids, attention_mask, labels, slots)
         speech_lens = torch.stack([l for _, l in speech], 1)
         return merged, mask, merged_labels, speech_lens, speech
 

@@ -5,6 +5,7 @@ import argparse
 import logging
 from typing import List, Optional, Union
 
+from llmasr.aux_ctc import MODES as AUX_CTC_MODES
 from llmasr.config import str2bool
 from llmasr.llm import LORA_TARGETS, load_llm
 from llmasr.model import SpeechLLM
@@ -70,6 +71,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                    help="Reproduce recipes whose results depend on the batch padding (icefall whisper_llm_zh: the "
                    "Whisper encoder attends to the padding and every utterance gets all projected frames of the "
                    "padded batch; see README). false: batch-independent results (padding never reaches the LLM).")
+    g.add_argument("--ctc-compress-frames", type=str, default="none", choices=("none",) + AUX_CTC_MODES,
+                   help="The LLM reads the projected frames CTC-compressed (blank frames dropped, each run of one "
+                   "token averaged; llmasr.aux_ctc.ctc_compress_frames): for a projector aligned by the aux CTC "
+                   "in this --aux-ctc-mode (blank: the pad token). none: every projected frame.")
     g.add_argument("--resize-vocab", type=str2bool, default=False,
                    help="Grow the LLM embedding when the speech tokens do not fit (new rows = mean row).")
     g.add_argument("--init-from-firered", type=str, default=None, metavar="DIR",
@@ -150,6 +155,7 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
         mose=mose,
         compat_reference_padding=getattr(args, "compat_reference_padding", False),
+        ctc_compress_frames=getattr(args, "ctc_compress_frames", "none"),
     )
     if getattr(args, "init_from_firered", None):
         from llmasr.firered.llm import load_firered_weights

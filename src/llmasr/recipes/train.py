@@ -625,6 +625,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
 
 
 def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: str = "speechllm") -> None:
+    from llmasr.aux_ctc import AuxCtcConfig
     from llmasr.config import parse_args_with_config
 
     parser = get_parser(mose, model_type)
@@ -634,6 +635,13 @@ def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: str =
         args.use_fp16 = torch.cuda.is_available() and not args.use_bf16
     if args.start_epoch < 1:
         parser.error(f"--start-epoch must be >= 1, got {args.start_epoch}")
+    compress = getattr(args, "ctc_compress_frames", "none")
+    if compress != "none" and getattr(args, "aux_ctc_blank", "pad") != "pad":
+        parser.error(f"--ctc-compress-frames drops the pad token's frames (the aux CTC's default blank), "
+                     f"but --aux-ctc-blank is {args.aux_ctc_blank!r}")
+    if compress != "none" and AuxCtcConfig.from_args(args).needed and args.aux_ctc_mode != compress:
+        parser.error(f"--ctc-compress-frames {compress} reads the projector as the aux CTC does in that mode, but "
+                     f"--aux-ctc-mode is {args.aux_ctc_mode}")
     if args.deepspeed:
         if not dist_utils.launched_externally():
             parser.error("--deepspeed needs a launcher: torchrun --nproc_per_node N src/train.py ... "
