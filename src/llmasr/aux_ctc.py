@@ -266,7 +266,7 @@ def ctc_compress_frames(
     embedding: torch.Tensor,
     blank_id: int,
     mode: str = "distance",
-    chunk_frames: int = 4096,
+    chunk_frames: Optional[int] = None,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """CTC compression of projected frames: what the LLM reads is one vector per token the
     projector "says", not one per 4-8 encoder frames.
@@ -281,19 +281,24 @@ def ctc_compress_frames(
     (the LLM always gets some speech).
 
     The argmax runs without gradient over the whole vocabulary, ``chunk_frames`` frames at a time
-    (bounded memory: 4096 x 49k float32 logits = 0.8 GB for SmolLM2). Gradients flow to the kept
-    frames through the means.
+    (default: 2^27 logits, 512 MB of float32 - 2730 frames for SmolLM2's 49k rows, 883 for
+    Qwen2's 152k). Gradients flow to the kept frames through the means.
 
     Returns (compressed frames (N, S, H) zero-padded, lengths (N,)).
     """
     n, t, h = frames.shape
     device = frames.device
     valid = torch.arange(t, device=device)[None, :] < frame_lens.to(device)[:, None]
+    if chunk_frames is None:
+        chunk_frames = max(1, 2**27 // embedding.shape[0])
     with torch.no_grad():
-        flat = frames.detach().reshape(n * t, h)
+        flat = frames.detach().float().reshape(n * t, h)
+        emb_rows = embedding.detach().float()  # converted (and normalised) once, not per chunk
+        if mode == "cosine":  # the same logits as "cosine", up to its constant temperature
+            flat, emb_rows, mode = F.normalize(flat, dim=-1), F.normalize(emb_rows, dim=-1), "dot"
         best, blank_margin = [], []
         for i in range(0, n * t, chunk_frames):
-            logits = embedding_logits(flat[i:i + chunk_frames], embedding, mode)
+            logits = embedding_logits(flat[i:i + chunk_frames], emb_rows, mode)
             blank_col = logits[:, blank_id].clone()
             logits[:, blank_id] = float("-inf")
             top, top_id = logits.max(-1)  # the best non-blank token
