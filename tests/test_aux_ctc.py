@@ -328,12 +328,17 @@ def test_ctc_compression_in_chunks_equals_in_one_go_and_follows_the_mode():
     whole = ctc_compress_frames(frames, lens, emb, 0, "cosine", chunk_frames=10_000)
     chunked = ctc_compress_frames(frames, lens, emb, 0, "cosine", chunk_frames=5)
     assert torch.equal(whole[1], chunked[1]) and torch.allclose(whole[0], chunked[0])
-    # the runs are those of greedy CTC in the same mode (one compressed vector per greedy token,
-    # unless two equal tokens are separated by a blank - then greedy keeps both too)
+    # one compressed vector per run of one token of the frames' argmax in that mode (a blank between
+    # two equal tokens makes two runs), counted here frame by frame
     for mode in ("cosine", "distance"):
-        greedy = greedy_ctc_ids(frames, lens, emb, 0, mode)
-        out, out_lens = ctc_compress_frames(frames, lens, emb, 0, mode)
-        assert out_lens.tolist() == [max(len(t), 1) for t in greedy]
+        labels = embedding_logits(frames, emb, mode).argmax(-1).tolist()
+        runs = []
+        for row, n in zip(labels, lens.tolist()):
+            runs.append(sum(1 for j in range(n) if row[j] != 0 and (j == 0 or row[j - 1] != row[j])))
+        assert min(runs) > 0  # (no all-blank row: those keep one frame, tested above)
+        _, out_lens = ctc_compress_frames(frames, lens, emb, 0, mode)
+        assert out_lens.tolist() == runs
+        assert [len(t) for t in greedy_ctc_ids(frames, lens, emb, 0, mode)] == runs
 
 
 

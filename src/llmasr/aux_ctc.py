@@ -241,23 +241,58 @@ def _sample_rows(
     return rows, [[index[i] for i in t] for t in target_ids], 0
 
 
+def _best_path(
+    frames: torch.Tensor, frame_lens: torch.Tensor, embedding: torch.Tensor, blank_id: int, mode: str,
+    chunk_frames: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Best-path CTC labels of projected frames, without gradient.
+
+    Returns (N, T) tensors: ``best`` class of each frame (the blank when it beats every token),
+    ``blank_margin`` (how much the best token beats the blank), ``valid`` (frame within its length)
+    and ``starts`` (first frame of each run of one token: what best-path decoding emits). The
+    logits are computed ``chunk_frames`` frames at a time (default: 2^27 logits, 512 MB of float32 -
+    2730 frames for SmolLM2's 49k rows, 883 for Qwen2's 152k); the temperature does not change an
+    argmax, so none is taken.
+    """
+    n, t, h = frames.shape
+    device = frames.device
+    if chunk_frames is None:
+        chunk_frames = max(1, 2**27 // embedding.shape[0])
+    with torch.no_grad():
+        flat = frames.detach().float().reshape(n * t, h)
+        emb_rows = embedding.detach().float()  # converted (and normalised) once, not per chunk
+        if mode == "cosine":  # the same logits as "cosine", up to its constant temperature
+            flat, emb_rows, mode = F.normalize(flat, dim=-1), F.normalize(emb_rows, dim=-1), "dot"
+        best, blank_margin = [], []
+        for i in range(0, n * t, chunk_frames):
+            logits = embedding_logits(flat[i:i + chunk_frames], emb_rows, mode)
+            blank_col = logits[:, blank_id].clone()
+            logits[:, blank_id] = float("-inf")
+            top, top_id = logits.max(-1)  # the best non-blank token
+            best.append(top_id.masked_fill(blank_col > top, blank_id))
+            blank_margin.append(top - blank_col)
+        best = torch.cat(best).view(n, t)
+        blank_margin = torch.cat(blank_margin).view(n, t)
+        valid = torch.arange(t, device=device)[None, :] < frame_lens.to(device)[:, None]
+        token = valid & (best != blank_id)
+        prev_best = torch.cat([torch.full_like(best[:, :1], -1), best[:, :-1]], 1)
+        prev_token = torch.cat([torch.zeros_like(token[:, :1]), token[:, :-1]], 1)
+        starts = token & ~(prev_token & (best == prev_best))  # a token after a blank starts a new run
+    return best, blank_margin, valid, starts
+
+
 def greedy_ctc_ids(
     frames: torch.Tensor,
     frame_lens: torch.Tensor,
     embedding: torch.Tensor,
     blank_id: int,
     mode: str = "distance",
-    temperature: Optional[float] = None,
 ) -> List[List[int]]:
     """Best-path CTC decoding of projected frames: what the projector "says" in LLM tokens
-    (repeats merged, blanks removed). A diagnostic for the warm-up; not used by the recogniser."""
-    with torch.no_grad():
-        best = embedding_logits(frames, embedding, mode, temperature).argmax(-1)  # (N, T)
-    n, t = best.shape
-    valid = torch.arange(t, device=best.device)[None, :] < frame_lens.to(best.device)[:, None]
-    prev = torch.cat([torch.full_like(best[:, :1], -1), best[:, :-1]], 1)
-    keep = valid & (best != blank_id) & (best != prev)
-    return [best[i][keep[i]].tolist() for i in range(n)]
+    (repeats merged, blanks removed). A diagnostic for the warm-up; the recogniser reads the same
+    runs through :func:`ctc_compress_frames` when ``--ctc-compress-frames`` is on."""
+    best, _, _, starts = _best_path(frames, frame_lens, embedding, blank_id, mode)
+    return [best[i][starts[i]].tolist() for i in range(best.shape[0])]
 
 
 def ctc_compress_frames(
@@ -280,33 +315,14 @@ def ctc_compress_frames(
     has to learn to read. An utterance whose frames are all blank keeps its least-blank frame
     (the LLM always gets some speech).
 
-    The argmax runs without gradient over the whole vocabulary, ``chunk_frames`` frames at a time
-    (default: 2^27 logits, 512 MB of float32 - 2730 frames for SmolLM2's 49k rows, 883 for
-    Qwen2's 152k). Gradients flow to the kept frames through the means.
+    The argmax runs without gradient over the whole vocabulary, in chunks (:func:`_best_path`).
+    Gradients flow to the kept frames through the means.
 
     Returns (compressed frames (N, S, H) zero-padded, lengths (N,)).
     """
-    n, t, h = frames.shape
-    device = frames.device
-    valid = torch.arange(t, device=device)[None, :] < frame_lens.to(device)[:, None]
-    if chunk_frames is None:
-        chunk_frames = max(1, 2**27 // embedding.shape[0])
+    n, _, h = frames.shape
+    best, blank_margin, valid, starts = _best_path(frames, frame_lens, embedding, blank_id, mode, chunk_frames)
     with torch.no_grad():
-        flat = frames.detach().float().reshape(n * t, h)
-        emb_rows = embedding.detach().float()  # converted (and normalised) once, not per chunk
-        if mode == "cosine":  # the same logits as "cosine", up to its constant temperature
-            flat, emb_rows, mode = F.normalize(flat, dim=-1), F.normalize(emb_rows, dim=-1), "dot"
-        best, blank_margin = [], []
-        for i in range(0, n * t, chunk_frames):
-            logits = embedding_logits(flat[i:i + chunk_frames], emb_rows, mode)
-            blank_col = logits[:, blank_id].clone()
-            logits[:, blank_id] = float("-inf")
-            top, top_id = logits.max(-1)  # the best non-blank token
-            best.append(top_id.masked_fill(blank_col > top, blank_id))
-            # how much the best non-blank class beats the blank (for all-blank utterances)
-            blank_margin.append(top - blank_col)
-        best = torch.cat(best).view(n, t)
-        blank_margin = torch.cat(blank_margin).view(n, t)
         keep = valid & (best != blank_id)
         # an utterance with frames but no token keeps its least-blank frame
         silent = (~keep.any(1)) & valid.any(1)
@@ -314,10 +330,7 @@ def ctc_compress_frames(
             least_blank = blank_margin.masked_fill(~valid, float("-inf")).argmax(1)
             rows = silent.nonzero().flatten()
             keep[rows, least_blank[rows]] = True
-            best[rows, least_blank[rows]] = -1  # a token id no neighbour has
-        prev_best = torch.cat([torch.full_like(best[:, :1], -2), best[:, :-1]], 1)
-        prev_keep = torch.cat([torch.zeros_like(keep[:, :1]), keep[:, :-1]], 1)
-        starts = keep & ~(prev_keep & (best == prev_best))  # first frame of each kept run
+            starts[rows, least_blank[rows]] = True
         segment = starts.long().cumsum(1) - 1  # (N, T): index of the run a kept frame belongs to
         lens = starts.sum(1)
         rows, cols = keep.nonzero(as_tuple=True)
@@ -469,7 +482,7 @@ class AuxCtc:
         return total / len(speech), stats
 
     def greedy(self, frames: torch.Tensor, lens: torch.Tensor) -> List[str]:
-        ids = greedy_ctc_ids(frames, lens, self.embedding.weight, self.blank_id, self.cfg.mode, self.cfg.temperature)
+        ids = greedy_ctc_ids(frames, lens, self.embedding.weight, self.blank_id, self.cfg.mode)
         return self.tokenizer.batch_decode(ids)
 
 
