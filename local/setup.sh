@@ -31,6 +31,18 @@ if [ -f "$VENV/.requirements.sha" ] && sha256sum -c --status "$VENV/.requirement
   log "dependencies already installed ($VENV)"
   exit 0
 fi
+# The install needs ~2.3 GB in the venv plus pip's unpacked wheels: say so now rather than fail with
+# "No space left on device" halfway through.
+need_mb=3000
+"$VENV/bin/python" -c "import torch" 2>/dev/null && need_mb=1500   # torch (0.75 GB) already there
+for dir in "$VENV" "${TMPDIR:-/tmp}"; do
+  free_mb=$(df -Pm "$dir" 2>/dev/null | awk 'NR==2 {print $4}')
+  if [ -n "$free_mb" ] && [ "$free_mb" -lt "$need_mb" ]; then
+    echo "$(date '+%Y-%m-%d %H:%M:%S') (setup) ERROR: only ${free_mb} MB free on the disk of $dir;" \
+      "installing the dependencies needs about ${need_mb} MB (the .venv ends at ~2.3 GB)" >&2
+    exit 1
+  fi
+done
 log "upgrading pip/setuptools/wheel"
 pip install -q -U pip setuptools wheel
 if [ "$TORCH_SPEC" != skip ]; then
