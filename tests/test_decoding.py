@@ -341,6 +341,10 @@ def test_decode_script_errors_before_model_build(golden_dir, tmp_path, monkeypat
         raise AssertionError("the model must not be built")
 
     monkeypatch.setattr("llmasr.recipes.model_args.build_model_from_args", no_build)
+    with pytest.raises(ValueError, match="ctc-mode"):  # joint CTC decoding of a model without a mode
+        decoding.run_decode(_decode_args(sl, exp, "--epoch", "2", "--ctc-weight", "0.5"))
+    with pytest.raises(ValueError, match="in \\[0, 1\\]"):
+        decoding.run_decode(_decode_args(sl, exp, "--epoch", "2", "--ctc-weight", "1.5", "--ctc-mode", "cosine"))
     with pytest.raises(FileNotFoundError, match="epoch-3.pt"):
         decoding.run_decode(_decode_args(sl, exp, "--epoch", "3", "--avg", "2"))
     with pytest.raises(FileNotFoundError, match="nothere.pt"):
@@ -442,3 +446,25 @@ def test_rope_theta_from_rope_parameters_for_transformers4(tmp_path, monkeypatch
     monkeypatch.setattr(llm_mod, "_transformers_version", lambda: (5, 1))
     llm_mod._fix_rope_theta(cfg, tmp_path)  # transformers 5 reads rope_parameters itself
     assert cfg.rope_theta == 10000.0
+
+
+def test_joint_ctc_decoding_follows_the_aligned_projector(tiny_llm_dir, monkeypatch):
+    """--ctc-weight: projected frames that "say" tokens (embedding rows, blanks between) steer the
+    random LLM to exactly those tokens; without the CTC it writes something else."""
+    model = _model(tiny_llm_dir, [FakeEncoder(16, 2)])
+    emb = model.llm.get_input_embeddings().weight.detach()
+    blank = 512  # <|endoftext|>, the pad token: the aux CTC's blank
+    said = [[blank, 40, 40, blank, 41, 7, 7, blank], [blank, 99, blank, 99, 5, blank, 0, 0]]
+    frames = torch.stack([emb[row] for row in said]) * 2.0
+    lens = torch.tensor([8, 6])
+    monkeypatch.setattr(model, "encode", lambda *a, **k: [(frames, lens)])
+    feats, feat_lens = _batch([16, 12])
+    want = [[40, 41, 7, 514], [99, 99, 5, 514]]
+    for beam in (1, 2):
+        joint = _trim(model.generate_ids(feats, feat_lens, beam_size=beam, max_new_tokens=12, ctc_weight=0.9,
+                                         ctc_mode="cosine", ctc_candidates=528))
+        assert joint == want, beam
+        llm_only = _trim(model.generate_ids(feats, feat_lens, beam_size=beam, max_new_tokens=12))
+        assert llm_only != want
+    with pytest.raises(ValueError, match="ctc-mode"):
+        model.generate_ids(feats, feat_lens, ctc_weight=0.5)

@@ -2,7 +2,7 @@
 layer above its own (lazy imports inside functions count: they are the same dependency, deferred).
 
 Layers, bottom to top (README "Layout"): config/io -> features -> data -> encoders -> projector,
-prompt, scoring, checkpoint -> llm, generation, encoder cache, aux CTC -> model -> training ->
+prompt, scoring, checkpoint -> llm, generation, encoder cache, aux CTC, CTC prefix scores -> model -> training ->
 firered (AED family, released formats) -> recipes -> demo.
 """
 from __future__ import annotations
@@ -34,6 +34,7 @@ LAYERS = {
     "llmasr.generation": 5,
     "llmasr.encoder_cache": 5,
     "llmasr.aux_ctc": 5,
+    "llmasr.ctc_prefix": 5,
     "llmasr.model": 6,
     "llmasr.training": 7,
     "llmasr.firered": 8,

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 
 from llmasr.prompt import PromptIds
 
@@ -146,14 +146,14 @@ def generate(
     if criteria:
         kwargs["stopping_criteria"] = _stopping_criteria(criteria)
     extra = dict(opts.extra)
+    processors = LogitsProcessorList()
     if opts.repetition_penalty != 1.0:
         # Our processor, not generate(repetition_penalty=): transformers 5 skips the first
         # <left padding> generated tokens of each row with inputs_embeds + attention mask, so a
         # batched utterance would be penalised differently from the same utterance alone.
-        from transformers import LogitsProcessorList
-
-        processors = LogitsProcessorList([GeneratedTokensRepetitionPenalty(opts.repetition_penalty)])
-        processors.extend(extra.pop("logits_processor", None) or [])
+        processors.append(GeneratedTokensRepetitionPenalty(opts.repetition_penalty))
+    processors.extend(extra.pop("logits_processor", None) or [])  # after the penalty (a CTC scorer reads it)
+    if processors:
         kwargs["logits_processor"] = processors
     kwargs.update(extra)
     out = llm.generate(**kwargs)

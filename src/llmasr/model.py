@@ -41,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from llmasr.aux_ctc import MODES as AUX_CTC_MODES, ctc_compress_frames, resolve_blank_id
+from llmasr.ctc_prefix import CtcPrefixScorer
 from llmasr.encoder_cache import EncoderOutputCache
 from llmasr.features import data_feature_type_of
 from llmasr.generation import GenerationOptions, generate
@@ -529,18 +530,41 @@ class SpeechLLM(nn.Module):
         beam_size: int = 1,
         max_new_tokens: Optional[int] = None,
         features_by_type: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
+        ctc_weight: float = 0.0,
+        ctc_mode: Optional[str] = None,
+        ctc_candidates: int = 10,
         **gen_opts,
     ) -> torch.Tensor:
-        """Generated token ids (B, N) of a batch (new tokens only, finished rows padded)."""
+        """Generated token ids (B, N) of a batch (new tokens only, finished rows padded).
+
+        ``ctc_weight`` > 0: joint decoding with the projector's aux CTC (:mod:`llmasr.ctc_prefix`;
+        ``ctc_mode`` the aux CTC's mode, default the ``ctc_compress_frames`` one; the blank is the
+        prompt format's pad token), over the LLM's ``ctc_candidates`` best next tokens per row."""
         import dataclasses
 
         if "num_beams" in gen_opts:  # SpeechLLM's / HF's name
             beam_size = gen_opts.pop("num_beams")
         known = {f.name for f in dataclasses.fields(GenerationOptions)}
         extra = {k: gen_opts.pop(k) for k in list(gen_opts) if k not in known}  # passed to HF generate
-        merged, mask, _, speech_lens, _ = self.prepare_inputs(features, feature_lens, features_by_type=features_by_type)
+        merged, mask, _, speech_lens, speech = self.prepare_inputs(
+            features, feature_lens, features_by_type=features_by_type
+        )
         opts = GenerationOptions(beam_size=beam_size, **gen_opts)
         opts.extra.update(extra)
+        if ctc_weight > 0:
+            mode = ctc_mode or self.ctc_compress_frames
+            if mode is None:
+                raise ValueError("--ctc-weight needs the aux CTC's mode: --ctc-mode, or --ctc-compress-frames")
+            if self.num_encoders != 1:
+                raise ValueError(f"--ctc-weight supports one speech encoder; this model has {self.num_encoders}")
+            frames, frame_lens = speech[0]
+            scorer = CtcPrefixScorer(
+                frames, frame_lens, self.llm.get_input_embeddings().weight,
+                resolve_blank_id(self.tokenizer, "pad", self.prompt_format), self.prompt_ids.eos,
+                mode=mode, weight=ctc_weight, num_beams=opts.beam_size,
+                num_candidates=max(ctc_candidates, 2 * opts.beam_size),
+            )
+            opts.extra["logits_processor"] = list(opts.extra.get("logits_processor") or []) + [scorer]
         if max_new_tokens is not None:
             opts.max_new_tokens = max_new_tokens
         return generate(self.llm, merged, mask, self.prompt_ids, opts, speech_lens.sum(1))

@@ -86,6 +86,11 @@ def add_decoding_arguments(parser) -> None:
     g.add_argument("--length-penalty", type=float, default=1.0, help="Beam search length penalty.")
     g.add_argument("--repetition-penalty", type=float, default=1.0,
                    help="Hugging Face repetition penalty over the generated tokens (1.0 = off; FireRedASR-LLM uses 3.0).")
+    g.add_argument("--ctc-weight", type=float, default=0.0,
+                   help="Joint decoding with the projector's aux CTC (llmasr/ctc_prefix.py): each next token scores "
+                   "(1-w) log P_llm + w (CTC prefix score gain). For models trained with --aux-ctc-* (0 = off).")
+    g.add_argument("--ctc-mode", type=str, default=None, choices=["distance", "cosine", "dot"],
+                   help="The aux CTC's mode for --ctc-weight (default: the --ctc-compress-frames mode).")
     g.add_argument("--decode-dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
                    help="Decode the LLM in this dtype and run the encoders under autocast to it (SpeechLLM."
                    "set_decode_dtype; bfloat16 on CPUs with AVX512-BF16/AMX, float16/bfloat16 on CUDA). "
@@ -105,6 +110,7 @@ def generation_options_from_args(args) -> Dict[str, Any]:
         repetition_guard=args.repetition_guard,
         length_penalty=args.length_penalty,
         repetition_penalty=getattr(args, "repetition_penalty", 1.0),
+        **({"ctc_weight": args.ctc_weight, "ctc_mode": args.ctc_mode} if getattr(args, "ctc_weight", 0.0) else {}),
     )
 
 
@@ -177,6 +183,8 @@ def _options_tag(args) -> str:
         tag += f"-lp{args.length_penalty:g}"
     if getattr(args, "repetition_penalty", 1.0) != 1.0:
         tag += f"-rp{args.repetition_penalty:g}"
+    if getattr(args, "ctc_weight", 0.0):
+        tag += f"-ctc{args.ctc_weight:g}"
     return tag + dtype_tag
 
 
@@ -281,6 +289,13 @@ def run_decode(args, mose: bool = False) -> Dict[str, float]:
     exp_dir = Path(args.exp_dir)
     if not exp_dir.is_dir():
         raise FileNotFoundError(f"--exp-dir {exp_dir} does not exist")
+    if getattr(args, "ctc_weight", 0.0):
+        if not 0.0 < args.ctc_weight <= 1.0:
+            raise UserError(f"--ctc-weight must be in [0, 1], got {args.ctc_weight}")
+        if not args.ctc_mode and getattr(args, "ctc_compress_frames", "none") in (None, "none"):
+            raise UserError("--ctc-weight needs the aux CTC's mode: --ctc-mode, or --ctc-compress-frames")
+        if mose:
+            raise UserError("--ctc-weight supports one speech encoder (not decode_mose.py)")
     # 1. the checkpoint files
     if args.checkpoint:
         ckpt_path = Path(args.checkpoint)
