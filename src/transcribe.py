@@ -127,7 +127,8 @@ def transcribe(args) -> List[Tuple[str, str]]:
         model.set_decode_dtype(getattr(torch, args.decode_dtype))
     decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(items),
                              **generation_options_from_args(args))
-    hyps = {cut_id: hyp.strip() for cut_id, _, hyp in decoded}
+    # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
+    hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
     return [(uid, hyps[uid]) for uid, _ in items]
 
 
