@@ -12,6 +12,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
+from llmasr.aux_ctc import MODES as AUX_CTC_MODES
 from llmasr.config import UserError
 
 
@@ -89,8 +90,9 @@ def add_decoding_arguments(parser) -> None:
     g.add_argument("--ctc-weight", type=float, default=0.0,
                    help="Joint decoding with the projector's aux CTC (llmasr/ctc_prefix.py): each next token scores "
                    "(1-w) log P_llm + w (CTC prefix score gain). For models trained with --aux-ctc-* (0 = off).")
-    g.add_argument("--ctc-mode", type=str, default=None, choices=["distance", "cosine", "dot"],
-                   help="The aux CTC's mode for --ctc-weight (default: the --ctc-compress-frames mode).")
+    g.add_argument("--ctc-mode", type=str, default=None, choices=AUX_CTC_MODES,
+                   help="The aux CTC's mode for --ctc-weight (default: the --ctc-compress-frames mode). "
+                   "The blank is the prompt format's pad token, the aux CTC's default --aux-ctc-blank.")
     g.add_argument("--decode-dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
                    help="Decode the LLM in this dtype and run the encoders under autocast to it (SpeechLLM."
                    "set_decode_dtype; bfloat16 on CPUs with AVX512-BF16/AMX, float16/bfloat16 on CUDA). "
