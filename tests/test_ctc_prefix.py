@@ -106,13 +106,14 @@ def test_combination_and_candidates():
     emb, frames, lens = _setup()
     scorer = CtcPrefixScorer(frames, lens, emb, BLANK, EOS, "cosine", weight=0.25, num_candidates=3,
                              temperature=0.5)
-    llm = torch.randn(2, V)
+    llm = torch.randn(2, V, generator=torch.Generator().manual_seed(0))
+    llm[:, BLANK] = 3.0  # the LLM's favourite: never a candidate all the same
     out = scorer(torch.zeros(2, 0, dtype=torch.long), llm)
     logp = torch.log_softmax(llm, -1)
     for b in range(2):
         kept = torch.isfinite(out[b]).nonzero().flatten().tolist()
         others = logp[b].clone()
-        others[EOS] = float("-inf")
+        others[[EOS, BLANK]] = float("-inf")
         assert sorted(kept) == sorted(others.topk(2).indices.tolist() + [EOS])  # the LLM's best 2 + the end
     ctc = CtcPrefixScorer(frames, lens, emb, BLANK, EOS, "cosine", weight=1.0, num_candidates=3, temperature=0.5)(
         torch.zeros(2, 0, dtype=torch.long), llm)
