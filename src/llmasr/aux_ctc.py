@@ -59,7 +59,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -241,6 +241,26 @@ def _sample_rows(
     return rows, [[index[i] for i in t] for t in target_ids], 0
 
 
+def vocabulary_logit_chunks(
+    frames: torch.Tensor, embedding: torch.Tensor, mode: str, temperature: Optional[float] = None,
+    chunk_frames: Optional[int] = None,
+) -> Iterator[torch.Tensor]:
+    """:func:`embedding_logits` of (M, H) frames against every embedding row, ``chunk_frames`` frames
+    at a time (default: 2^27 logits, 512 MB of float32 - 2730 frames for SmolLM2's 49k rows, 883
+    for Qwen2's 152k), without gradient. Yields the (chunk, V) logits in frame order. "cosine"
+    normalises the frames and the rows once, not per chunk."""
+    if chunk_frames is None:
+        chunk_frames = max(1, 2**27 // embedding.shape[0])
+    with torch.no_grad():
+        flat = frames.detach().float()
+        emb_rows = embedding.detach().float()  # converted (and normalised) once, not per chunk
+        if mode == "cosine":  # cosine = dot of unit vectors over the temperature
+            temperature = DEFAULT_TEMPERATURE[mode] if temperature is None else temperature
+            flat, emb_rows, mode = F.normalize(flat, dim=-1), F.normalize(emb_rows, dim=-1), "dot"
+        for i in range(0, flat.shape[0], chunk_frames):
+            yield embedding_logits(flat[i:i + chunk_frames], emb_rows, mode, temperature)
+
+
 def _best_path(
     frames: torch.Tensor, frame_lens: torch.Tensor, embedding: torch.Tensor, blank_id: int, mode: str,
     chunk_frames: Optional[int] = None,
@@ -250,22 +270,14 @@ def _best_path(
     Returns (N, T) tensors: ``best`` class of each frame (the blank when it beats every token),
     ``blank_margin`` (how much the best token beats the blank), ``valid`` (frame within its length)
     and ``starts`` (first frame of each run of one token: what best-path decoding emits). The
-    logits are computed ``chunk_frames`` frames at a time (default: 2^27 logits, 512 MB of float32 -
-    2730 frames for SmolLM2's 49k rows, 883 for Qwen2's 152k); the temperature does not change an
-    argmax, so none is taken.
+    logits come from :func:`vocabulary_logit_chunks` (bounded memory); the temperature does not
+    change an argmax, so none is taken.
     """
     n, t, h = frames.shape
     device = frames.device
-    if chunk_frames is None:
-        chunk_frames = max(1, 2**27 // embedding.shape[0])
     with torch.no_grad():
-        flat = frames.detach().float().reshape(n * t, h)
-        emb_rows = embedding.detach().float()  # converted (and normalised) once, not per chunk
-        if mode == "cosine":  # the same logits as "cosine", up to its constant temperature
-            flat, emb_rows, mode = F.normalize(flat, dim=-1), F.normalize(emb_rows, dim=-1), "dot"
         best, blank_margin = [], []
-        for i in range(0, n * t, chunk_frames):
-            logits = embedding_logits(flat[i:i + chunk_frames], emb_rows, mode)
+        for logits in vocabulary_logit_chunks(frames.reshape(n * t, h), embedding, mode, 1.0, chunk_frames):
             blank_col = logits[:, blank_id].clone()
             logits[:, blank_id] = float("-inf")
             top, top_id = logits.max(-1)  # the best non-blank token

@@ -15,8 +15,8 @@ finished hypothesis is ``(1 - w) log P_llm + w log P_ctc``. The CTC side knows t
 and every frame's evidence: it penalises dropped words, repeated phrases and words the LLM invents.
 
 Only the LLM's ``num_candidates`` best next tokens (and the end token) are scored, ESPnet's
-"partial scoring"; every other token is excluded, and so is the blank (no transcript contains it). The forward variables of a prefix are computed
-from its parent's for all frames at once: the recursions
+"partial scoring"; every other token is excluded, and so is the blank (no transcript contains it).
+The forward variables of a prefix are computed from its parent's for all frames at once: the recursions
 
     r_n[t] = logaddexp(r_n[t-1], phi[t-1]) + x[t]         (prefix ends in its last label at t)
     r_b[t] = logaddexp(r_n[t-1], r_b[t-1]) + blank[t]     (prefix ends in a blank at t)
@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from transformers import LogitsProcessor
 
-from llmasr.aux_ctc import DEFAULT_TEMPERATURE, MODES, embedding_logits
+from llmasr.aux_ctc import DEFAULT_TEMPERATURE, MODES, vocabulary_logit_chunks
 
 # Log-probability of a frame beyond an utterance's length for a non-blank label: finite (unlike
 # -inf) so that cumulative sums stay finite, and low enough that exp() of it is 0 in float64.
@@ -90,12 +90,10 @@ class CtcPrefixScorer(LogitsProcessor):
             self._mode = mode
             if mode == "cosine":  # cosine = dot of unit vectors; normalised once
                 x, emb, self._mode = F.normalize(x, dim=-1), F.normalize(emb, dim=-1), "dot"
-            # the per-frame log normaliser over the whole vocabulary, 2^27 logits at a time
-            chunk = max(1, 2**27 // emb.shape[0])
-            flat = x.reshape(n * t, -1)
+            # the per-frame log normaliser over the whole vocabulary, in bounded-memory chunks
             lse = torch.cat([
-                torch.logsumexp(embedding_logits(flat[i:i + chunk], emb, self._mode, self.temperature), -1)
-                for i in range(0, n * t, chunk)
+                torch.logsumexp(logits, -1)
+                for logits in vocabulary_logit_chunks(x.reshape(n * t, -1), emb, self._mode, self.temperature)
             ]).view(n, t).double()
             valid = torch.arange(t, device=device)[None, :] < frame_lens.to(device)[:, None]
             blank = self._logits(x, emb[blank_id][None, None, :].expand(n, 1, -1))[:, 0] - lse
