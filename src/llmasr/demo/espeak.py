@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Collection, Dict, List, Optional, Sequence, Tuple
 
+from llmasr.demo.llm_text import SHORT_WORDS, cached_everyday_sentences
 from llmasr.io import atomic_write, atomic_write_json, atomic_write_text
 
 SAMPLING_RATE = 16000
@@ -357,9 +358,6 @@ def markov_sentence(rng: random.Random, min_words: int = 4, max_words: int = 12)
             return " ".join(w.rstrip(".,;:").lower() for w in words)
 
 
-# Words of at most two letters that espeak-ng reads as words (the others in frequency lists are
-# initials and abbreviations it spells or expands: "mr", "pm", "vs", "de").
-_SHORT_WORDS = frozenset("a i am an as at be by do go he if in is it me my no of oh on or so to up us we".split())
 EN_VOCAB_SIZE = 8000
 
 
@@ -383,7 +381,7 @@ def _en_vocabulary(size: int = EN_VOCAB_SIZE) -> Tuple[Tuple[str, ...], Tuple[fl
             if w.isalpha() and w.islower():
                 lower.add(w)
     words = tuple(w for w in top_n_list("en", size) if re.fullmatch(r"[a-z]+", w) and w in lower
-                  and re.search(r"[aeiouy]", w) and (len(w) >= 3 or w in _SHORT_WORDS))
+                  and re.search(r"[aeiouy]", w) and (len(w) >= 3 or w in SHORT_WORDS))
     return words, tuple(word_frequency(w, "en") ** 0.5 for w in words)
 
 
@@ -653,13 +651,17 @@ def make_espeak_corpus(
     more_voices: bool = False,
     common_fraction: float = 0.0,
     num_train_extra: int = 0,
+    llm_fraction: float = 0.0,
+    llm_path=None,
 ) -> Path:
     """Synthesise a corpus under ``out_dir`` (a download dir, e.g. ``--dl-dir`` of prepare.sh).
 
     ``markov_fraction`` (English): that share of the train and dev sentences comes from
     :func:`markov_sentence` (open-domain text of at most ``markov_max_words`` words) instead of
     the templates; ``common_fraction`` (English, Mandarin): that share from
-    :func:`common_words_sentence` (random sequences of common words). Test sets stay template
+    :func:`common_words_sentence` (random sequences of common words); ``llm_fraction`` (English):
+    that share from everyday sentences sampled from the causal LM at ``llm_path``
+    (:mod:`llmasr.demo.llm_text`; kept in ``out_dir/llm_text-<seed>.txt``). Test sets stay template
     sentences. ``more_voices``: every subset also uses
     espeak-ng's named variants (``_EXTRA_TRAIN_VARIANTS``); voices of the held-out sets
     (:func:`make_heldout_sets`) are never used either way.
@@ -675,9 +677,11 @@ def make_espeak_corpus(
     """
     if lang not in ("en", "cmn"):
         raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
-    if not (0.0 <= markov_fraction and 0.0 <= common_fraction and markov_fraction + common_fraction <= 1.0):
-        raise ValueError(f"markov_fraction ({markov_fraction}) and common_fraction ({common_fraction}) must be "
-                         ">= 0 with a sum <= 1")
+    fractions = {"markov_fraction": markov_fraction, "common_fraction": common_fraction, "llm_fraction": llm_fraction}
+    if min(fractions.values()) < 0 or sum(fractions.values()) > 1:
+        raise ValueError(f"{fractions}: the text fractions must be >= 0 with a sum <= 1")
+    if llm_fraction > 0 and (lang != "en" or llm_path is None):
+        raise ValueError("llm_fraction: the LLM-sampled text is English and needs llm_path")
     if num_train_extra and lang != "en":
         raise ValueError("num_train_extra: the AISHELL layout has a single training subset")
     if markov_fraction > 0 and lang != "en":
@@ -709,21 +713,29 @@ def make_espeak_corpus(
     for name, n, _ in subsets:
         texts[name] = pool[start:start + n]
         start += n
-    if markov_fraction > 0 or common_fraction > 0:
+    if markov_fraction > 0 or common_fraction > 0 or llm_fraction > 0:
         # Their own RNG: the template sentences, speakers and voices stay those of a template corpus.
         mrng = random.Random(f"llmasr-markov-{lang}-{seed}")
         taken = set(pool)
-        for name, n, _ in subsets:
-            if name.startswith(("train", "dev")):
-                k, c = round(markov_fraction * n), round(common_fraction * n)
-                extra = _unique_sentences(mrng, lambda r: markov_sentence(r, max_words=markov_max_words), k,
-                                          exclude=taken)
-                extra += _unique_sentences(mrng, lambda r: common_words_sentence(r, "en" if lang == "en" else "zh"),
-                                           c, exclude=taken)
-                taken.update(extra)
-                texts[name] = texts[name][:n - k - c] + extra
-                rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
-                rng_mix.shuffle(texts[name])
+        mixed = [(name, n) for name, n, _ in subsets if name.startswith(("train", "dev"))]
+        llm_text: List[str] = []
+        if llm_fraction > 0:
+            # the held-out open-domain sentences are banned too: that test set must not change
+            llm_text = cached_everyday_sentences(out_dir / f"llm_text-{seed}.txt", llm_path,
+                                                 sum(round(llm_fraction * n) for _, n in mixed), seed=seed,
+                                                 exclude=sorted(taken.union(EN_OPEN_DOMAIN)))
+            taken.update(llm_text)
+        for name, n in mixed:
+            k, c, m = round(markov_fraction * n), round(common_fraction * n), round(llm_fraction * n)
+            extra, llm_text = llm_text[:m], llm_text[m:]
+            extra += _unique_sentences(mrng, lambda r: markov_sentence(r, max_words=markov_max_words), k,
+                                       exclude=taken)
+            extra += _unique_sentences(mrng, lambda r: common_words_sentence(r, "en" if lang == "en" else "zh"),
+                                       c, exclude=taken)
+            taken.update(extra)
+            texts[name] = texts[name][:n - k - c - m] + extra
+            rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
+            rng_mix.shuffle(texts[name])
     train_set = {t for name, _, _ in subsets if name.startswith("train") for t in texts[name]}
     for name, _, _ in subsets:
         if not name.startswith("train"):
@@ -775,7 +787,7 @@ def make_espeak_corpus(
     meta = {
         "lang": lang, "seed": seed, "utts_per_speaker": utts_per_speaker,
         "markov_fraction": markov_fraction, "markov_max_words": markov_max_words, "more_voices": more_voices,
-        "common_fraction": common_fraction, "num_train_extra": num_train_extra,
+        "common_fraction": common_fraction, "llm_fraction": llm_fraction, "num_train_extra": num_train_extra,
         "subsets": {name: n for name, n, _ in subsets},
         "speakers": sorted({(u.subset, u.speaker.id, u.speaker.voice, u.speaker.speed, u.speaker.pitch)
                             for u in utts}),
