@@ -103,6 +103,11 @@ def clean_generated_line(line: str, min_words: int = 4, max_words: int = 14) -> 
     return " ".join(out)
 
 
+def _normalised(text: str) -> str:
+    """The form sentences are compared in: lower case, single spaces."""
+    return " ".join(text.lower().split())
+
+
 def continue_shared_prompt(model, prompt_ids, num_rows: int, **generate_kwargs):
     """``num_rows`` continuations of one prompt (``prompt_ids``: 1 x T), the generated tokens only
     (num_rows x new). The prompt's keys/values are computed once (all but its last token, which
@@ -137,8 +142,8 @@ def everyday_sentences(llm_path, count: int, seed: int = 0, exclude: Collection[
     model = AutoModelForCausalLM.from_pretrained(str(llm_path), dtype=torch.float32).eval()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     rng = random.Random(f"llmasr-llm-text-{seed}")
-    banned = {" ".join(t.lower().split()) for t in exclude}
-    banned.update(" ".join(e.lower().split()) for e in EXAMPLES)  # a copied example is not new text
+    banned = {_normalised(t) for t in exclude}
+    banned.update(_normalised(e) for e in EXAMPLES)  # a copied example is not new text
     found: dict = {}
     rounds = 0
     max_rounds = 10 + 4 * count // batch_size
@@ -179,7 +184,7 @@ def cached_everyday_sentences(cache_file, llm_path, count: int, seed: int = 0,
     """:func:`everyday_sentences`, kept in ``cache_file`` (one sentence per line; reused when it
     holds at least ``count`` sentences none of which is excluded, else sampled again)."""
     cache_file = Path(cache_file)
-    banned = {" ".join(t.lower().split()) for t in exclude}
+    banned = {_normalised(t) for t in exclude}
     if cache_file.is_file():
         cached = cache_file.read_text(encoding="utf-8").split("\n")
         cached = [s for s in cached if s]
