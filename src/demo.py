@@ -49,6 +49,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
+from llmasr.config import format_duration  # noqa: E402  (torch-free: the first lines print at once)
+
 LANGS = {
     # lang: (espeak corpus lang, prepare.sh corpus, manifest prefix, config file)
     "en": ("en", "librispeech", "librispeech", "demo_en.yaml"),
@@ -67,8 +69,7 @@ DECODE_SCRIPT = SRC / "decode.py"
 
 
 def fmt_time(seconds: float) -> str:
-    s = int(round(max(seconds, 0)))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+    return format_duration(seconds, short=True)
 
 
 def say(msg: str) -> None:
@@ -441,7 +442,7 @@ class TrainMonitor:
             t1, d1 = self.first
             eta = (now - t1) * (1 - done) / (done - d1) if done > d1 else float("nan")
             say(f"  train: epoch {epoch}/{self.num_epochs} {pct:5.1f}%, batch {glob}, loss {loss:.3f}, "
-                f"elapsed {fmt_time(elapsed)}, ETA {fmt_time(eta) if eta == eta else '?'}")
+                f"elapsed {fmt_time(elapsed)}, ETA {fmt_time(eta)}")
             return
         m = self._WARM.search(line)
         if m:

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from llmasr.config import parse_args_with_config
-from llmasr.config import str2bool
+from llmasr.config import format_duration, str2bool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,3 +71,18 @@ def test_shipped_recipe_configs_parse_with_train_and_decode(name):
                 assert str(got) == str(value) or got == value, (key, value, got)
     if "decode" in sections:
         parse_args_with_config(get_decode_parser(False), ["--config", str(path)], "decode", inherit="train")
+
+
+def test_format_duration_is_one_rounded_clock_format():
+    # one formatter for training logs, decode progress and the demo (they used to round, truncate
+    # and switch formats differently): nearest second, H:MM:SS, or M:SS below an hour if short
+    assert format_duration(0) == "0:00:00"
+    assert format_duration(59.6) == "0:01:00"
+    assert format_duration(3599.4) == "0:59:59"
+    assert format_duration(3725) == "1:02:05"
+    assert format_duration(36000 + 61) == "10:01:01"
+    assert format_duration(75.2, short=True) == "1:15"
+    assert format_duration(3725, short=True) == "1:02:05"
+    assert format_duration(-3) == "0:00:00"
+    assert format_duration(float("nan"), short=True) == "?"
+    assert format_duration(float("inf")) == "?"

@@ -95,6 +95,17 @@ def read_text_lines(path: Union[str, Path], what: str = "") -> List[Tuple[int, s
     return out
 
 
+def format_duration(seconds: float, short: bool = False) -> str:
+    """Seconds as ``H:MM:SS`` rounded to the nearest second, the one format of every elapsed/ETA
+    value the toolkit prints (training logs, decode progress, the demo); ``short``: ``M:SS`` below
+    an hour (the demo's console lines). Negative -> 0; not finite (an ETA before any progress) -> "?"."""
+    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+        return "?"
+    s = int(round(max(seconds, 0.0)))
+    hours, minutes, secs = s // 3600, s % 3600 // 60, s % 60
+    return f"{minutes}:{secs:02d}" if short and hours == 0 else f"{hours}:{minutes:02d}:{secs:02d}"
+
+
 def str2bool(v: Union[str, bool]) -> bool:
     """icefall-style boolean flags: ``--use-lora true``."""
     if isinstance(v, bool):

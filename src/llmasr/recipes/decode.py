@@ -13,12 +13,7 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 import torch
 
 from llmasr.aux_ctc import MODES as AUX_CTC_MODES
-from llmasr.config import UserError
-
-
-def _fmt_time(seconds: float) -> str:
-    seconds = int(round(seconds))
-    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+from llmasr.config import UserError, format_duration
 
 
 def decode_dataset(
@@ -67,11 +62,11 @@ def decode_dataset(
             msg = f"batch {batch_idx}, {done} cuts" + (f"/{num_cuts}" if num_cuts else "")
             msg += f", {rate:.2f} utt/s, RTF {elapsed / max(audio_sec, 1e-9):.3f}"
             if num_cuts:
-                msg += f", ETA {_fmt_time((num_cuts - done) / max(rate, 1e-9))}"
+                msg += f", ETA {format_duration((num_cuts - done) / max(rate, 1e-9))}"
             logging.info(msg)
     elapsed = time.time() - start
     logging.info(
-        f"decoded {done} cuts in {_fmt_time(elapsed)} ({done / max(elapsed, 1e-9):.2f} utt/s, "
+        f"decoded {done} cuts in {format_duration(elapsed)} ({done / max(elapsed, 1e-9):.2f} utt/s, "
         f"RTF {elapsed / max(audio_sec, 1e-9):.3f})"
     )
 

@@ -20,6 +20,8 @@ from typing import Dict, Optional
 import torch
 import torch.distributed as dist
 
+from llmasr.config import format_duration
+
 __all__ = ["setup_logger", "MetricsTracker", "Progress", "Throughput", "make_tb_writer"]
 
 
@@ -112,14 +114,14 @@ class Progress:
     def __str__(self) -> str:
         elapsed = time.time() - self.t0
         if not self.total:
-            return f"elapsed {_fmt(elapsed)}"
+            return f"elapsed {format_duration(elapsed)}"
         frac = min(1.0, self.done / self.total)
         new = self.done - self.start_done
         if new <= 0:
             return f"{100 * frac:.1f}% of epoch"
         rate = new / max(elapsed, 1e-9)
         eta = max(0.0, (self.total - self.done) / rate)
-        return f"{100 * frac:.1f}% of epoch, elapsed {_fmt(elapsed)}, ETA {_fmt(eta)}"
+        return f"{100 * frac:.1f}% of epoch, elapsed {format_duration(elapsed)}, ETA {format_duration(eta)}"
 
 
 class Throughput:
@@ -153,11 +155,6 @@ class Throughput:
     def format(rates: Dict[str, float]) -> str:
         return (f"{rates['samples_per_s']:.2f} samples/s, {rates['frames_per_s']:.0f} frames/s, "
                 f"padding {rates['padding']:.3f}, {rates['s_per_batch']:.3f}s/batch")
-
-
-def _fmt(seconds: float) -> str:
-    s = int(seconds)
-    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def make_tb_writer(exp_dir: Path, enabled: bool, rank: int):
