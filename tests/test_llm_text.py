@@ -124,7 +124,9 @@ def test_corpus_mixes_llm_text_and_caches_it(tmp_path, monkeypatch):
              for trans in [list(read_trans(root).values())] for subset in ("train-clean-100", "train-clean-360")}
     llm = {t for t in texts["train-clean-100"] + texts["train-clean-360"] if t.startswith("we talked about")}
     assert len(llm) == 5 and sum(t in llm for t in texts["train-clean-100"]) == 3
-    assert (tmp_path / "dl" / "llm_text-7.txt").read_text() == "".join(s + "\n" for s in sampled[:5])
+    cache = tmp_path / "dl" / "llm_text-7.txt"
+    key_line = f"# {llm_text.sampler_cache_key('/models/llm', 7)}\n"
+    assert cache.read_text() == key_line + "".join(s + "\n" for s in sampled[:5])
     assert read_trans(make_espeak_corpus(tmp_path / "dl", "en", **kw)) == read_trans(root)
     assert len(calls) == 1  # the cache answered
     with pytest.raises(ValueError, match="llm_path"):
@@ -132,3 +134,39 @@ def test_corpus_mixes_llm_text_and_caches_it(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="sum <= 1"):
         make_espeak_corpus(tmp_path / "x", "en", num_train=2, num_test=1, llm_fraction=0.5, common_fraction=0.6,
                            llm_path="/models/llm")
+
+
+def test_llm_text_cache_is_reused_only_for_the_same_settings(tmp_path, monkeypatch):
+    """The cache file's key line covers the prompt material, the seed and the model files: a cache
+    from other settings, or from before the key existed, is sampled again, never silently reused."""
+    from llmasr.demo import llm_text
+
+    calls = []
+
+    def fake_sampler(llm_path, count, seed=0, exclude=()):
+        calls.append(seed)
+        return [f"sentence {seed} number {i} is here" for i in range(count)]
+
+    monkeypatch.setattr(llm_text, "everyday_sentences", fake_sampler)
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    cache = tmp_path / "llm_text-1.txt"
+    first = llm_text.cached_everyday_sentences(cache, model, 3, seed=1)
+    assert llm_text.cached_everyday_sentences(cache, model, 2, seed=1) == first[:2] and calls == [1]
+    # other model weights (same file name, other size) -> other key -> sampled again
+    (model / "model.safetensors").write_bytes(b"x" * 11)
+    llm_text.cached_everyday_sentences(cache, model, 3, seed=1)
+    assert calls == [1, 1]
+    # other prompt material
+    monkeypatch.setattr(llm_text, "EXAMPLES", llm_text.EXAMPLES[:-1])
+    llm_text.cached_everyday_sentences(cache, model, 3, seed=1)
+    assert calls == [1, 1, 1]
+    # a cache written before the key line existed (sentences only)
+    cache.write_text("".join(s + "\n" for s in first))
+    llm_text.cached_everyday_sentences(cache, model, 3, seed=1)
+    assert calls == [1, 1, 1, 1] and cache.read_text().startswith("# ")
+    # the seed is part of the key even for the same file
+    key = llm_text.sampler_cache_key(model, 1)
+    assert llm_text.sampler_cache_key(model, 2) != key
+    assert llm_text.sampler_cache_key(model, 1) == key

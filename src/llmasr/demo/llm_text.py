@@ -9,10 +9,14 @@ a test checks it); every generated sentence that equals a test sentence is dropp
 
 Sampling is seeded (``torch.random.fork_rng``: the caller's RNG state is untouched), so a seed gives
 the same sentences on a given machine; thread counts or CPUs that change the logits' last bits can
-change a sample. :func:`cached_everyday_sentences` keeps them in a file so a re-run reuses them.
+change a sample. :func:`cached_everyday_sentences` keeps them in a file so a re-run reuses them;
+the file's first line is a key of everything that decides the sentences (this module's prompt
+material and clean-up, the seed, the model's files), so a cache made by other settings is sampled
+again rather than silently reused.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import re
@@ -179,17 +183,38 @@ def everyday_sentences(llm_path, count: int, seed: int = 0, exclude: Collection[
     return list(found)[:count]
 
 
+# Bump when the sampling or clean-up code changes what a seed produces (the key below covers the
+# prompt material and spelling map by value, not the code).
+SAMPLER_VERSION = 1
+
+
+def sampler_cache_key(llm_path, seed: int) -> str:
+    """Key of everything that decides :func:`everyday_sentences`' output for ``seed``: the sampler
+    version, HEADER, EXAMPLES, TOPICS, the spelling map and the model (its files' names and sizes)."""
+    model_dir = Path(llm_path)
+    files = sorted((f.name, f.stat().st_size) for f in model_dir.iterdir() if f.is_file()) if model_dir.is_dir() else []
+    h = hashlib.sha256()
+    for part in (SAMPLER_VERSION, HEADER, EXAMPLES, TOPICS, sorted(_BRITISH.items()), seed, files):
+        h.update(repr(part).encode("utf-8") + b"\0")
+    return h.hexdigest()[:16]
+
+
 def cached_everyday_sentences(cache_file, llm_path, count: int, seed: int = 0,
                               exclude: Sequence[str] = ()) -> List[str]:
-    """:func:`everyday_sentences`, kept in ``cache_file`` (one sentence per line; reused when it
-    holds at least ``count`` sentences none of which is excluded, else sampled again)."""
+    """:func:`everyday_sentences`, kept in ``cache_file``: a ``# key`` line
+    (:func:`sampler_cache_key`), then one sentence per line. Reused when the key matches and it holds
+    at least ``count`` sentences none of which is excluded; otherwise sampled again (and logged)."""
     cache_file = Path(cache_file)
     banned = {_normalised(t) for t in exclude}
+    key = sampler_cache_key(llm_path, seed)
     if cache_file.is_file():
-        cached = cache_file.read_text(encoding="utf-8").split("\n")
-        cached = [s for s in cached if s]
-        if len(cached) >= count and not banned.intersection(cached[:count]):
-            return cached[:count]
+        lines = [line for line in cache_file.read_text(encoding="utf-8").split("\n") if line]
+        if not lines or lines[0] != f"# {key}":
+            logger.info(f"{cache_file} was sampled with other settings (or an older version): sampling again")
+        else:
+            cached = lines[1:]
+            if len(cached) >= count and not banned.intersection(cached[:count]):
+                return cached[:count]
     sentences = everyday_sentences(llm_path, count, seed=seed, exclude=exclude)
-    atomic_write_text(cache_file, "".join(s + "\n" for s in sentences))
+    atomic_write_text(cache_file, f"# {key}\n" + "".join(s + "\n" for s in sentences))
     return sentences
