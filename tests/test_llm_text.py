@@ -170,3 +170,18 @@ def test_llm_text_cache_is_reused_only_for_the_same_settings(tmp_path, monkeypat
     key = llm_text.sampler_cache_key(model, 1)
     assert llm_text.sampler_cache_key(model, 2) != key
     assert llm_text.sampler_cache_key(model, 1) == key
+
+
+def test_llm_text_cache_key_covers_the_sampling_defaults(tmp_path, monkeypatch):
+    """The cache samples with everyday_sentences' defaults: changing one (here the temperature)
+    must change the key, or a cache sampled at the old temperature would be reused."""
+    from llmasr.demo import llm_text
+
+    key = llm_text.sampler_cache_key(tmp_path, 0)
+    defaults = llm_text.everyday_sentences.__defaults__
+    names = [n for n, p in __import__("inspect").signature(llm_text.everyday_sentences).parameters.items()
+             if p.default is not p.empty]
+    hotter = tuple(0.5 if n == "temperature" else d for n, d in zip(names, defaults))
+    assert hotter != defaults
+    monkeypatch.setattr(llm_text.everyday_sentences, "__defaults__", hotter)
+    assert llm_text.sampler_cache_key(tmp_path, 0) != key

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -99,7 +100,7 @@ def format_duration(seconds: float, short: bool = False) -> str:
     """Seconds as ``H:MM:SS`` rounded to the nearest second, the one format of every elapsed/ETA
     value the toolkit prints (training logs, decode progress, the demo); ``short``: ``M:SS`` below
     an hour (the demo's console lines). Negative -> 0; not finite (an ETA before any progress) -> "?"."""
-    if seconds != seconds or seconds in (float("inf"), float("-inf")):
+    if not math.isfinite(seconds):
         return "?"
     s = int(round(max(seconds, 0.0)))
     hours, minutes, secs = s // 3600, s % 3600 // 60, s % 60

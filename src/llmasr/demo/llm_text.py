@@ -17,6 +17,7 @@ again rather than silently reused.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import logging
 import random
 import re
@@ -184,17 +185,20 @@ def everyday_sentences(llm_path, count: int, seed: int = 0, exclude: Collection[
 
 
 # Bump when the sampling or clean-up code changes what a seed produces (the key below covers the
-# prompt material and spelling map by value, not the code).
+# prompt material, the spelling map and everyday_sentences' sampling defaults by value, not the code).
 SAMPLER_VERSION = 1
 
 
 def sampler_cache_key(llm_path, seed: int) -> str:
     """Key of everything that decides :func:`everyday_sentences`' output for ``seed``: the sampler
-    version, HEADER, EXAMPLES, TOPICS, the spelling map and the model (its files' names and sizes)."""
+    version, HEADER, EXAMPLES, TOPICS, the spelling map, the sampling defaults (batch size, tokens,
+    temperature, top-p: the cache samples with them) and the model (its files' names and sizes)."""
+    defaults = sorted((name, p.default) for name, p in inspect.signature(everyday_sentences).parameters.items()
+                      if p.default is not p.empty and name not in ("seed", "exclude"))
     model_dir = Path(llm_path)
     files = sorted((f.name, f.stat().st_size) for f in model_dir.iterdir() if f.is_file()) if model_dir.is_dir() else []
     h = hashlib.sha256()
-    for part in (SAMPLER_VERSION, HEADER, EXAMPLES, TOPICS, sorted(_BRITISH.items()), seed, files):
+    for part in (SAMPLER_VERSION, HEADER, EXAMPLES, TOPICS, sorted(_BRITISH.items()), defaults, seed, files):
         h.update(repr(part).encode("utf-8") + b"\0")
     return h.hexdigest()[:16]
 
