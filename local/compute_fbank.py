@@ -15,16 +15,14 @@ so its first frames are exactly the reference features.
 import argparse
 import logging
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lhotse.features.base import FeatureExtractor  # noqa: E402
+from lhotse.features.base import FeatureExtractor
 
-from llmasr.config import UserError, run_cli  # noqa: E402
-from llmasr.data.corpus import combine_shuffled, compute_features  # noqa: E402
-from llmasr.features import FEATURE_TYPES, make_feature_extractor  # noqa: E402
+from llmasr.config import UserError, run_cli
+from llmasr.data.corpus import combine_shuffled, compute_features
+from llmasr.features import FEATURE_TYPES, make_feature_extractor
 
 
 def check_firered_cmvn(feature_type: str, cmvn) -> None:

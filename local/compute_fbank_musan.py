@@ -4,17 +4,15 @@
 audio only for --feature-type firered, whose CMVN-normalised features cannot be mixed)."""
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from lhotse import CutSet, combine  # noqa: E402
-from lhotse.recipes import prepare_musan  # noqa: E402
+from lhotse import CutSet, combine
+from lhotse.recipes import prepare_musan
 
-from llmasr.config import UserError, run_cli  # noqa: E402
-from llmasr.features import FEATURE_TYPES, default_storage_type, make_feature_extractor  # noqa: E402
-from llmasr.io import atomic_write  # noqa: E402
+from llmasr.config import UserError, run_cli
+from llmasr.features import FEATURE_TYPES, default_storage_type, make_feature_extractor
+from llmasr.io import atomic_write
 
 
 def main(argv=None) -> None:

@@ -5,13 +5,10 @@ packages) into an openai-whisper checkpoint. See llmasr.demo.ct2_whisper.
   python3 local/convert_ct2_whisper.py --output models/demo/whisper-base/whisper-base.pt
   python3 local/convert_ct2_whisper.py --model-bin /path/faster-whisper-x/model.bin --sha256 none --output x.pt
 """
-import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.config import run_cli  # noqa: E402
-from llmasr.demo.ct2_whisper import main  # noqa: E402
+from llmasr.config import run_cli
+from llmasr.demo.ct2_whisper import main
 
 if __name__ == "__main__":
     run_cli(main)

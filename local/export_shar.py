@@ -14,13 +14,11 @@ features bit for bit, ``lilcom`` (lhotse's default) compresses them lossily (abo
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.config import UserError, run_cli  # noqa: E402
-from llmasr.data.corpus import load_cuts_lazy  # noqa: E402
+from llmasr.config import UserError, run_cli
+from llmasr.data.corpus import load_cuts_lazy
 
 
 def main(argv=None) -> None:

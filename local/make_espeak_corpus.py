@@ -17,13 +17,11 @@ See llmasr.demo.espeak (data/README.md) for voices, sentences and layout.
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.config import run_cli  # noqa: E402
-from llmasr.demo.espeak import make_espeak_corpus, make_heldout_sets, read_corpus_transcripts  # noqa: E402
+from llmasr.config import run_cli
+from llmasr.demo.espeak import make_espeak_corpus, make_heldout_sets, read_corpus_transcripts
 
 
 def main(argv=None) -> None:

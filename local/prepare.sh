@@ -109,6 +109,9 @@ if [ "$feature_type" = firered ] && [ $stage -le 3 ] && [ $stop_stage -ge 3 ]; t
 fi
 if [ -n "$firered_cmvn" ]; then feature_opts+=(--firered-cmvn "$firered_cmvn"); fi
 manifest_dir=$data_dir/manifests
+# The stages' Python helpers import the llmasr package: say so now, not after stage 0.
+"$python" -c "import llmasr" 2>/dev/null || die "$python cannot import llmasr: run bash local/setup.sh (pip install -e .),
+  or set PYTHON to the interpreter of the environment where llmasr is installed"
 
 log "Running $0 (log: $log_file)"
 log "corpus=$corpus name=$name corpus_dir=$corpus_dir feature_type=$feature_type num_mel_bins=$num_mel_bins${firered_cmvn:+ firered_cmvn=$firered_cmvn}"

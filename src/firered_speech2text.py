@@ -16,13 +16,11 @@ add --compat-reference-padding to reproduce its batched results (padding frames 
 import argparse
 import logging
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from llmasr.config import run_cli  # noqa: E402
-from llmasr.firered.decode import add_decode_args, run  # noqa: E402
+from llmasr.config import run_cli
+from llmasr.firered.decode import add_decode_args, run
 
 
 def main(argv=None):

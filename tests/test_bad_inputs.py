@@ -9,19 +9,24 @@ from __future__ import annotations
 import gzip
 import json
 import re
+import runpy
 import shutil
-import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from conftest import REPO
+from tests.helpers import REPO
 from llmasr.config import UserError
 
-sys.path.insert(0, str(REPO / "local"))  # local/prepare_manifests.py, local/compute_fbank.py
+
+def _local_script(name: str):
+    """local/<name>.py's functions (the script is run as a module, not as __main__)."""
+    return SimpleNamespace(**runpy.run_path(str(REPO / "local" / f"{name}.py"), run_name=f"local_{name}"))
+
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # lhotse: eager CutSets in samplers
 
@@ -280,8 +285,7 @@ def _write_kaldi_dir(d: Path, utts: dict, text: dict) -> None:
 def kaldi_prepared(tmp_path_factory):
     """local/prepare_manifests.py + local/compute_fbank.py on a Kaldi dir with five good utterances,
     an 8-sample wav and a transcript whose id is not in wav.scp."""
-    import compute_fbank
-    import prepare_manifests
+    compute_fbank, prepare_manifests = _local_script("compute_fbank"), _local_script("prepare_manifests")
 
     root = tmp_path_factory.mktemp("kaldi")
     utts = {f"good{i}": 16000 for i in range(5)} | {"tiny": 8}
@@ -310,7 +314,7 @@ def test_kaldi_8_sample_wav_is_skipped_at_stage1(kaldi_prepared):
 
 
 def test_kaldi_text_not_utf8_names_file_and_line(tmp_path, capsys):
-    import prepare_manifests
+    prepare_manifests = _local_script("prepare_manifests")
 
     _write_kaldi_dir(tmp_path / "d", {"a": 16000, "b": 16000}, {"a": "fine", "b": "caf\xe9".encode("latin-1")})
     # before: UnicodeDecodeError traceback without file or line

@@ -4,7 +4,7 @@ import shutil
 import time
 
 import pytest
-from conftest import build_golden_speechllm
+from tests.helpers import build_golden_speechllm
 import torch
 
 from llmasr.checkpoint import (

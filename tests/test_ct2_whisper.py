@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import DEMO_MODEL_PACKAGES, require_binary, require_distribution, require_module  # noqa: E402
+from tests.helpers import DEMO_MODEL_PACKAGES, require_binary, require_distribution, require_module  # noqa: E402
 from llmasr.demo import ct2_whisper  # noqa: E402
 from llmasr.demo.ct2_whisper import CT2FormatError, read_ct2_model, reassemble  # noqa: E402
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_prepare import NUM_DEV, NUM_TEST, NUM_TRAIN, prepared_en_for
+from tests.test_prepare import NUM_DEV, NUM_TEST, NUM_TRAIN, prepared_en_for
 
 LOG_EPS = math.log(1e-10)
 
@@ -201,7 +201,7 @@ def test_on_the_fly_features_match_precomputed(work):
 
 @pytest.mark.parametrize("bins", [80, 128])
 def test_whisper_features(work, bins):
-    from conftest import require_module
+    from tests.helpers import require_module
 
     require_module("librosa", "lhotse's WhisperFbank builds its mel filters with it")
     whisper = require_module("whisper")
@@ -248,7 +248,7 @@ def test_musan_stage_and_mixing(work, tmp_path):
 
     import soundfile as sf
 
-    from conftest import REPO
+    from tests.helpers import REPO
 
     rng = np.random.default_rng(0)
     musan = tmp_path / "musan"

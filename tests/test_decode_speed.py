@@ -11,7 +11,7 @@ import json
 import shutil
 
 import pytest
-from conftest import build_golden_speechllm
+from tests.helpers import build_golden_speechllm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F

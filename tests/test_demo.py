@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import require_binary
+from tests.helpers import require_binary
 
 
 @pytest.mark.timeout(1500)  # 3-10 min on 2 CPU cores (pytest.ini's default limit is 300 s)

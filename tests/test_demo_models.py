@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import DEMO_MODEL_PACKAGES, require_distribution
+from tests.helpers import DEMO_MODEL_PACKAGES, require_distribution
 from llmasr.demo import ct2_whisper
 from llmasr.demo import models as demo_models
 

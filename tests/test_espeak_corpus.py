@@ -8,8 +8,8 @@ import sys
 import pytest
 import soundfile as sf
 
-from conftest import REPO, require_binary
-from test_prepare import NUM_DEV, NUM_TEST, NUM_TEST_OTHER, NUM_TRAIN, prepared_en_for, read_trans
+from tests.helpers import REPO, require_binary
+from tests.test_prepare import NUM_DEV, NUM_TEST, NUM_TEST_OTHER, NUM_TRAIN, prepared_en_for, read_trans
 
 
 @pytest.fixture(scope="session")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SRC
+from tests.helpers import SRC
 
 PACKAGE = SRC / "llmasr"
 

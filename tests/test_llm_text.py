@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEMO_MODEL_PACKAGES, require_binary, require_distribution
-from test_prepare import read_trans
+from tests.helpers import DEMO_MODEL_PACKAGES, require_binary, require_distribution
+from tests.test_prepare import read_trans
 
 
 def _ngrams(text: str, n: int):

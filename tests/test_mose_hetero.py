@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-from conftest import GOLDEN
-from test_training import training_env
+from tests.helpers import GOLDEN
+from tests.test_training import training_env
 
 FIRERED = GOLDEN / "firered" / "llm"  # asr_encoder.pth.tar (tiny Conformer) + its cmvn.ark
 TYPES = ("fbank", "whisper", "firered")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO, require_binary
+from tests.helpers import REPO, require_binary
 
 NUM_TRAIN, NUM_DEV, NUM_TEST, NUM_TEST_OTHER = 24, 4, 8, 4
 PREPARE = REPO / "local" / "prepare.sh"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from test_prepare import load_cuts, run_prepare
+from tests.test_prepare import load_cuts, run_prepare
 
 # lhotse's LilcomChunkyWriter stores with tick_power -5: values are rounded to multiples of 2^-5,
 # so the absolute error is at most half a tick (measured on the golden wavs: 0.015625).
@@ -104,7 +104,7 @@ def test_missing_cmvn_is_a_clear_error(golden_dir, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO
+    from tests.helpers import REPO
 
     kdir = kaldi_dir(golden_dir, tmp_path / "dl")
     base = ("--corpus", "kaldi", "--name", "fr", "--dl-dir", str(kdir), "--feature-type", "firered")

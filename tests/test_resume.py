@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from test_datamodule import make_dm
-from test_training import assert_same_optimizer_state, assert_same_tensors, base_argv, env, load, train  # noqa: F401
-from test_training_dist import free_port, rank_logs, run
+from tests.test_datamodule import make_dm
+from tests.test_training import assert_same_optimizer_state, assert_same_tensors, base_argv, env, load, train  # noqa: F401
+from tests.test_training_dist import free_port, rank_logs, run
 
 # 24 cuts of 2.6-4.7 s, batches of at most 8 s: 17 batches per epoch (9 per rank with 2 ranks).
 COMMON = dict(optimizer="adamw", base_lr="0.01", num_epochs=2, save_every_n=3, keep_last_k=20, num_workers=2,

@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_resume import COMMON, assert_same_run, data_module, epoch_batches
-from test_training import base_argv, env, load  # noqa: F401
-from test_training_dist import free_port, rank_logs
+from tests.test_resume import COMMON, assert_same_run, data_module, epoch_batches
+from tests.test_training import base_argv, env, load  # noqa: F401
+from tests.test_training_dist import free_port, rank_logs
 
 REPO = Path(__file__).resolve().parents[1]
 SYNC = re.compile(r"trainable parameters identical on all 2 ranks \(sha1 (\w+)\)")
@@ -106,7 +106,7 @@ def test_shar_loader_resumes_mid_epoch_with_workers(env, shar):
 def launch_two_nodes(argv_per_node, timeout=800):
     """Two torchrun launchers on this host as two nodes of one process each (c10d rendezvous, gloo)."""
     port, run_id = free_port(), f"job{os.getpid()}"
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

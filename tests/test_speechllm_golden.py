@@ -8,7 +8,7 @@ import json
 import shutil
 
 import pytest
-from conftest import build_golden_speechllm
+from tests.helpers import build_golden_speechllm
 import torch
 
 from llmasr.checkpoint import average_checkpoints, load_model_state

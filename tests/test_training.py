@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN, require_binary
+from tests.helpers import GOLDEN, require_binary
 
 GOLDEN_LLM = GOLDEN / "speechllm" / "models" / "llm"  # $LLMASR_GOLDEN or ../shared/golden
 

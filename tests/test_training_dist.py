@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import require_module
-from test_training import base_argv, build_model, first_batches, load, training_env
+from tests.helpers import require_module
+from tests.test_training import base_argv, build_model, first_batches, load, training_env
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -33,7 +33,7 @@ def free_port() -> int:
 
 
 def run(cmd, timeout=800):
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",
                TOKENIZERS_PARALLELISM="false")
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)

@@ -9,13 +9,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from conftest import REPO
-
-sys.path.insert(0, str(REPO / "src"))
-
-import transcribe  # noqa: E402
-
-from llmasr.config import UserError  # noqa: E402
+from llmasr.config import UserError
+from llmasr.recipes import transcribe
+from tests.helpers import REPO
 
 
 def _wav(path, seconds=0.5, rate=16000):
@@ -71,7 +67,7 @@ def test_any_sampling_rate_gives_the_16khz_features(tmp_path):
     """espeak-ng speaks at 22.05 kHz; the same clip resampled to 16 kHz by sox. transcribe's front end
     (Whisper features, as the demo's model) gives both nearly the same features, in the input order;
     unresampled 22.05 kHz audio read as 16 kHz would be 38 % slower speech and other features."""
-    from conftest import require_binary
+    from tests.helpers import require_binary
 
     require_binary("espeak-ng")
     require_binary("sox")

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import require_module  # noqa: E402
+from tests.helpers import require_module  # noqa: E402
 
 whisper = require_module("whisper")  # openai-whisper (requirements.txt): missing -> failure, not a skip
 from whisper.model import ModelDimensions, Whisper  # noqa: E402

@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import GOLDEN, require_binary, require_module
+from tests.helpers import GOLDEN, require_binary, require_module
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN_LLM = GOLDEN / "speechllm" / "models" / "llm"  # $LLMASR_GOLDEN or ../shared/golden
@@ -41,7 +41,7 @@ def _flags(section: dict, **overrides) -> list:
 
 
 def _env() -> dict:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
 

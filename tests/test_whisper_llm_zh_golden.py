@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import GOLDEN
+from tests.helpers import GOLDEN
 
 pytest.importorskip("whisper")
 

@@ -15,17 +15,15 @@ Linear/Embedding weights cast once, encoder and beam search under autocast; AVX5
 """
 import argparse
 import os
-import sys
 import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "src"))
 
-from bench_decode import PeakMemory  # noqa: E402
-from llmasr.firered.aed import FireRedAsrAed  # noqa: E402
-from llmasr.features.firered import pad_features  # noqa: E402
-from llmasr.firered.load import load_aed_dir  # noqa: E402
+from bench_decode import PeakMemory
+from llmasr.firered.aed import FireRedAsrAed
+from llmasr.features.firered import pad_features
+from llmasr.firered.load import load_aed_dir
 
 
 SHAPES = {

@@ -27,17 +27,15 @@ memory the allocator kept from an earlier run is reused without showing up).
 """
 import argparse
 import os
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
+import torch
+import torch.nn as nn
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
+REPO = Path(__file__).resolve().parents[2]
 
 # Qwen2 shapes (Qwen2-1.5B-Instruct's config.json; "small": a 25M stand-in with the tokenizer's vocabulary)
 QWEN2 = {

@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "src"))
 
 CONFIGS = {
     # encoder: icefall Zipformer params; llm: Qwen2Config kwargs

@@ -15,13 +15,11 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "src"))
 
-from llmasr.encoders import build_speech_encoder  # noqa: E402
+from llmasr.encoders import build_speech_encoder
 
 
 def _status_mb(field: str) -> float:
