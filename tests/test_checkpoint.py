@@ -7,6 +7,8 @@ import pytest
 from tests.helpers import build_golden_speechllm
 import torch
 
+from llmasr.io import load_torch_file
+
 from llmasr.checkpoint import (
     average_checkpoints,
     averaged_checkpoint,
@@ -26,9 +28,9 @@ def golden_model(sl):
 
 
 def test_average_equals_hand_mean_and_shipped_file(sl):
-    e1 = torch.load(sl / "exp/baseline/epoch-1.pt", map_location="cpu", weights_only=False)["model"]
-    e2 = torch.load(sl / "exp/baseline/epoch-2.pt", map_location="cpu", weights_only=False)["model"]
-    shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)
+    e1 = load_torch_file(sl / "exp/baseline/epoch-1.pt")["model"]
+    e2 = load_torch_file(sl / "exp/baseline/epoch-2.pt")["model"]
+    shipped = load_torch_file(sl / "exp/baseline/epoch-2-avg-2.pt")
     assert set(shipped) == {"model"}
     avg = average_checkpoints([sl / "exp/baseline/epoch-1.pt", sl / "exp/baseline/epoch-2.pt"])
     assert set(avg) == set(e1) == set(shipped["model"])
@@ -51,7 +53,7 @@ def test_average_shared_storage_and_integers(tmp_path):
 
 
 def test_save_checkpoint_matches_recipe_layout(golden_model, sl, tmp_path):
-    ref = torch.load(sl / "exp/baseline/epoch-1.pt", map_location="cpu", weights_only=False)
+    ref = load_torch_file(sl / "exp/baseline/epoch-1.pt")
     path = tmp_path / "exp" / "epoch-1.pt"
     params = {"cur_epoch": 1, "batch_idx_train": 7, "exp_dir": tmp_path / "exp", "best_train_loss": 1.5}
     opt = torch.optim.SGD([p for p in golden_model.parameters() if p.requires_grad], lr=0.1)
@@ -125,15 +127,15 @@ def test_epoch_and_iter_selection(tmp_path, sl):
     # epoch averaging writes epoch-2-avg-2.pt, identical to the recipe's file
     sd = averaged_checkpoint(tmp_path, epoch=2, avg=2)
     out = tmp_path / "epoch-2-avg-2.pt"
-    shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
-    written = torch.load(out, map_location="cpu", weights_only=False)
+    shipped = load_torch_file(sl / "exp/baseline/epoch-2-avg-2.pt")["model"]
+    written = load_torch_file(out)
     assert set(written) == {"model"} and list(written["model"]) == list(shipped)
     assert all(torch.equal(written["model"][k], shipped[k]) and torch.equal(sd[k], shipped[k]) for k in shipped)
     # a different file planted under that name, newer than the inputs: never read, recomputed and replaced
     torch.save({"model": {k: v * 0 for k, v in sd.items()}}, out)
     os.utime(out, (time.time() + 3600,) * 2)
     again = averaged_checkpoint(tmp_path, epoch=2, avg=2)
-    rewritten = torch.load(out, map_location="cpu", weights_only=False)["model"]
+    rewritten = load_torch_file(out)["model"]
     assert all(torch.equal(again[k], shipped[k]) and torch.equal(rewritten[k], shipped[k]) for k in shipped)
 
 
@@ -146,7 +148,7 @@ def test_decode_ignores_a_planted_averaged_checkpoint(sl, tmp_path, monkeypatch)
     exp.mkdir()
     for e in (1, 2):
         shutil.copy(sl / f"exp/baseline/epoch-{e}.pt", exp / f"epoch-{e}.pt")
-    e1 = torch.load(exp / "epoch-1.pt", map_location="cpu", weights_only=False)["model"]
+    e1 = load_torch_file(exp / "epoch-1.pt")["model"]
     torch.save({"model": e1}, exp / "epoch-2-avg-2.pt")  # epoch 1 alone: decodes differently
     os.utime(exp / "epoch-2-avg-2.pt", (time.time() + 3600,) * 2)
     monkeypatch.chdir(sl)  # the manifests' feature paths are relative to the golden directory
@@ -162,6 +164,6 @@ def test_decode_ignores_a_planted_averaged_checkpoint(sl, tmp_path, monkeypatch)
     assert len(wanted) == 2
     for want in wanted:
         assert (exp / "decode-epoch-2-avg-2-beam1" / want.name).read_text() == want.read_text(), want.name
-    shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
-    ours = torch.load(exp / "epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
+    shipped = load_torch_file(sl / "exp/baseline/epoch-2-avg-2.pt")["model"]
+    ours = load_torch_file(exp / "epoch-2-avg-2.pt")["model"]
     assert list(ours) == list(shipped) and all(torch.equal(ours[k], shipped[k]) for k in shipped)

@@ -4,8 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from llmasr.config import parse_args_with_config
-from llmasr.config import format_duration, str2bool
+from llmasr.config import format_duration, parse_args_with_config, str2bool
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -63,12 +62,14 @@ def test_shipped_recipe_configs_parse_with_train_and_decode(name):
     path = REPO / "local" / "conf" / name
     sections = yaml.safe_load(path.read_text())
     if "train" in sections:
-        a = parse_args_with_config(get_parser(False), ["--config", str(path)], "train")
+        parser = get_parser(False)
+        a = parse_args_with_config(parser, ["--config", str(path)], "train")
+        # a key's destination is its flag's dest (e.g. optimizer -> optimizer_type), not its spelling
+        dest_of = {opt: action.dest for action in parser._actions for opt in action.option_strings}
         for key, value in sections["train"].items():
-            dest = key.replace("-", "_")
-            if isinstance(value, (int, float, str)) and not isinstance(value, bool) and hasattr(a, dest):
-                got = getattr(a, dest)
-                assert str(got) == str(value) or got == value, (key, value, got)
+            assert f"--{key}" in dest_of, f"{name}: train key {key!r} is not a flag of src/train.py"
+            got = getattr(a, dest_of[f"--{key}"])
+            assert got == value or str(got) == str(value), (key, value, got)
     if "decode" in sections:
         parse_args_with_config(get_decode_parser(False), ["--config", str(path)], "decode", inherit="train")
 

@@ -18,6 +18,8 @@ import kaldialign
 import pytest
 import torch
 
+from llmasr.io import load_torch_file
+
 from llmasr.firered.aed_recipe import build_aed_model, parse_schedule
 
 EPOCHS = 12
@@ -87,7 +89,7 @@ def decoded(trained, golden_dir, repo_dir):
 
 
 def _load(path: Path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch_file(path)
 
 
 def _parse_recogs(path: Path):

@@ -8,11 +8,12 @@ import json
 import shutil
 
 import pytest
-from tests.helpers import build_golden_speechllm
 import torch
 
 from llmasr.checkpoint import average_checkpoints, load_model_state
+from llmasr.io import load_torch_file
 from llmasr.scoring import compute_error_stats, read_recogs
+from tests.helpers import build_golden_speechllm
 
 RUNS = ["epoch-2-avg-2-beam-1", "epoch-2-avg-2-beam-2", "epoch-2-avg-2-single-beam-1"]
 
@@ -75,6 +76,32 @@ def test_recorded_batches_token_for_token(model, cuts, expected, run):
     assert not mismatches, f"{run}: generated ids differ for batches {mismatches}"
 
 
+@pytest.mark.parametrize("run", ["epoch-2-avg-2-beam-1", "epoch-2-avg-2-beam-2"])
+def test_default_decode_flags_call_generate_as_the_recipe(model, cuts, expected, run):
+    """src/decode.py's defaults (plus --beam-size of the run) reach Hugging Face's ``generate`` with
+    exactly the keyword arguments the recipe passed (recorded in the golden set), tensors aside."""
+    from llmasr.recipes.decode import generation_options_from_args, get_decode_parser
+
+    spec = expected["runs"][run]
+    args = get_decode_parser().parse_args(["--beam-size", str(spec["num_beams"])])
+    seen = {}
+
+    def record(**kwargs):
+        seen.update(kwargs)
+        return torch.full((1, 1), 514)
+
+    b = spec["batches"][0]
+    feats, lens = _features(cuts, b["cut_ids"][:1])
+    original = model.llm.generate
+    model.llm.generate = record
+    try:
+        model.generate_ids(feats, lens, **generation_options_from_args(args))
+    finally:
+        model.llm.generate = original
+    passed = {k: v for k, v in seen.items() if not torch.is_tensor(v)}
+    assert passed == spec["generate_kwargs"]
+
+
 def test_prompt_embedding_is_inert_unless_enabled(model, cuts, expected):
     b = expected["runs"]["epoch-2-avg-2-beam-1"]["batches"][2]  # 3 utterances, all run to 200 tokens
     feats, lens = _features(cuts, b["cut_ids"])
@@ -116,7 +143,7 @@ def test_decode_script_reproduces_recogs(sl, tmp_path, monkeypatch, beam):
         # the recipe's WER: its own word lists, counted as icefall's write_error_stats does
         s = compute_error_stats(read_recogs(want))
         assert rates[want.name.split("-")[1]] == float(f"{100.0 * s.num_errors / s.num_ref:.2f}"), want.name
-    shipped = torch.load(sl / "exp/baseline/epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
-    ours = torch.load(exp / "epoch-2-avg-2.pt", map_location="cpu", weights_only=False)["model"]
+    shipped = load_torch_file(sl / "exp/baseline/epoch-2-avg-2.pt")["model"]
+    ours = load_torch_file(exp / "epoch-2-avg-2.pt")["model"]
     assert all(torch.equal(ours[k], shipped[k]) for k in shipped) and set(ours) == set(shipped)
     assert list(out.glob("log-decode-*")) and list(out.glob("errs-*")) and list(out.glob("wer-summary-*"))

@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from llmasr.io import load_torch_file
+
 from tests.helpers import GOLDEN, require_binary
 
 GOLDEN_LLM = GOLDEN / "speechllm" / "models" / "llm"  # $LLMASR_GOLDEN or ../shared/golden
@@ -127,7 +129,7 @@ def train(env, exp_dir, mose=False, **overrides):
 
 
 def load(path):
-    return torch.load(path, map_location="cpu", weights_only=False)
+    return load_torch_file(path)
 
 
 def build_model(env, mose=False, seed=0, ds_rate=4):

@@ -17,9 +17,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import GOLDEN
+from llmasr.io import load_torch_file
 
-pytest.importorskip("whisper")
+from tests.helpers import GOLDEN, require_module
+
+require_module("whisper", "the Whisper encoder of whisper_llm_zh")
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "local" / "conf" / "whisper_llm_zh_aishell.yaml"
@@ -48,7 +50,7 @@ def expected(wz):
 
 @pytest.fixture(scope="module")
 def tensors(wz):
-    return torch.load(wz / "expected" / "expected.pt", map_location="cpu", weights_only=False)
+    return load_torch_file(wz / "expected" / "expected.pt")
 
 
 @pytest.fixture(scope="module")

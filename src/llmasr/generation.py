@@ -18,7 +18,12 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, Optional
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import (
+    LogitsProcessorList,
+    RepetitionPenaltyLogitsProcessor,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 
 from llmasr.prompt import PromptIds
 
@@ -36,8 +41,9 @@ class GenerationOptions:
     extra: Dict[str, Any] = field(default_factory=dict)  # passed to generate() as is
 
 
-class _PerRowLimit:
-    """Stopping criterion: utterance i is done after ``limits[i]`` new tokens."""
+class PerRowLimit(StoppingCriteria):
+    """Utterance i is done after ``limits[i]`` new tokens (transformers' MaxLengthCriteria has one limit
+    for the whole batch)."""
 
     def __init__(self, limits: torch.Tensor):
         self.limits = limits
@@ -50,8 +56,9 @@ class _PerRowLimit:
         return torch.full_like(limits, input_ids.shape[1]) >= limits
 
 
-class _RepetitionGuard:
-    """Stopping criterion: the tail is one pattern of period p <= max_period repeated >= repeats times."""
+class RepetitionGuard(StoppingCriteria):
+    """A row is done when its tail is one pattern of period p <= max_period repeated >= repeats times
+    (transformers has no such criterion; NoRepeatNGramLogitsProcessor forbids n-grams instead of stopping)."""
 
     def __init__(self, repeats: int, max_period: int):
         self.repeats = repeats
@@ -67,40 +74,6 @@ class _RepetitionGuard:
             tail = input_ids[:, t - span:]
             done |= (tail[:, period:] == tail[:, :-period]).all(1)
         return done
-
-
-class GeneratedTokensRepetitionPenalty(LogitsProcessor):
-    """Hugging Face's repetition penalty (logit < 0 -> * p, else / p, once per distinct token) over
-    the ids ``generate`` tracks. With ``inputs_embeds`` only, those are the generated tokens, as in
-    the released code (transformers 4.x). Applied by us rather than via ``repetition_penalty=`` because
-    transformers 5 additionally skips the first ``left-padding-length`` GENERATED tokens of each row when
-    an attention mask is given with ``inputs_embeds``, which would make batched results depend on padding.
-    """
-
-    def __init__(self, penalty: float):
-        if not penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {penalty}")
-        self.penalty = float(penalty)
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        if input_ids.size(1) == 0:
-            return scores
-        picked = scores.gather(1, input_ids)
-        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
-        return scores.scatter(1, input_ids, picked)
-
-
-def _stopping_criteria(criteria):
-    from transformers import StoppingCriteria, StoppingCriteriaList
-
-    class _Wrap(StoppingCriteria):
-        def __init__(self, fn):
-            self.fn = fn
-
-        def __call__(self, input_ids, scores, **kwargs):
-            return self.fn(input_ids, scores)
-
-    return StoppingCriteriaList([_Wrap(c) for c in criteria])
 
 
 def generate(
@@ -122,9 +95,9 @@ def generate(
             raise ValueError("max_new_tokens_per_speech_token needs the number of speech tokens")
         limits = torch.ceil(num_speech_tokens.float() * opts.max_new_tokens_per_speech_token).long().clamp(1, max_new)
         max_new = int(limits.max())
-        criteria.append(_PerRowLimit(limits))
+        criteria.append(PerRowLimit(limits))
     if opts.repetition_guard > 0:
-        criteria.append(_RepetitionGuard(opts.repetition_guard, opts.repetition_guard_max_period))
+        criteria.append(RepetitionGuard(opts.repetition_guard, opts.repetition_guard_max_period))
     kwargs = dict(
         inputs_embeds=inputs_embeds,
         attention_mask=attention_mask.long(),
@@ -144,14 +117,18 @@ def generate(
     if opts.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = opts.no_repeat_ngram_size
     if criteria:
-        kwargs["stopping_criteria"] = _stopping_criteria(criteria)
+        kwargs["stopping_criteria"] = StoppingCriteriaList(criteria)
     extra = dict(opts.extra)
     processors = LogitsProcessorList()
     if opts.repetition_penalty != 1.0:
-        # Our processor, not generate(repetition_penalty=): transformers 5 skips the first
-        # <left padding> generated tokens of each row with inputs_embeds + attention mask, so a
-        # batched utterance would be penalised differently from the same utterance alone.
-        processors.append(GeneratedTokensRepetitionPenalty(opts.repetition_penalty))
+        if not opts.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {opts.repetition_penalty}")
+        # The processor itself, not generate(repetition_penalty=): with inputs_embeds and an attention
+        # mask, transformers 5's generate sets the processor's prompt_ignore_length to each row's left
+        # padding, so it would skip that many GENERATED tokens and a batched utterance would be penalised
+        # differently from the same utterance alone. Built directly, it sees every generated id (with
+        # inputs_embeds only, generate tracks just those), as the released FireRedASR code with 4.x.
+        processors.append(RepetitionPenaltyLogitsProcessor(float(opts.repetition_penalty)))
     processors.extend(extra.pop("logits_processor", None) or [])  # after the penalty (a CTC scorer reads it)
     if processors:
         kwargs["logits_processor"] = processors
@@ -162,4 +139,4 @@ def generate(
     return out
 
 
-__all__ = ["GenerationOptions", "GeneratedTokensRepetitionPenalty", "generate"]
+__all__ = ["GenerationOptions", "PerRowLimit", "RepetitionGuard", "generate"]
