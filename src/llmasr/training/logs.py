@@ -6,23 +6,46 @@
   when ranks are combined.
 - :class:`Progress` estimates the ETA of the epoch from the fraction of the epoch's cuts consumed.
 - :class:`Throughput`: samples/s, frames/s and batch padding of each rank between log lines.
+- :class:`MetricsFile` / :func:`read_metrics`: the structured record of a run (below).
+
+Metrics file (the contract for tools that plot or compare runs; read it only through
+:func:`read_metrics`): ``<exp-dir>/log/metrics-train.jsonl``, one JSON object per line, written by
+rank 0 and flushed per record. Every record has
+
+- ``"stage"``: ``"warmup"`` (projector warm-up, :mod:`llmasr.training.warmup`), ``"train"`` (a
+  training log line) or ``"valid"`` (a validation result);
+- ``"epoch"`` (int; 0 for the warm-up), ``"batch"`` (int: the global batch index; the warm-up's own
+  step counter for ``"warmup"``), ``"time_s"`` (float: seconds since training started, the warm-up
+  included; a resumed run continues the clock of the records it keeps), ``"lr"`` (float) and
+  ``"loss"`` (float: per-token loss; the transcript cross-entropy for train/valid, the aux CTC loss
+  for the warm-up);
+
+plus the tracker's other normalised fields where present: ``"acc"``, ``"aux_ctc"`` (aux CTC loss per
+aligned token; the warm-up sets it equal to ``"loss"``), ``"tokens"``, ``"utterances"``, ``"frames"``;
+train records also carry ``"tot_loss"`` (the decayed running loss of the log line) and, with fp16,
+``"grad_scale"``. A run from scratch starts a new file; a resumed run keeps the records up to the
+global batch it resumes from and appends after them.
 """
 from __future__ import annotations
 
+import json
 import logging
+import math
 import os
 import time
 from collections import defaultdict
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
 from llmasr.config import format_duration
+from llmasr.io import atomic_write_text
 
-__all__ = ["setup_logger", "MetricsTracker", "Progress", "Throughput", "make_tb_writer"]
+__all__ = ["setup_logger", "MetricsTracker", "Progress", "Throughput", "make_tb_writer",
+           "METRICS_FILE", "STAGES", "MetricsFile", "read_metrics", "metrics_file"]
 
 
 def setup_logger(log_prefix: str | os.PathLike, rank: int = 0, world_size: int = 1, level: str = "info") -> Path:
@@ -163,3 +186,109 @@ def make_tb_writer(exp_dir: Path, enabled: bool, rank: int):
     from torch.utils.tensorboard import SummaryWriter
 
     return SummaryWriter(log_dir=str(Path(exp_dir) / "tensorboard"))
+
+
+# --------------------------------------------------------------------------- metrics file
+
+METRICS_FILE = Path("log") / "metrics-train.jsonl"
+STAGES = ("warmup", "train", "valid")
+
+
+class MetricsFile:
+    """Appends one JSON record per line to ``path`` (see the module doc), flushed per record.
+
+    Ranks other than 0 write nothing (``rank`` None: this process's rank in the initialised process
+    group, else 0). ``time_s`` counts from ``start_time`` (default: now). ``last_lr`` is the lr of
+    the latest record, for records written where no scheduler is at hand (validation).
+    """
+
+    def __init__(self, path: str | os.PathLike, rank: Optional[int] = None, start_time: Optional[float] = None):
+        self.path = Path(path)
+        if rank is None:
+            rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+        self.enabled = rank == 0
+        self.start_time = time.time() if start_time is None else start_time
+        self.last_lr = math.nan
+
+    def write(self, stage: str, epoch: int, batch: int, lr: Optional[float] = None, **fields: Any) -> Optional[dict]:
+        """Write one record; ``fields`` must hold ``loss``. Returns the record (None off rank 0)."""
+        if stage not in STAGES:
+            raise ValueError(f"metrics record: unknown stage {stage!r} (one of {', '.join(STAGES)})")
+        if "loss" not in fields:
+            raise ValueError(f"metrics record ({stage}, batch {batch}) has no loss")
+        if lr is not None:
+            self.last_lr = float(lr)
+        if not self.enabled:
+            return None
+        record = {"stage": stage, "epoch": int(epoch), "batch": int(batch),
+                  "time_s": round(time.time() - self.start_time, 3), "lr": self.last_lr}
+        record.update({k: float(v) for k, v in fields.items()})
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # allow_nan: a non-finite loss is a fact of the run, written as NaN/Infinity (Python's json reads them)
+        line = json.dumps(record, allow_nan=True) + "\n"
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(line)
+            f.flush()
+        return record
+
+
+def read_metrics(exp_dir: str | os.PathLike, stage: Optional[str] = None) -> List[dict]:
+    """The records of ``<exp_dir>/log/metrics-train.jsonl`` in file order (only ``stage``'s when given).
+
+    A torn last line (a run killed mid-write) is skipped; a corrupt line before it raises
+    ValueError naming the file and line. A missing file raises FileNotFoundError.
+    """
+    if stage is not None and stage not in STAGES:
+        raise ValueError(f"read_metrics: unknown stage {stage!r} (one of {', '.join(STAGES)})")
+    path = Path(exp_dir) / METRICS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no metrics file {path} (written by training since this version)")
+    lines = path.read_text(encoding="utf-8").split("\n")
+    complete = lines[-1] == ""  # every record ends with a newline; a torn one does not
+    if complete:
+        lines = lines[:-1]
+    out = []
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line)
+            if not isinstance(rec, dict) or rec.get("stage") not in STAGES:
+                raise ValueError("not a metrics record")
+        except ValueError as e:
+            if i == len(lines) and not complete:
+                break  # the torn last line of a killed run
+            raise ValueError(f"{path}:{i}: corrupt metrics record ({e}): {line[:80]!r}") from None
+        if stage is None or rec["stage"] == stage:
+            out.append(rec)
+    return out
+
+
+_OPEN: Dict[str, tuple] = {}
+
+
+def metrics_file(params, rank: Optional[int] = None) -> MetricsFile:
+    """The :class:`MetricsFile` of the run ``params`` describes (one per run and process).
+
+    The first call of a run decides: from scratch (``start_epoch`` 1, ``start_batch`` 0) it starts
+    an empty file; resuming, it keeps the records up to ``params.batch_idx_train`` (those a killed
+    run wrote after its checkpoint are replaced by the resumed run's) and continues their clock.
+    """
+    path = Path(params.exp_dir) / METRICS_FILE
+    key = str(path.resolve())
+    entry = _OPEN.get(key)
+    if entry is not None and entry[0] is params:
+        return entry[1]
+    mf = MetricsFile(path, rank)
+    if mf.enabled:
+        resuming = params.get("start_epoch", 1) > 1 or params.get("start_batch", 0) > 0
+        kept = []
+        if resuming and path.is_file():
+            done = params.get("batch_idx_train", 0)
+            # (warm-up steps count on their own and happen only before the first batch)
+            kept = [r for r in read_metrics(params.exp_dir) if r["stage"] == "warmup" or r["batch"] <= done]
+        if path.is_file() or kept:
+            atomic_write_text(path, "".join(json.dumps(r, allow_nan=True) + "\n" for r in kept))
+        if kept:
+            mf.start_time -= max(r["time_s"] for r in kept)
+    _OPEN.clear()  # one run per process at a time; drop references to finished runs' params
+    _OPEN[key] = (params, mf)
+    return mf

@@ -17,7 +17,7 @@ import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Optional
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -25,13 +25,15 @@ import torch.nn as nn
 from llmasr.data.datamodule import speech_inputs
 from llmasr.io import atomic_torch_save, unwrap_model
 from llmasr.layers import autocast_to
-from llmasr.training.logs import MetricsTracker, Progress, Throughput
+from llmasr.training.logs import MetricsTracker, Progress, Throughput, metrics_file
 
 __all__ = [
     "NonFiniteLossError",
     "EmptyEpochError",
     "compute_loss",
     "compute_validation_loss",
+    "clip_gradients",
+    "step_on_batch",
     "train_step",
     "train_one_epoch",
     "save_bad_batch",
@@ -102,13 +104,26 @@ def _num(stats: Dict[str, Any], keys, default=None):
     raise KeyError(f"model stats have none of {keys}; got {sorted(stats)}")
 
 
-def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_training: bool):
-    """Forward one batch. Returns (loss tensor, MetricsTracker)."""
+def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_training: bool,
+                 allow_non_finite: bool = False):
+    """Forward one batch. Returns (loss tensor, MetricsTracker).
+
+    A non-finite loss raises :class:`NonFiniteLossError` (batch saved), unless ``allow_non_finite``
+    (an enabled GradScaler, which skips the step): then the tracker holds only ``skipped`` = 1 and
+    the batch's sizes, so that the loss sums stay finite.
+    """
     features, feature_lens, more = speech_inputs(batch, device, non_blocking=True)  # more: features_by_type
     with torch.set_grad_enabled(is_training), autocast_ctx(params, device):
         # cut ids: frozen-encoder outputs may be cached by cut (--cache-encoder-outputs)
         loss, stats = model(features, feature_lens, batch["texts"], cut_ids=batch.get("cut_ids"), **more)
     if not torch.isfinite(loss).all():
+        if allow_non_finite:
+            logging.warning(
+                "non-finite loss %s at global batch %d (epoch %d): the grad scaler skips this step; cut ids: %s",
+                loss.item(), params.batch_idx_train, params.cur_epoch, ", ".join(map(str, batch_cut_ids(batch))),
+            )
+            return loss, MetricsTracker({"skipped": 1.0, "utterances": float(len(batch["texts"])),
+                                         "frames": float(batch["feature_lens"].sum().item())})
         path = save_bad_batch(batch, params.exp_dir)
         raise NonFiniteLossError(
             f"non-finite loss {loss.item()} at global batch {params.batch_idx_train} "
@@ -121,31 +136,69 @@ def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_
 # --------------------------------------------------------------------------- one step
 
 
-def train_step(params, model, batch, optimizer, scheduler, scaler, device: torch.device) -> MetricsTracker:
-    """Forward, backward and optimizer step on one batch; saves the batch if anything raises.
+def clip_gradients(optimizer, max_norm: float, scaler=None) -> None:
+    """Clip the global gradient norm of ``optimizer``'s parameters to ``max_norm`` (> 0), first
+    unscaling them when ``scaler`` is an enabled GradScaler."""
+    if scaler is not None and scaler.is_enabled():
+        scaler.unscale_(optimizer)
+    torch.nn.utils.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]], max_norm)
 
-    The scheduler is stepped with the global batch index *before* the optimizer step, as in the
-    recipe. With an enabled GradScaler, a step whose gradients are not finite is skipped and the
-    scale lowered (GradScaler semantics).
+
+def step_on_batch(
+    model,
+    forward: Callable[[], Tuple[torch.Tensor, Any]],
+    optimizer,
+    scaler=None,
+    grad_clip: float = 0.0,
+    before_step: Optional[Callable[[], None]] = None,
+) -> Tuple[torch.Tensor, Any]:
+    """One optimisation step on one batch; every training loop of the toolkit goes through it.
+
+    ``loss, info = forward()`` (the caller's forward, under its autocast); backward - a DeepSpeed
+    engine does its own backward, clipping and step; otherwise through ``scaler`` when it is an
+    enabled GradScaler (which skips the step when the gradients are not finite and lowers the
+    scale); ``grad_clip`` > 0 clips the global gradient norm (:func:`clip_gradients`);
+    ``before_step()`` runs after the backward and before the optimizer step (the lr schedule); then
+    the optimizer step, the scaler update and the gradients are cleared. Returns ``(loss, info)``.
     """
-    try:
-        loss, info = compute_loss(model, batch, device, params, is_training=True)
-        if is_deepspeed(model):
-            model.backward(loss)
-            scheduler.step_batch(params.batch_idx_train)
-            model.step()
-            return info
-        scaler.scale(loss).backward()
-        scheduler.step_batch(params.batch_idx_train)
-        if params.grad_clip > 0 and params.optimizer_type != "scaled_adam":
-            # ScaledAdam clips by itself (relative to the median norm); AdamW gets a global norm clip.
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for g in optimizer.param_groups for p in g["params"]], params.grad_clip
-            )
+    loss, info = forward()
+    if is_deepspeed(model):
+        model.backward(loss)
+        if before_step is not None:
+            before_step()
+        model.step()
+        return loss, info
+    scaling = scaler is not None and scaler.is_enabled()
+    (scaler.scale(loss) if scaling else loss).backward()
+    if before_step is not None:
+        before_step()
+    if grad_clip > 0:
+        clip_gradients(optimizer, grad_clip, scaler)
+    if scaling:
         scaler.step(optimizer)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+    else:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss, info
+
+
+def train_step(params, model, batch, optimizer, scheduler, scaler, device: torch.device) -> MetricsTracker:
+    """Forward, backward and optimizer step on one batch (:func:`step_on_batch`); saves the batch
+    if anything raises.
+
+    The scheduler is stepped with the global batch index *before* the optimizer step, as in the
+    recipe. With an enabled GradScaler, a step whose gradients (or loss) are not finite is skipped
+    and the scale lowered (GradScaler semantics).
+    """
+    scaling = scaler is not None and scaler.is_enabled() and not is_deepspeed(model)
+    # ScaledAdam clips by itself (relative to the median norm); AdamW gets a global norm clip.
+    clip = params.grad_clip if params.optimizer_type != "scaled_adam" else 0.0
+    try:
+        _, info = step_on_batch(
+            model, lambda: compute_loss(model, batch, device, params, is_training=True, allow_non_finite=scaling),
+            optimizer, scaler, grad_clip=clip, before_step=lambda: scheduler.step_batch(params.batch_idx_train),
+        )
     except NonFiniteLossError:
         raise
     except Exception:
@@ -225,6 +278,7 @@ def train_one_epoch(
     # Models with step-dependent regularisation (icefall's set_batch_count; FireRedASR-AED's
     # --dropout-schedule) follow the global batch index, which a resumed run restores.
     set_batch_count = getattr(unwrap_model(model), "set_batch_count", None)
+    metrics = metrics_file(params, rank)
     for batch in train_iter:
         params.batch_idx_train += 1
         params.cur_batch_idx += 1
@@ -234,8 +288,8 @@ def train_one_epoch(
 
         info = train_step(params, model, batch, optimizer, scheduler, scaler, device)
         tot = tot.scaled(decay) + info
-        params.epoch_loss_sum += info["loss"]
-        params.epoch_tokens += info["tokens"]
+        params.epoch_loss_sum += info.get("loss", 0.0)  # (a step the grad scaler skipped has none)
+        params.epoch_tokens += info.get("tokens", 0.0)
         params.epoch_cuts = params.get("epoch_cuts", 0) + len(batch["texts"]) * world_size
         if progress is not None:
             progress.update(len(batch["texts"]))
@@ -251,6 +305,7 @@ def train_one_epoch(
                 f", grad_scale {grad_scale}" if scaler is not None and scaler.is_enabled() else "",
                 progress if progress is not None else "", Throughput.format(rates),
             )
+            write_train_record(metrics, params, info, tot, lr, grad_scale if scaler is not None and scaler.is_enabled() else None)
             if tb_writer is not None:
                 step = params.batch_idx_train
                 tb_writer.add_scalar("train/learning_rate", lr, step)
@@ -281,9 +336,28 @@ def train_one_epoch(
         params.best_train_epoch = params.cur_epoch
 
 
+def write_train_record(metrics, params, info: MetricsTracker, tot: MetricsTracker, lr: float,
+                       grad_scale: Optional[float] = None) -> None:
+    """The metrics-file record of a training log line (:mod:`llmasr.training.logs`)."""
+    fields = info.normalized()
+    if "loss" not in fields:  # a step the grad scaler skipped (non-finite loss)
+        fields["loss"] = math.nan
+    if "skipped" in info:
+        fields["skipped"] = info["skipped"]
+    total = tot.normalized()
+    if "loss" in total:
+        fields["tot_loss"] = total["loss"]
+    if grad_scale is not None:
+        fields["grad_scale"] = grad_scale
+    metrics.write("train", params.cur_epoch, params.batch_idx_train, lr=lr, **fields)
+
+
 def run_validation(params, model, valid_dl, device, tb_writer=None) -> MetricsTracker:
     t0 = time.time()
     info = compute_validation_loss(params, model, valid_dl, device)
+    fields = info.normalized()
+    fields.setdefault("loss", math.nan)  # (an empty validation set)
+    metrics_file(params).write("valid", params.cur_epoch, params.batch_idx_train, **fields)
     logging.info(
         "Epoch %d, global batch %d, validation: %s (%.1fs)%s",
         params.cur_epoch, params.batch_idx_train, info, time.time() - t0,
