@@ -16,10 +16,10 @@ from llmasr.aux_ctc import (
     embedding_logits,
     greedy_ctc_ids,
     min_ctc_frames,
-    projector_warmup,
     resolve_blank_id,
 )
 from llmasr.projector import Projector
+from llmasr.training.warmup import projector_warmup
 
 
 def test_distance_logits_are_negative_squared_distances_up_to_a_per_frame_constant():
@@ -250,7 +250,8 @@ def test_sampled_softmax_covering_the_vocabulary_equals_the_full_loss_and_subset
 def test_recipe_hook_skips_the_warmup_when_off_or_resuming():
     from argparse import ArgumentParser
 
-    from llmasr.aux_ctc import add_aux_ctc_arguments, maybe_projector_warmup
+    from llmasr.aux_ctc import add_aux_ctc_arguments
+    from llmasr.training.warmup import maybe_projector_warmup
 
     parser = ArgumentParser()
     add_aux_ctc_arguments(parser)

@@ -16,20 +16,14 @@ vocabulary and a CTC loss is taken against the transcript's LLM token ids:
 Frame norm: no mode bounds it. The softmax is invariant to the ``-||p_t||^2`` term, so "distance"
 behaves like "dot" plus a row-norm prior and scaling ``p_t`` up lowers the loss; "cosine" is scale
 invariant, and Adam's normalised steps orthogonal to ``p_t`` make the norm random-walk upwards.
-Measured on the demo (SmolLM2-135M, embedding rows of norm ~3.2, projector output ~3.0 at
-initialisation), after a 150-step warm-up: norm 19 ("distance"), 54 ("cosine"). Out-of-scale
-inputs are not what the LLM reads as tokens; ``norm_weight`` (``--aux-ctc-norm-weight``) adds
+Out-of-scale inputs are not what the LLM reads as tokens; ``norm_weight`` (``--aux-ctc-norm-weight``)
+adds
 
     norm_weight * mean over valid frames of log(||p_t|| / r)^2,   r = mean norm of the embedding rows
 
-to the aux loss, which keeps the frames at the scale of token embeddings.
-Token embeddings of small LLMs are also far from isotropic (SmolLM2-135M: mean pairwise cosine 0.44).
-
-Which mode (measured on the demo: frozen Whisper-base, SmolLM2-135M + LoRA, 600 espeak clips, batch 8,
-lr 2e-3, 150 warm-up steps then weight 0.5; held-out WER after 50 / 100 / 150 training steps):
-"distance" 0.98 / 0.77 / 0.56, "cosine" 0.52 / 0.25 / 0.20; no alignment at all 0.95 / 1.02 (100 steps,
-lr 1e-3). Cosine spells the transcripts better after the warm-up (CTC loss 1.6 vs 2.5) even though
-its frames end up at ~20x the embeddings' norm, so the norm penalty is an option, not the default.
+to the aux loss, which keeps the frames at the scale of token embeddings. It is an option, not the
+default, because the spelling the warm-up reaches matters more to the LLM than the frames' scale
+(measurements of the modes and the norms: ``local/RESULTS.md``, "Projector warm-up (aux CTC)").
 
 Blank: CTC needs a blank class; we use an existing vocabulary row, by default the prompt format's
 pad token (``<|endoftext|>`` for the Qwen2/SmolLM2 chat formats) - a token that never occurs in a
@@ -44,7 +38,7 @@ Two uses, both available to every recipe (see :func:`add_aux_ctc_arguments`):
 
 - ``--aux-ctc-weight w``: ``loss = ce + w * aux_ctc`` in every training step;
 - ``--projector-warmup-steps n``: before the first training step, train only the projector(s)
-  with this loss for ``n`` steps (:func:`projector_warmup`): a few hundred cheap steps (no LLM
+  with this loss for ``n`` steps (:mod:`llmasr.training.warmup`): a few hundred cheap steps (no LLM
   forward) give the LLM a readable input from the first real step.
 
 The loss is normalised per target token (summed CTC negative log-likelihood / number of target
@@ -56,16 +50,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import math
-import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmasr.data.datamodule import speech_inputs
 from llmasr.prompt import get_prompt_format, transcript_ids
 
 MODES = ("distance", "cosine", "dot")
@@ -506,122 +497,6 @@ def build_aux_ctc(args, model) -> Optional[AuxCtc]:
     return AuxCtc(cfg, model.tokenizer, model.llm.get_input_embeddings(), model.prompt_format)
 
 
-# --------------------------------------------------------------------------------------------
-# Projector-only warm-up
-# --------------------------------------------------------------------------------------------
-
-
-def maybe_projector_warmup(params, model, batches: Iterable[dict], device: torch.device) -> Optional[Dict[str, float]]:
-    """The training recipe's hook: run :func:`projector_warmup` when ``--projector-warmup-steps``
-    > 0 and training starts from scratch (not when resuming: ``--start-epoch`` 1, ``--start-batch``
-    0). ``model``: the SpeechLLM (not yet wrapped by DDP/DeepSpeed); ``batches``: the training
-    dataloader. Logs ``projector warm-up step i/n: aux CTC loss x (t s)`` lines."""
-    cfg = AuxCtcConfig.from_args(params)
-    if cfg.warmup_steps <= 0:
-        return None
-    if getattr(params, "start_epoch", 1) > 1 or getattr(params, "start_batch", 0) > 0:
-        logging.info("resuming: skipping the projector warm-up")
-        return None
-    aux = AuxCtc(cfg, model.tokenizer, model.llm.get_input_embeddings(), model.prompt_format)
-    logging.info(f"projector warm-up: {cfg.warmup_steps} steps of aux CTC (mode {cfg.mode}, "
-                 f"lr {cfg.warmup_lr}, {cfg.warmup_lr_schedule}), projector only")
-    out = projector_warmup(
-        model, batches, aux, cfg.warmup_steps, lr=cfg.warmup_lr, lr_schedule=cfg.warmup_lr_schedule, device=device,
-        max_seconds=cfg.warmup_max_seconds, log_interval=max(1, getattr(params, "log_interval", 20)),
-    )
-    logging.info(f"projector warm-up done: {out['steps']} steps, aux CTC loss {out['loss']:.3f}, "
-                 f"{out['seconds']:.0f} s")
-    return out
-
-
-def projector_warmup(
-    model,
-    batches: Iterable[dict],
-    aux: AuxCtc,
-    num_steps: int,
-    lr: float = 1e-3,
-    lr_schedule: str = "constant",
-    device: Optional[torch.device] = None,
-    max_seconds: float = 0.0,
-    log_interval: int = 20,
-    grad_clip: float = 5.0,
-    on_log: Optional[Callable[[int, float, float], None]] = None,
-) -> Dict[str, float]:
-    """Train only the projector(s) of ``model`` (a SpeechLLM) with the aux CTC loss.
-
-    ``batches`` yields the training batches (dicts with ``features``, ``feature_lens``, ``texts``,
-    optionally ``cut_ids``); it is cycled until ``num_steps`` steps (or ``max_seconds``) are done.
-    The encoders run without gradient unless they are being fine-tuned; the LLM is not run at all.
-    Uses its own Adam optimizer (the main optimizer's state is untouched), at ``lr`` or, with ``lr_schedule``
-    "cosine", from ``lr`` down to 0 over ``num_steps``; run it before the model
-    is wrapped by DDP/DeepSpeed (with several processes the result of rank 0 is broadcast). Returns
-    ``{"steps", "loss" (mean of the last log interval), "seconds"}``; ``on_log(step, loss, elapsed)``
-    is called every ``log_interval`` steps (progress display).
-    """
-    if num_steps <= 0:
-        return {"steps": 0, "loss": float("nan"), "seconds": 0.0}
-    projectors = list(model.projectors)
-    params = [p for proj in projectors for p in proj.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("projector warm-up: the projector has no trainable parameters")
-    device = device or params[0].device
-    if lr_schedule not in WARMUP_LR_SCHEDULES:
-        raise ValueError(f"projector warm-up: unknown lr schedule {lr_schedule!r} ({', '.join(WARMUP_LR_SCHEDULES)})")
-    opt = torch.optim.Adam(params, lr=lr)
-    total = num_steps  # (num_steps is cut short below when max_seconds runs out)
-    was_training = model.training
-    model.train()
-    start = time.time()
-    step, window, window_n, last = 0, 0.0, 0, float("nan")
-    try:
-        while step < num_steps:
-            progressed = False
-            for batch in batches:
-                progressed = True
-                feats, lens, more = speech_inputs(batch, device)  # more: features_by_type (mixed front ends)
-                speech = model.encode(feats, lens, batch.get("cut_ids"), **more)
-                loss, stats = aux(speech, batch["texts"], batch.get("cut_ids"))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, grad_clip)
-                opt.step()
-                step += 1
-                if lr_schedule == "cosine":
-                    # llmasr.training.schedulers.WarmupCosine's curve without warm-up; that module sits
-                    # above this one (tests/test_imports.py), so the one line is written here
-                    for group in opt.param_groups:
-                        group["lr"] = 0.5 * lr * (1.0 + math.cos(math.pi * min(step, total) / total))
-                window += float(loss.detach())
-                window_n += 1
-                elapsed = time.time() - start
-                if step % log_interval == 0 or step == num_steps:
-                    last = window / max(window_n, 1)
-                    window, window_n = 0.0, 0
-                    if on_log is not None:
-                        on_log(step, last, elapsed)
-                    else:
-                        logging.info(f"projector warm-up step {step}/{num_steps}: aux CTC loss {last:.3f}, "
-                                     f"frame norm {stats['aux_ctc_frame_norm']:.1f} (embedding rows "
-                                     f"{stats['aux_ctc_embedding_norm']:.1f}) ({elapsed:.0f} s)")
-                if step >= num_steps or (max_seconds > 0 and elapsed >= max_seconds):
-                    num_steps = step
-                    break
-            if not progressed:
-                raise ValueError("projector warm-up: the training data yielded no batch")
-    finally:
-        model.train(was_training)
-        opt.zero_grad(set_to_none=True)
-    if window_n:
-        last = window / window_n
-    # Multi-process training: every rank warmed up on its own batches; start the real training
-    # from one set of projector weights (rank 0's), as DDP/DeepSpeed expect identical replicas.
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
-        with torch.no_grad():
-            for p in params:
-                torch.distributed.broadcast(p.data, src=0)
-    return {"steps": step, "loss": last, "seconds": time.time() - start}
-
-
 __all__ = [
     "MODES",
     "embedding_logits",
@@ -633,6 +508,4 @@ __all__ = [
     "AuxCtc",
     "add_aux_ctc_arguments",
     "build_aux_ctc",
-    "projector_warmup",
-    "maybe_projector_warmup",
 ]

@@ -410,7 +410,8 @@ def _count(model: nn.Module) -> str:
 
 def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False) -> None:
     """One training process."""
-    from llmasr.aux_ctc import build_aux_ctc, maybe_projector_warmup
+    from llmasr.aux_ctc import build_aux_ctc
+    from llmasr.training.warmup import maybe_projector_warmup
     from llmasr.checkpoint import load_checkpoint, load_model_state
     from llmasr.data import AsrDataModule
     from llmasr.features import check_feature_type

@@ -15,7 +15,12 @@ from typing import List, Optional
 
 from torch.optim import Optimizer
 
-__all__ = ["LRScheduler", "FixedLRScheduler", "WarmupCosine", "Eden", "build_scheduler"]
+__all__ = ["LRScheduler", "FixedLRScheduler", "WarmupCosine", "Eden", "build_scheduler", "cosine_curve"]
+
+
+def cosine_curve(step: float, total: float, peak: float) -> float:
+    """Half a cosine from ``peak`` at ``step`` 0 down to 0 at ``total`` (and after it)."""
+    return 0.5 * peak * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
 class LRScheduler:
@@ -93,8 +98,9 @@ class WarmupCosine(LRScheduler):
         if self.batch < self.warmup_steps:
             f = _warmup(self.batch, self.warmup_steps)
         else:
-            t = min(1.0, (self.batch - self.warmup_steps) / (self.decay_steps - self.warmup_steps))
-            f = self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t))
+            f = self.min_lr_ratio + cosine_curve(
+                self.batch - self.warmup_steps, self.decay_steps - self.warmup_steps, 1 - self.min_lr_ratio
+            )
         return [lr * f for lr in self.base_lrs]
 
 
