@@ -354,3 +354,22 @@ def test_training_refuses_a_compression_that_reads_the_projector_unlike_its_alig
         main(argv=["--exp-dir", str(tmp_path), "--ctc-compress-frames", "cosine", *flags])
     assert exc.value.code == 2 and says in capsys.readouterr().err
     assert not any(tmp_path.iterdir())  # refused before any work
+
+
+@pytest.mark.parametrize("mode", ["distance", "cosine", "dot"])
+def test_logits_and_loss_are_float32_under_a_bf16_training_autocast(mode):
+    """The training step runs under autocast (bf16 on CPU); the aux CTC's vocabulary matmul must not
+    (#29 finding 8): its logits equal the autocast-free ones, so training and decoding agree."""
+    g = torch.Generator().manual_seed(4)
+    frames = torch.randn(2, 9, 16, generator=g, requires_grad=True)
+    emb = torch.randn(50, 16, generator=g)
+    lens, targets = torch.tensor([9, 7]), [[5, 17, 17, 3], [30, 2]]
+    ref = embedding_logits(frames, emb, mode)
+    ref_loss, _ = aux_ctc_loss(frames, lens, targets, emb, blank_id=1, mode=mode)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert (frames @ emb.t()).dtype == torch.bfloat16  # the region really is autocast
+        got = embedding_logits(frames, emb, mode)
+        loss, _ = aux_ctc_loss(frames, lens, targets, emb, blank_id=1, mode=mode)
+    assert got.dtype == torch.float32 and loss.dtype == torch.float32
+    assert (got - ref).abs().max().item() <= 1e-5
+    assert loss.item() == pytest.approx(ref_loss.item(), abs=1e-5)

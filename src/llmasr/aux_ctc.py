@@ -73,7 +73,8 @@ def embedding_logits(
 ) -> torch.Tensor:
     """(N, T, H) projected frames x (V, H) embedding rows -> (N, T, V) float32 logits (see module doc).
 
-    The embedding is detached (never trained by this loss).
+    The embedding is detached (never trained by this loss). The logits are float32 under a training
+    autocast too (:func:`fp32`), so that training and decoding pick the same best classes.
     """
     if mode not in MODES:
         raise ValueError(f"unknown aux CTC mode {mode!r}; choose from {', '.join(MODES)}")
@@ -84,19 +85,26 @@ def embedding_logits(
     temperature = DEFAULT_TEMPERATURE[mode] if temperature is None else float(temperature)
     if temperature <= 0:
         raise ValueError(f"aux CTC temperature must be > 0, got {temperature}")
-    x = frames.float()
-    e = embedding.detach().float()
-    if mode == "cosine":
-        x = F.normalize(x, dim=-1)
-        e = F.normalize(e, dim=-1)
-        logits = x @ e.t()
-    elif mode == "dot":
-        logits = x @ e.t()
-    else:
-        # -||x - e||^2 = 2 x.e - ||e||^2 - ||x||^2; the last term is the same for every class and
-        # cancels in the log-softmax, so it is left out.
-        logits = 2.0 * (x @ e.t()) - (e * e).sum(-1)
-    return logits / temperature
+    with fp32(frames.device):
+        x = frames.float()
+        e = embedding.detach().float()
+        if mode == "cosine":
+            x = F.normalize(x, dim=-1)
+            e = F.normalize(e, dim=-1)
+            logits = x @ e.t()
+        elif mode == "dot":
+            logits = x @ e.t()
+        else:
+            # -||x - e||^2 = 2 x.e - ||e||^2 - ||x||^2; the last term is the same for every class and
+            # cancels in the log-softmax, so it is left out.
+            logits = 2.0 * (x @ e.t()) - (e * e).sum(-1)
+        return logits / temperature
+
+
+def fp32(device: torch.device):
+    """A region with autocast off on ``device``'s type: the vocabulary matmul, log-softmax and CTC
+    run in float32 even inside the training step's bf16/fp16 autocast (inputs are cast by the caller)."""
+    return torch.autocast(device_type=device.type, enabled=False)
 
 
 def ctc_targets(target_ids: Sequence[Sequence[int]], device=None) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -147,21 +155,8 @@ def aux_ctc_loss(
         the sum and the token count), ``aux_ctc_frame_norm`` (mean norm of the valid frames) and
         ``aux_ctc_embedding_norm`` (mean norm of the embedding rows).
     """
-    n = frames.shape[0]
-    if len(target_ids) != n:
-        raise ValueError(f"{len(target_ids)} transcripts for a batch of {n} utterances")
     vocab = embedding.shape[0]
-    if not 0 <= blank_id < vocab:
-        raise ValueError(f"aux CTC blank id {blank_id} is outside the LLM embedding ({vocab} rows)")
-    for i, t in enumerate(target_ids):
-        name = cut_ids[i] if cut_ids is not None else f"#{i}"
-        if len(t) == 0:
-            raise ValueError(f"utterance {name}: empty transcript, nothing to align")
-        if blank_id in t:
-            raise ValueError(f"utterance {name}: transcript contains the aux CTC blank token id {blank_id}")
-        if max(t) >= vocab:
-            raise ValueError(f"utterance {name}: token id {max(t)} outside the LLM embedding ({vocab} rows)")
-
+    _check_targets(target_ids, frames.shape[0], vocab, blank_id, cut_ids)
     frame_lens = frame_lens.to(frames.device).long()
     need = min_ctc_frames(target_ids).to(frames.device)
     feasible = frame_lens >= need
@@ -179,25 +174,21 @@ def aux_ctc_loss(
 
     # Frame norms against the embedding rows' (before any row sampling: all rows).
     valid = torch.arange(frames.shape[1], device=frames.device)[None, :] < frame_lens[:, None]
-    frame_norm = frames.float().norm(dim=-1)[valid]
-    emb_norm = embedding.detach().float().norm(dim=-1).mean()
+    with fp32(frames.device):
+        frame_norm = frames.float().norm(dim=-1)[valid]
+        emb_norm = embedding.detach().float().norm(dim=-1).mean()
     if num_negatives > 0:
         rows, target_ids, blank_id = _sample_rows(target_ids, blank_id, vocab, num_negatives, generator)
         embedding = embedding.detach()[rows.to(embedding.device)]
     logits = embedding_logits(frames, embedding, mode, temperature)  # (N, T, V) float32
-    log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, N, V)
     targets, target_lens = ctc_targets(target_ids, frames.device)
-    # Sum per utterance, then zero the infeasible ones (ctc_loss gives inf for them; zero_infinity
-    # also zeroes their gradient).
-    per_utt = F.ctc_loss(
-        log_probs,
-        targets,
-        frame_lens,
-        target_lens,
-        blank=blank_id,
-        reduction="none",
-        zero_infinity=True,
-    )
+    with fp32(frames.device):
+        log_probs = logits.log_softmax(-1).transpose(0, 1)  # (T, N, V)
+        # Sum per utterance, then zero the infeasible ones (ctc_loss gives inf for them; zero_infinity
+        # also zeroes their gradient).
+        per_utt = F.ctc_loss(
+            log_probs, targets, frame_lens, target_lens, blank=blank_id, reduction="none", zero_infinity=True
+        )
     per_utt = torch.where(feasible, per_utt, torch.zeros_like(per_utt))
     num_tokens = int(target_lens[feasible].sum())
     loss_sum = per_utt.sum()
@@ -212,6 +203,21 @@ def aux_ctc_loss(
         "aux_ctc_embedding_norm": float(emb_norm),
     }
     return loss, stats
+
+
+def _check_targets(target_ids, n: int, vocab: int, blank_id: int, cut_ids) -> None:
+    if len(target_ids) != n:
+        raise ValueError(f"{len(target_ids)} transcripts for a batch of {n} utterances")
+    if not 0 <= blank_id < vocab:
+        raise ValueError(f"aux CTC blank id {blank_id} is outside the LLM embedding ({vocab} rows)")
+    for i, t in enumerate(target_ids):
+        name = cut_ids[i] if cut_ids is not None else f"#{i}"
+        if len(t) == 0:
+            raise ValueError(f"utterance {name}: empty transcript, nothing to align")
+        if blank_id in t:
+            raise ValueError(f"utterance {name}: transcript contains the aux CTC blank token id {blank_id}")
+        if max(t) >= vocab:
+            raise ValueError(f"utterance {name}: token id {max(t)} outside the LLM embedding ({vocab} rows)")
 
 
 def _sample_rows(
