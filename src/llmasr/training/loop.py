@@ -8,7 +8,9 @@ predicted ones.
 Faults: a batch whose forward/backward/step raises is saved to ``exp-dir/batch-<hash>.pt`` (cut ids +
 tensors) before the exception propagates; a non-finite loss raises :class:`NonFiniteLossError`
 naming the cut ids (batch saved too). With fp16 the GradScaler skips steps whose gradients overflow
-and lowers the scale; a scale that keeps collapsing is reported as an error.
+and lowers the scale - a forward that overflows to a non-finite loss included (logged with the cut
+ids, counted as ``skipped``, its loss left out of the sums); a scale that keeps collapsing is
+reported as an error.
 """
 from __future__ import annotations
 
