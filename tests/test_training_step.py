@@ -84,3 +84,55 @@ def test_inf_loss_without_a_grad_scaler_still_raises(env, tmp_path):  # noqa: F8
     with pytest.raises(NonFiniteLossError, match="non-finite loss inf"):
         train_step(params, model, first_batches(env)[0], opt, FixedLRScheduler(opt),
                    torch.amp.GradScaler("cpu", enabled=False), torch.device("cpu"))
+
+
+def _model(env, *flags):
+    import argparse
+
+    from llmasr.recipes.model_args import add_model_arguments, build_model_from_args
+
+    p = argparse.ArgumentParser()
+    add_model_arguments(p)
+    args = p.parse_args(["--llm-path", str(env["llm"]), "--attn-implementation", "eager", "--speech-encoder-type",
+                         "tiny", "--speech-encoder-path", str(env["zip_a"]), *flags])
+    torch.manual_seed(0)
+    return build_model_from_args(args, dtype=torch.float32)
+
+
+@pytest.mark.parametrize("flags", [("--unfreeze-llm", "false"), ("--lora-dropout", "0")], ids=["frozen", "lora"])
+def test_grad_checkpointing_recomputes_the_llm_layers_and_keeps_loss_and_grads(env, flags):  # noqa: F811
+    """--grad-checkpointing with a frozen LLM (#29 finding 3): the LLM is in eval mode (no dropout), and
+    transformers checkpoints only in training mode, so the option did nothing. Now the layers'
+    forward runs again in the backward (checkpointed), with the same loss and gradients."""
+    batch = first_batches(env)[0]
+    results = []
+    for checkpointing in (False, True):
+        model = _model(env, *flags)
+        if checkpointing:
+            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.train()
+        layers = [m for m in model.llm.modules() if type(m).__name__.endswith("DecoderLayer")]
+        assert layers
+        frozen = flags[0] == "--unfreeze-llm"
+        assert model.llm_trainable is not frozen
+        for layer in layers:
+            # Attention dropout would make the runs differ: it must stay off for the frozen LLM.
+            layer.self_attn.attention_dropout = 0.5 if frozen else 0.0
+            assert layer.self_attn.training is not frozen
+        calls = []
+        for layer in layers:
+            layer.input_layernorm.register_forward_hook(lambda m, i, o: calls.append(1))
+        loss, _ = model(batch["features"], batch["feature_lens"], batch["texts"])
+        forward_calls = len(calls)
+        loss.backward()
+        assert forward_calls == len(layers)
+        # Checkpointed: every layer runs a second time in the backward.
+        assert len(calls) == (2 if checkpointing else 1) * len(layers), (checkpointing, len(calls))
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        assert grads and all(g is not None for g in grads.values())
+        results.append((loss.detach(), grads))
+    (l0, g0), (l1, g1) = results
+    assert abs(l0.item() - l1.item()) <= 1e-6
+    assert sorted(g0) == sorted(g1)
+    for n in g0:
+        assert (g0[n] - g1[n]).abs().max().item() <= 1e-6, n

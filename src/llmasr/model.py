@@ -223,6 +223,13 @@ class SpeechLLM(nn.Module):
                 e.eval()
         if not self.llm_trainable:
             self.llm.eval()
+            if mode:
+                # transformers checkpoints only modules in training mode: with gradient checkpointing
+                # on (--grad-checkpointing), the modules that checkpoint - and not their children,
+                # which hold the dropouts - train, so the frozen LLM's activations are recomputed.
+                for m in self.llm.modules():
+                    if getattr(m, "gradient_checkpointing", False) is True:
+                        m.training = True
         return self
 
     # ------------------------------------------------------------------ pieces
