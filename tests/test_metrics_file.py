@@ -74,3 +74,21 @@ def test_metrics_file_records_and_torn_or_corrupt_lines(tmp_path):
         read_metrics(tmp_path)
     with pytest.raises(FileNotFoundError, match="metrics-train.jsonl"):
         read_metrics(tmp_path / "nowhere")
+
+
+def test_resumed_run_keeps_the_records_up_to_its_checkpoint(env, tmp_path):  # noqa: F811
+    exp = tmp_path / "exp"
+    common = dict(optimizer="adamw", base_lr="0.01", num_epochs=2, log_interval=1, save_every_n=3)
+    train(env, exp, **common)
+    first = read_metrics(exp, "train")
+    total = first[-1]["batch"]
+    mid = 3 * (total // 6)  # a checkpoint inside the run
+    assert 0 < mid < total and (exp / f"checkpoint-{mid}.pt").is_file()
+    train(env, exp, start_batch=mid, **common)  # resume in the same directory
+    recs = read_metrics(exp, "train")
+    batches = [r["batch"] for r in recs]
+    assert batches == list(range(1, total + 1)), batches  # no duplicate of the batches after the checkpoint
+    assert recs[:mid] == first[:mid]  # the records up to the checkpoint are the first run's
+    assert [r["loss"] for r in recs[mid:]] == pytest.approx([r["loss"] for r in first[mid:]], rel=1e-5)
+    times = [r["time_s"] for r in recs]
+    assert times == sorted(times)  # the resumed run continues the clock
