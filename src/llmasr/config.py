@@ -38,9 +38,9 @@ class UserError(RuntimeError, ValueError):
 def _user_error_types() -> Tuple[type, ...]:
     # FileNotFoundError: a missing input names its file (ours always do, the OS's too).
     # CheckpointError: an unreadable or mismatching checkpoint file (llmasr.io, same layer).
-    from llmasr.io import CheckpointError
+    from llmasr.io import CheckpointError, DiskFullError
 
-    return UserError, FileNotFoundError, CheckpointError
+    return UserError, FileNotFoundError, CheckpointError, DiskFullError
 
 
 def user_message(e: BaseException) -> str:

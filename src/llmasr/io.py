@@ -243,6 +243,18 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
+class DiskFullError(OSError):
+    """No space (or quota) left while :func:`atomic_write` wrote a file: the message names the file,
+    the bytes written before the failure and the free space; the file's older version is intact.
+    Reported as one line by the entry scripts (``llmasr.config.run_cli``)."""
+
+
+def _bytes_under(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else 0
+
+
 def atomic_write(path: PathLike, writer: Callable[[Path], Any], directory: bool = False) -> Path:
     """Create ``path`` atomically: ``writer(tmp)`` writes the file ``tmp`` (or fills the directory
     ``tmp``, ``directory=True``), which is then fsync'ed and renamed over ``path``. On any failure
@@ -268,9 +280,16 @@ def atomic_write(path: PathLike, writer: Callable[[Path], Any], directory: bool 
         if directory and path.is_dir():  # a directory cannot be renamed over a non-empty one
             os.replace(path, old)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if old.exists() and not path.exists():
             os.replace(old, path)
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) and not isinstance(e, DiskFullError):
+            written = _bytes_under(work)
+            free = shutil.disk_usage(path.parent).free
+            raise DiskFullError(
+                e.errno, f"no space left writing {path}: {written} bytes written before the failure (the file "
+                f"needs more), {free} bytes free on its file system ({os.strerror(e.errno)}); older files are "
+                "untouched") from e
         raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

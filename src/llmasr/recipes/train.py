@@ -12,6 +12,7 @@ the checkpoint's number of processes, --start-epoch any number).
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import random
 import re
@@ -29,6 +30,7 @@ from lhotse.utils import fix_random_seed  # random, numpy, torch (+CUDA) and lho
 from llmasr.config import UserError, str2bool
 from llmasr.io import atomic_write, prune_stale_temp_files
 from llmasr.training import dist as dist_utils
+from llmasr.training import faults
 from llmasr.training.logs import Progress, make_tb_writer, setup_logger
 from llmasr.training.loop import (
     EmptyEpochError,
@@ -124,6 +126,7 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    help="DeepSpeed JSON config, e.g. local/conf/ds_zero2.json.")
     g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is used
+    faults.add_fault_tolerance_arguments(parser)
 
 
 def get_parser(mose: bool = False, model_type: str = "speechllm") -> argparse.ArgumentParser:
@@ -426,11 +429,14 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
     if params.deepspeed:
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=dist_utils.backend())
+        deepspeed.init_distributed(dist_backend=dist_utils.backend(params.get("dist_backend", "auto")),
+                                   timeout=datetime.timedelta(minutes=params.get("dist_timeout_min", 10.0)))
         if torch.cuda.is_available():
             torch.cuda.set_device(dist_utils.local_rank_from_env(rank))
     else:
-        dist_utils.setup_dist(rank, world_size, params.master_port)
+        dist_utils.setup_dist(rank, world_size, params.master_port, backend_choice=params.get("dist_backend", "auto"),
+                              timeout_min=params.get("dist_timeout_min"))
+    stop = faults.StopOnSignal().install()
     try:
         setup_logger(params.exp_dir / "log" / "log-train", rank, world_size)
         if rank == 0:  # the checkpoint writer: remove what a killed save of an earlier run left
@@ -455,6 +461,7 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
             check_package_dir(params.init_from)
         else:
             check_llm_dir(params.llm_path, getattr(params, "llm_gguf_file", None))
+        faults.apply_auto_resume(params, rank)
         ckpt_path = resume_path(params)
         resumed: Optional[Dict[str, Any]] = None
         if ckpt_path is not None:
@@ -602,8 +609,12 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
                 train_one_epoch(
                     params, model, optimizer, scheduler, train_iter, valid_dl, scaler, device,
                     tb_writer=tb_writer, rank=rank, world_size=world_size, progress=progress,
-                    save_batch_checkpoint=ckpt.save_batch,
+                    save_batch_checkpoint=ckpt.save_batch, stop=stop,
                 )
+            except faults.Preempted:
+                if tb_writer is not None:
+                    tb_writer.close()
+                return True
             except EmptyEpochError:
                 raise UserError(f"epoch {epoch} produced no training batch: {data.explain_empty_epoch('train')}") from None
             if not resuming_here:
@@ -621,7 +632,9 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         if tb_writer is not None:
             tb_writer.close()
         logging.info("Done!")
+        return False
     finally:
+        stop.restore()
         dist_utils.cleanup_dist()
 
 
@@ -656,7 +669,11 @@ def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: str =
         if "optimizer" not in cfg and args.optimizer_type == "scaled_adam":
             parser.error("--optimizer scaled_adam cannot be used with DeepSpeed ZeRO (it needs whole tensors); "
                          "pass --optimizer adamw (e.g. --base-lr 1e-4) or add an \"optimizer\" section to the config")
-    dist_utils.launch(_Runner(mose), args)
+    faults.check_fault_tolerance_arguments(args, parser.error)
+    if dist_utils.launch(_Runner(mose), args):
+        logging.info("preempted: checkpoint saved; exit status %d (rerun with --auto-resume true)",
+                     faults.PREEMPTED_EXIT_STATUS)
+        raise SystemExit(faults.PREEMPTED_EXIT_STATUS)
 
 
 class _Runner:
@@ -665,5 +682,5 @@ class _Runner:
     def __init__(self, mose: bool):
         self.mose = mose
 
-    def __call__(self, rank: int, world_size: int, args) -> None:
-        run(rank, world_size, args, mose=self.mose)
+    def __call__(self, rank: int, world_size: int, args):
+        return run(rank, world_size, args, mose=self.mose)

@@ -6,8 +6,11 @@ Works with a plain module, a DDP-wrapped module or a DeepSpeed engine. The model
 predicted ones.
 
 Faults: a batch whose forward/backward/step raises is saved to ``exp-dir/batch-<hash>.pt`` (cut ids +
-tensors) before the exception propagates; a non-finite loss raises :class:`NonFiniteLossError`
-naming the cut ids (batch saved too). With fp16 the GradScaler skips steps whose gradients overflow
+tensors) before the exception propagates. Without a GradScaler, a batch whose loss or gradients are
+not finite is skipped (no optimizer step; every rank skips it, the decision is all-reduced) and
+counted; ``--max-bad-batches`` of them in a row save the batch and the model under
+``exp-dir/bad-batch-<batch>/`` and stop (:mod:`llmasr.training.faults`). SIGTERM/SIGUSR1 stop the
+epoch after the batch in progress, with a ``checkpoint-<batch>.pt``. With fp16 the GradScaler skips steps whose gradients overflow
 and lowers the scale - a forward that overflows to a non-finite loss included (logged with the cut
 ids, counted as ``skipped``, its loss left out of the sums); a scale that keeps collapsing is
 reported as an error.
@@ -27,6 +30,7 @@ import torch.nn as nn
 from llmasr.data.datamodule import speech_inputs
 from llmasr.io import atomic_torch_save, unwrap_model
 from llmasr.layers import autocast_to
+from llmasr.training.faults import Preempted, StopOnSignal, TooManyBadBatchesError, save_bad_batch_dir, stop_agreed
 from llmasr.training.logs import MetricsTracker, Progress, Throughput, metrics_file
 
 __all__ = [
@@ -111,8 +115,8 @@ def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_
     """Forward one batch. Returns (loss tensor, MetricsTracker).
 
     A non-finite loss raises :class:`NonFiniteLossError` (batch saved), unless ``allow_non_finite``
-    (an enabled GradScaler, which skips the step): then the tracker holds only ``skipped`` = 1 and
-    the batch's sizes, so that the loss sums stay finite.
+    (an enabled GradScaler, or the skipping :func:`step_on_batch`, which skip the step): then the
+    tracker holds only ``skipped`` = 1 and the batch's sizes, so that the loss sums stay finite.
     """
     features, feature_lens, more = speech_inputs(batch, device, non_blocking=True)  # more: features_by_type
     with torch.set_grad_enabled(is_training), autocast_ctx(params, device):
@@ -121,7 +125,7 @@ def compute_loss(model, batch: Dict[str, Any], device: torch.device, params, is_
     if not torch.isfinite(loss).all():
         if allow_non_finite:
             logging.warning(
-                "non-finite loss %s at global batch %d (epoch %d): the grad scaler skips this step; cut ids: %s",
+                "non-finite loss %s at global batch %d (epoch %d): this step is skipped; cut ids: %s",
                 loss.item(), params.batch_idx_train, params.cur_epoch, ", ".join(map(str, batch_cut_ids(batch))),
             )
             return loss, MetricsTracker({"skipped": 1.0, "utterances": float(len(batch["texts"])),
@@ -153,6 +157,7 @@ def step_on_batch(
     scaler=None,
     grad_clip: float = 0.0,
     before_step: Optional[Callable[[], None]] = None,
+    skip_non_finite: bool = False,
 ) -> Tuple[torch.Tensor, Any]:
     """One optimisation step on one batch; every training loop of the toolkit goes through it.
 
@@ -162,6 +167,10 @@ def step_on_batch(
     scale); ``grad_clip`` > 0 clips the global gradient norm (:func:`clip_gradients`);
     ``before_step()`` runs after the backward and before the optimizer step (the lr schedule); then
     the optimizer step, the scaler update and the gradients are cleared. Returns ``(loss, info)``.
+
+    ``skip_non_finite`` (not with an enabled scaler, which has its own test): when the loss or a
+    gradient is not finite on any rank, no optimizer step is taken and ``info["skipped"]`` is 1
+    (the backward still runs, so that DDP's gradient all-reduce happens on every rank).
     """
     loss, info = forward()
     if is_deepspeed(model):
@@ -172,6 +181,10 @@ def step_on_batch(
         return loss, info
     scaling = scaler is not None and scaler.is_enabled()
     (scaler.scale(loss) if scaling else loss).backward()
+    if skip_non_finite and not scaling and _not_finite_anywhere(loss, optimizer):
+        optimizer.zero_grad(set_to_none=True)
+        info["skipped"] = 1.0
+        return loss, info
     if before_step is not None:
         before_step()
     if grad_clip > 0:
@@ -185,6 +198,21 @@ def step_on_batch(
     return loss, info
 
 
+def _not_finite_anywhere(loss: torch.Tensor, optimizer) -> bool:
+    """Whether ``loss`` or a gradient of ``optimizer``'s parameters is not finite here or on any
+    other rank (one all-reduced flag)."""
+    import torch.distributed as dist
+
+    bad = (~torch.isfinite(loss.detach())).any().float()
+    for g in optimizer.param_groups:
+        for p in g["params"]:
+            if p.grad is not None:
+                bad = torch.maximum(bad, (~torch.isfinite(p.grad)).any().float())
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
 def train_step(params, model, batch, optimizer, scheduler, scaler, device: torch.device) -> MetricsTracker:
     """Forward, backward and optimizer step on one batch (:func:`step_on_batch`); saves the batch
     if anything raises.
@@ -194,12 +222,16 @@ def train_step(params, model, batch, optimizer, scheduler, scaler, device: torch
     and the scale lowered (GradScaler semantics).
     """
     scaling = scaler is not None and scaler.is_enabled() and not is_deepspeed(model)
+    # Skipping is ours without a scaler; DeepSpeed keeps its own overflow handling.
+    skipping = not scaling and not is_deepspeed(model) and params.get("max_bad_batches", 1) > 1
     # ScaledAdam clips by itself (relative to the median norm); AdamW gets a global norm clip.
     clip = params.grad_clip if params.optimizer_type != "scaled_adam" else 0.0
     try:
         _, info = step_on_batch(
-            model, lambda: compute_loss(model, batch, device, params, is_training=True, allow_non_finite=scaling),
+            model, lambda: compute_loss(model, batch, device, params, is_training=True,
+                                        allow_non_finite=scaling or skipping),
             optimizer, scaler, grad_clip=clip, before_step=lambda: scheduler.step_batch(params.batch_idx_train),
+            skip_non_finite=skipping,
         )
     except NonFiniteLossError:
         raise
@@ -270,9 +302,13 @@ def train_one_epoch(
     world_size: int = 1,
     progress: Optional[Progress] = None,
     save_batch_checkpoint: Optional[Callable[[], None]] = None,
+    stop: Optional[StopOnSignal] = None,
 ) -> None:
     """Train over ``train_iter`` (the rest of the epoch when resuming). Updates ``params``:
-    ``batch_idx_train`` (global), ``cur_batch_idx`` (within the epoch), ``train_loss``, best losses."""
+    ``batch_idx_train`` (global), ``cur_batch_idx`` (within the epoch), ``train_loss``, best losses.
+
+    ``stop``: after each batch, when a rank has received a stop signal, every rank writes
+    ``checkpoint-<batch>.pt`` (``save_batch_checkpoint``) and :class:`Preempted` is raised."""
     model.train()
     tot = MetricsTracker()
     decay = 1.0 - 1.0 / params.reset_interval
@@ -289,6 +325,10 @@ def train_one_epoch(
             set_batch_count(params.batch_idx_train)
 
         info = train_step(params, model, batch, optimizer, scheduler, scaler, device)
+        if "skipped" in info and not (scaler is not None and scaler.is_enabled()):
+            _count_bad_batch(params, model, batch, rank, tb_writer)
+        else:
+            params.bad_batches_in_row = 0
         tot = tot.scaled(decay) + info
         params.epoch_loss_sum += info.get("loss", 0.0)  # (a step the grad scaler skipped has none)
         params.epoch_tokens += info.get("tokens", 0.0)
@@ -321,8 +361,20 @@ def train_one_epoch(
         if valid_dl is not None and params.valid_interval > 0 and params.batch_idx_train % params.valid_interval == 0:
             run_validation(params, model, valid_dl, device, tb_writer)
 
+        saved_here = False
         if save_batch_checkpoint is not None and params.save_every_n > 0 and params.batch_idx_train % params.save_every_n == 0:
             save_batch_checkpoint()
+            saved_here = True
+
+        if stop is not None:
+            signum = stop_agreed(stop.signum, device)
+            if signum:
+                path = Path(params.exp_dir) / f"checkpoint-{params.batch_idx_train}.pt"
+                if save_batch_checkpoint is not None and not saved_here:
+                    save_batch_checkpoint()
+                logging.info("stop signal %d: stopped after global batch %d (epoch %d, batch %d), saved %s",
+                             signum, params.batch_idx_train, params.cur_epoch, batch_idx, path)
+                raise Preempted(path if save_batch_checkpoint is not None else None, signum)
 
     if params.cur_batch_idx == 0:
         raise EmptyEpochError(
@@ -336,6 +388,24 @@ def train_one_epoch(
     if params.train_loss < params.best_train_loss:
         params.best_train_loss = params.train_loss
         params.best_train_epoch = params.cur_epoch
+
+
+def _count_bad_batch(params, model, batch, rank: int, tb_writer) -> None:
+    """A skipped non-finite batch: count it; ``--max-bad-batches`` in a row stop the run."""
+    params.bad_batches_in_row = params.get("bad_batches_in_row", 0) + 1
+    params.bad_batches = params.get("bad_batches", 0) + 1
+    logging.warning("skipped non-finite batch at global batch %d (%d in a row, %d in all); cut ids: %s",
+                    params.batch_idx_train, params.bad_batches_in_row, params.bad_batches,
+                    ", ".join(map(str, batch_cut_ids(batch))))
+    if tb_writer is not None:
+        tb_writer.add_scalar("train/skipped_batches", params.bad_batches, params.batch_idx_train)
+    if params.bad_batches_in_row >= params.get("max_bad_batches", 1):
+        out = save_bad_batch_dir(batch, model, params.exp_dir, params.batch_idx_train, rank)
+        raise TooManyBadBatchesError(
+            f"{params.bad_batches_in_row} batches in a row with a non-finite loss or gradients (--max-bad-batches "
+            f"{params.max_bad_batches}), the last at global batch {params.batch_idx_train}, cut ids "
+            f"{', '.join(map(str, batch_cut_ids(batch)))}: batch and model saved in {out}/ (try a smaller --base-lr, "
+            "--use-bf16 instead of fp16, or --inf-check true)")
 
 
 def write_train_record(metrics, params, info: MetricsTracker, tot: MetricsTracker, lr: float,
