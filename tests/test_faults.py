@@ -265,3 +265,53 @@ def test_dist_backend_choice():
     assert backend("auto") == ("nccl" if torch.cuda.is_available() else "gloo")
     with pytest.raises(ValueError, match="--dist-backend"):
         backend("mpi")
+
+
+@pytest.mark.timeout(900)
+def test_sigterm_to_a_two_rank_run_stops_both_at_one_batch_and_auto_resume_is_exact(env, tmp_path):
+    """The signal reaches the spawning process only (as Kubernetes sends it); both ranks stop after
+    the same batch, one checkpoint holds both ranks' state, and the requeued command continues."""
+    import re
+    import subprocess
+    import sys
+
+    from tests.test_training import base_argv
+    from tests.test_training_dist import REPO, rank_logs, run
+    from llmasr.training.faults import PREEMPTED_EXIT_STATUS
+
+    opts = {**COMMON, "num_epochs": 3, "log_interval": 1}
+    a = tmp_path / "uninterrupted"
+    run([sys.executable, "src/train.py", *base_argv(env, a, world_size=2, master_port=free_port(), **opts)])
+    ref = load(a / "epoch-3.pt")
+    assert ref["batch_idx_train"] == 27  # 9 batches per rank and epoch
+
+    b = tmp_path / "preempted"
+    cmd = [sys.executable, "src/train.py",
+           *base_argv(env, b, world_size=2, master_port=free_port(), auto_resume="true", **opts)]
+    envs = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        envs.pop(k, None)
+    p = subprocess.Popen(cmd, cwd=REPO, env=envs, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and p.poll() is None:  # mid-epoch 1, once rank 0 has logged batch 3
+        if any(re.search(r"Epoch 1, batch 3 \(global", t) for t in rank_logs(b).values()) if (b / "log").is_dir() else False:
+            break
+        time.sleep(0.05)
+    assert p.poll() is None, "the run ended before the signal could be sent"
+    t0 = time.time()
+    p.send_signal(signal.SIGTERM)
+    out, _ = p.communicate(timeout=120)
+    assert time.time() - t0 < 60
+    assert p.returncode == PREEMPTED_EXIT_STATUS, out[-4000:]
+    (ckpt,) = b.glob("checkpoint-*.pt")
+    stopped = load(ckpt)
+    assert ckpt.name == f"checkpoint-{stopped['batch_idx_train']}.pt" and 3 <= stopped["batch_idx_train"] < 27
+    assert [s["sampler"]["batches"] for s in stopped["rank_states"]] == [stopped["cur_batch_idx"]] * 2
+    for rank, text in rank_logs(b).items():  # both ranks stopped after the same batch
+        assert f"stopped after global batch {stopped['batch_idx_train']} " in text, rank
+
+    run(cmd)  # requeued as is
+    got = load(b / "epoch-3.pt")
+    assert got["batch_idx_train"] == ref["batch_idx_train"]
+    assert_same_tensors(ref["model"], got["model"], "2 ranks auto-resumed after SIGTERM")
+    assert_same_optimizer_state(ref["optimizer"], got["optimizer"])
