@@ -183,7 +183,10 @@ def step_on_batch(
     (scaler.scale(loss) if scaling else loss).backward()
     if skip_non_finite and not scaling and _not_finite_anywhere(loss, optimizer):
         optimizer.zero_grad(set_to_none=True)
-        info["skipped"] = 1.0
+        if isinstance(info, dict):  # a skipped step's loss stays out of the sums (as the scaler's)
+            for k in ("loss", "tokens", "correct", "aux_ctc_loss_sum", "aux_ctc_tokens"):
+                info.pop(k, None)
+            info["skipped"] = 1.0
         return loss, info
     if before_step is not None:
         before_step()
