@@ -53,7 +53,6 @@ def test_enospc_in_atomic_write_keeps_the_old_file_and_names_file_and_space(tmp_
 def test_enospc_in_a_training_checkpoint_keeps_older_checkpoints(env, tmp_path, monkeypatch, capsys):
     """checkpoint-3.pt and -6.pt written, the disk fills at -9: both stay byte-identical, none is
     pruned (--keep-last-k 1 prunes only after a successful write), one-line error."""
-    from llmasr import io
     from llmasr.config import run_cli
     from llmasr.recipes.train import main
 
@@ -82,7 +81,6 @@ def test_enospc_in_a_training_checkpoint_keeps_older_checkpoints(env, tmp_path, 
     assert (exp / "checkpoint-6.pt").read_bytes() == saved["6"]
     assert load(exp / "checkpoint-6.pt")["batch_idx_train"] == 6
     assert not list(exp.glob(".checkpoint-9*"))
-    del io
 
 
 # --------------------------------------------------------------------------- auto-resume discovery
@@ -108,7 +106,6 @@ def test_find_resume_point_takes_the_latest_in_training(tmp_path):
 
 @pytest.mark.timeout(900)
 def test_sigterm_mid_epoch_saves_and_auto_resume_is_exact(env, tmp_path, monkeypatch):
-    from llmasr.recipes import train as recipe
     from llmasr.training import faults, loop
 
     a = tmp_path / "uninterrupted"
@@ -146,7 +143,6 @@ def test_sigterm_mid_epoch_saves_and_auto_resume_is_exact(env, tmp_path, monkeyp
     assert_same_optimizer_state(ref["optimizer"], got["optimizer"])
     log = "".join(f.read_text() for f in sorted((b / "log").glob("log-train-*")))
     assert f"--auto-resume: resuming from {b / 'checkpoint-5.pt'} (--start-batch 5)" in log
-    del recipe
 
 
 # --------------------------------------------------------------------------- bad batches
