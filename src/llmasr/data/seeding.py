@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import random
-from typing import NamedTuple, Optional
+from typing import List, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -28,13 +28,23 @@ def batch_seed(seed: int, rank: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, rank, epoch, index]).generate_state(1)[0])
 
 
+def cuda_rng_devices() -> List[int]:
+    """The CUDA devices whose generators :func:`seeded` restores: every visible one once this process
+    has initialised CUDA, since lhotse's fix_random_seed reseeds them all and the training process's
+    dropout on the GPU draws from them. None before: saving a state would initialise CUDA, which a
+    forked DataLoader worker cannot and a spawned one need not do (its CUDA generators are unused)."""
+    if not torch.cuda.is_initialized():
+        return []
+    return list(range(torch.cuda.device_count()))
+
+
 @contextlib.contextmanager
 def seeded(seed: int, rng: Optional[random.Random]):
-    """python/numpy/torch's global RNGs (and ``rng``) seeded with ``seed``; the global ones are
-    restored afterwards: with --num-workers 0 the batch is made in the training process, whose
-    own random stream (dropout) must not depend on the data loading."""
+    """python/numpy/torch's global RNGs (and ``rng``) seeded with ``seed``; the global ones (CPU and
+    CUDA) are restored afterwards: with --num-workers 0 the batch is made in the training process,
+    whose own random stream (dropout) must not depend on the data loading."""
     python_state, numpy_state = random.getstate(), np.random.get_state()
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=cuda_rng_devices(), device_type="cuda"):
         fix_random_seed(seed)
         if rng is not None:
             rng.seed(seed)
