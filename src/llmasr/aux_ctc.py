@@ -65,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from llmasr.data.datamodule import speech_inputs
+from llmasr.data.dataset import speech_inputs
 from llmasr.prompt import get_prompt_format, transcript_ids
 
 MODES = ("distance", "cosine", "dot")

@@ -22,7 +22,7 @@ from typing import Any, Callable, Dict, Iterable, Optional
 import torch
 import torch.nn as nn
 
-from llmasr.data.datamodule import speech_inputs
+from llmasr.data.dataset import speech_inputs
 from llmasr.io import atomic_torch_save, unwrap_model
 from llmasr.layers import autocast_to
 from llmasr.training.logs import MetricsTracker, Progress, Throughput
