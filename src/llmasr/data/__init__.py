@@ -9,8 +9,8 @@ import importlib
 
 _EXPORTS = {
     "AsrDataModule": "datamodule",
-    "AsrDataset": "datamodule",
-    "CutFilter": "datamodule",
+    "AsrDataset": "dataset",
+    "CutFilter": "filters",
     "mux": "datamodule",
 }
 __all__ = sorted(_EXPORTS)

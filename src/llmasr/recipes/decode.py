@@ -31,7 +31,7 @@ def decode_dataset(
     ``(cut_id, ref, hyp)``; logs progress, speed and ETA every ``log_interval`` seconds (ETA needs
     ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf features, see
     llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason)."""
-    from llmasr.data.datamodule import speech_inputs
+    from llmasr.data.dataset import speech_inputs
 
     device = next(model.parameters()).device
     start = last = time.time()

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from llmasr.data.datamodule import speech_inputs
+from llmasr.data.dataset import speech_inputs
 from llmasr.io import atomic_torch_save, unwrap_model
 from llmasr.layers import autocast_to
 from llmasr.training.faults import Preempted, StopOnSignal, TooManyBadBatchesError, save_bad_batch_dir, stop_agreed
