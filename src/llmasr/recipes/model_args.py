@@ -14,9 +14,13 @@ from llmasr.prompt import available_prompt_formats
 
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> None:
-    """SpeechLLM's model flags (plus LoRA/prompt/LLM loading options). With ``mose`` the encoder
-    flags take comma-separated lists (one entry per encoder, any number of encoders)."""
+def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False, recipe=None) -> None:
+    """SpeechLLM's model flags (plus LoRA/prompt/LLM loading options). For a multi-encoder recipe
+    (MoSE; ``mose`` is the older keyword for it) the encoder flags take comma-separated lists (one
+    entry per encoder, any number of encoders)."""
+    from llmasr.recipes.recipe import recipe_of
+
+    multi_encoder = recipe_of(None, recipe, mose).multi_encoder
     g = parser.add_argument_group("model")
     g.add_argument("--llm-path", type=str, default="models/qwen2-1.5b-instruct",
                    help="Local directory of the Hugging Face causal LM (weights + tokenizer).")
@@ -26,7 +30,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                    help="LLM dtype: auto (float16 on CUDA like SpeechLLM, float32 on CPU), float32, float16, bfloat16.")
     g.add_argument("--attn-implementation", type=str, default=None,
                    help="eager, sdpa or flash_attention_2 (default: flash_attention_2 if installed on CUDA, else sdpa).")
-    if mose:
+    if multi_encoder:
         g.add_argument("--speech-encoder-type", type=str, default="large,large,large,large",
                        help="Types of the speech encoders, comma-separated.")
         g.add_argument("--speech-encoder-path", type=str,
@@ -44,7 +48,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> 
                        help="Checkpoint of the speech encoder.")
         g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
                        help="Accepted for compatibility with SpeechLLM; unused.")
-    if mose:
+    if multi_encoder:
         g.add_argument("--encoder-projector-ds-rate", type=_rates, default=4,
                        help="Number of encoder frames concatenated into one LLM input position: one for every "
                        "encoder, or one per encoder, comma-separated (encoders of different frame rates, e.g. "
@@ -100,19 +104,23 @@ def split_list(value: Optional[str]) -> List[str]:
     return [] if value is None else [v.strip() for v in str(value).split(",") if v.strip()]
 
 
-def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=None, encoder_options=None) -> SpeechLLM:
+def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=None, encoder_options=None,
+                          recipe=None):
+    """The model of the recipe of ``args`` (:func:`llmasr.recipes.recipe.recipe_of`: ``recipe``, MoSE
+    for ``mose``, else ``args.model_type``) built from its flags."""
+    from llmasr.recipes.recipe import recipe_of
+
+    return recipe_of(args, recipe, mose).build_model(args, dtype=dtype, encoder_options=encoder_options)
+
+
+def build_speechllm(args: argparse.Namespace, multi_encoder: bool, dtype=None, encoder_options=None) -> SpeechLLM:
     """Build encoders (llmasr.encoders registry), LLM (+LoRA) and projectors from parsed flags.
 
     The LLM dtype is ``dtype`` if given, else ``--llm-dtype``. Encoders and projectors stay float32
     (their outputs are cast to the LLM dtype when spliced).
-    ``args.model_type == "aed"`` (the parsers of src/train_aed.py, src/decode_aed.py) builds FireRedASR-AED instead.
     """
     from llmasr.encoders import build_speech_encoder
 
-    if getattr(args, "model_type", "speechllm") == "aed":
-        from llmasr.firered.aed_recipe import build_aed_model
-
-        return build_aed_model(args)
     types = split_list(args.speech_encoder_type)
     paths = split_list(args.speech_encoder_path)
     if not types:
@@ -122,7 +130,7 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
             f"--speech-encoder-type lists {len(types)} encoders ({types}) but --speech-encoder-path has "
             f"{len(paths)} ({paths})"
         )
-    if not mose and len(types) != 1:
+    if not multi_encoder and len(types) != 1:
         raise ValueError(f"{len(types)} speech encoders given; use the MoSE scripts for more than one")
     rates = args.encoder_projector_ds_rate
     if isinstance(rates, list) and len(rates) != len(types):
@@ -153,7 +161,7 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         projector_dropout=getattr(args, "projector_dropout", 0.1),
         unfreeze_encoder=getattr(args, "unfreeze_encoder", False),
         use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
-        mose=mose,
+        mose=multi_encoder,
         compat_reference_padding=getattr(args, "compat_reference_padding", False),
         ctc_compress_frames=getattr(args, "ctc_compress_frames", "none"),
     )
@@ -167,4 +175,4 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
     return model
 
 
-__all__ = ["add_model_arguments", "build_model_from_args", "split_list"]
+__all__ = ["add_model_arguments", "build_model_from_args", "build_speechllm", "split_list"]
