@@ -12,10 +12,10 @@ from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tupl
 
 import torch
 
-from llmasr.aux_ctc import MODES as AUX_CTC_MODES
 from llmasr.config import UserError, format_duration
 from llmasr.recipes.inference import checkpoint_tag as _checkpoint_tag
 from llmasr.recipes.recipe import recipe_of
+from llmasr.recipes.speechllm import add_decoding_arguments  # noqa: F401 (its home before the recipes)
 
 
 def decode_dataset(
@@ -73,46 +73,10 @@ def decode_dataset(
     )
 
 
-def add_decoding_arguments(parser) -> None:
-    g = parser.add_argument_group("decoding")
-    g.add_argument("--beam-size", type=int, default=1, help="1 = greedy search; > 1 = beam search.")
-    g.add_argument("--max-new-tokens", type=int, default=200, help="Upper bound on generated tokens.")
-    g.add_argument("--max-new-tokens-per-speech-token", type=float, default=None,
-                   help="Optional per-utterance cap: ceil(value * number of speech positions).")
-    g.add_argument("--repetition-guard", type=int, default=0,
-                   help="Stop an utterance when a pattern of <= 8 tokens repeats this many times (0 = off).")
-    g.add_argument("--length-penalty", type=float, default=1.0, help="Beam search length penalty.")
-    g.add_argument("--repetition-penalty", type=float, default=1.0,
-                   help="Hugging Face repetition penalty over the generated tokens (1.0 = off; FireRedASR-LLM uses 3.0).")
-    g.add_argument("--ctc-weight", type=float, default=0.0,
-                   help="Joint decoding with the projector's aux CTC (llmasr/ctc_prefix.py): each next token scores "
-                   "(1-w) log P_llm + w (CTC prefix score gain). For models trained with --aux-ctc-* (0 = off).")
-    g.add_argument("--ctc-mode", type=str, default=None, choices=AUX_CTC_MODES,
-                   help="The aux CTC's mode for --ctc-weight (default: the --ctc-compress-frames mode). "
-                   "The blank is the prompt format's pad token, the aux CTC's default --aux-ctc-blank.")
-    g.add_argument("--decode-dtype", type=str, default=None, choices=["float32", "bfloat16", "float16"],
-                   help="Decode the LLM in this dtype and run the encoders under autocast to it (SpeechLLM."
-                   "set_decode_dtype; bfloat16 on CPUs with AVX512-BF16/AMX, float16/bfloat16 on CUDA). "
-                   "Default: the --llm-dtype LLM with fp32 encoders (all fp32 on CPU: the golden results).")
-
-
 def generation_options_from_args(args) -> Dict[str, Any]:
     """Keyword arguments for the model's ``decode`` / :func:`decode_dataset` from parsed flags (the
     recipe's decoding options)."""
     return recipe_of(args).decoding_options(args)
-
-
-def speechllm_decoding_options(args) -> Dict[str, Any]:
-    """Keyword arguments for ``SpeechLLM.decode`` from the flags of :func:`add_decoding_arguments`."""
-    return dict(
-        beam_size=args.beam_size,
-        max_new_tokens=args.max_new_tokens,
-        max_new_tokens_per_speech_token=args.max_new_tokens_per_speech_token,
-        repetition_guard=args.repetition_guard,
-        length_penalty=args.length_penalty,
-        repetition_penalty=getattr(args, "repetition_penalty", 1.0),
-        **({"ctc_weight": args.ctc_weight, "ctc_mode": args.ctc_mode} if getattr(args, "ctc_weight", 0.0) else {}),
-    )
 
 
 def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, recipe=None):
@@ -151,24 +115,6 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
 def _options_tag(args) -> str:
     dtype_tag = f"-{args.decode_dtype}" if getattr(args, "decode_dtype", None) not in (None, "float32") else ""
     return recipe_of(args).decoding_options_tag(args) + dtype_tag
-
-
-def speechllm_options_tag(args) -> str:
-    """``beam1`` plus every SpeechLLM decoding option that differs from its default."""
-    tag = f"beam{args.beam_size}"
-    if args.max_new_tokens != 200:
-        tag += f"-maxnew{args.max_new_tokens}"
-    if args.max_new_tokens_per_speech_token is not None:
-        tag += f"-perspeech{args.max_new_tokens_per_speech_token:g}"
-    if args.repetition_guard:
-        tag += f"-repguard{args.repetition_guard}"
-    if args.length_penalty != 1.0:
-        tag += f"-lp{args.length_penalty:g}"
-    if getattr(args, "repetition_penalty", 1.0) != 1.0:
-        tag += f"-rp{args.repetition_penalty:g}"
-    if getattr(args, "ctc_weight", 0.0):
-        tag += f"-ctc{args.ctc_weight:g}"
-    return tag
 
 
 def _test_set_name(args, name: str) -> str:

@@ -40,7 +40,7 @@ class Recipe:
 
     def encoder_types(self, args) -> List[str]:
         """The --speech-encoder-type list (empty for a model without the SpeechLLM encoder flags)."""
-        from llmasr.recipes.model_args import split_list
+        from llmasr.recipes.speechllm import split_list
 
         return split_list(getattr(args, "speech_encoder_type", None)) if self.has_llm else []
 
@@ -52,7 +52,7 @@ def _speechllm_train_arguments(multi_encoder: bool) -> Callable[[argparse.Argume
     def add(parser: argparse.ArgumentParser) -> None:
         from llmasr.aux_ctc import add_aux_ctc_arguments
         from llmasr.data import AsrDataModule
-        from llmasr.recipes.model_args import add_model_arguments
+        from llmasr.recipes.speechllm import add_model_arguments
 
         add_model_arguments(parser, mose=multi_encoder)
         add_aux_ctc_arguments(parser)
@@ -63,8 +63,8 @@ def _speechllm_train_arguments(multi_encoder: bool) -> Callable[[argparse.Argume
 def _speechllm_decode_arguments(multi_encoder: bool) -> Callable[[argparse.ArgumentParser], None]:
     def add(parser: argparse.ArgumentParser) -> None:
         from llmasr.data import AsrDataModule
-        from llmasr.recipes.decode import add_decoding_arguments
-        from llmasr.recipes.model_args import add_model_arguments
+        from llmasr.recipes.speechllm import add_decoding_arguments
+        from llmasr.recipes.speechllm import add_model_arguments
 
         add_model_arguments(parser, mose=multi_encoder)
         add_decoding_arguments(parser)
@@ -74,7 +74,7 @@ def _speechllm_decode_arguments(multi_encoder: bool) -> Callable[[argparse.Argum
 
 def _speechllm_builder(multi_encoder: bool) -> Callable[..., Any]:
     def build(args, dtype=None, encoder_options=None):
-        from llmasr.recipes.model_args import build_speechllm
+        from llmasr.recipes.speechllm import build_speechllm
 
         return build_speechllm(args, multi_encoder, dtype=dtype, encoder_options=encoder_options)
     return build
@@ -82,7 +82,7 @@ def _speechllm_builder(multi_encoder: bool) -> Callable[..., Any]:
 
 def _check_speechllm_inputs(args) -> None:
     from llmasr.llm import check_llm_dir
-    from llmasr.recipes.model_args import split_list
+    from llmasr.recipes.speechllm import split_list
 
     check_llm_dir(args.llm_path, getattr(args, "llm_gguf_file", None))
     for p in split_list(getattr(args, "speech_encoder_path", None)):
@@ -91,13 +91,13 @@ def _check_speechllm_inputs(args) -> None:
 
 
 def _speechllm_decoding_options(args) -> Dict[str, Any]:
-    from llmasr.recipes.decode import speechllm_decoding_options
+    from llmasr.recipes.speechllm import speechllm_decoding_options
 
     return speechllm_decoding_options(args)
 
 
 def _speechllm_options_tag(args) -> str:
-    from llmasr.recipes.decode import speechllm_options_tag
+    from llmasr.recipes.speechllm import speechllm_options_tag
 
     return speechllm_options_tag(args)
 
