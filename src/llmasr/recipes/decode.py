@@ -84,6 +84,9 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
     the one called ``model_type``, or MoSE for ``mose``; default SpeechLLM)."""
     import argparse
 
+    from llmasr.config import hide_from_help
+    from llmasr.recipes.recipe import DECODE_KNOBS
+
     recipe = recipe_of(None, recipe or model_type, mose)
     parser = argparse.ArgumentParser(formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--exp-dir", type=str, default=recipe.decode_exp_dir, help="The experiment dir.")
@@ -109,6 +112,7 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
     parser.add_argument("--log-level", type=str, default="info")
     recipe.add_decode_arguments(parser)
     parser.set_defaults(model_type=recipe.name)
+    hide_from_help(parser, DECODE_KNOBS)
     return parser
 
 

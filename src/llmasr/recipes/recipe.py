@@ -160,6 +160,32 @@ def _aed_options_tag(args) -> str:
     return decoding_options_tag(args)
 
 
+# --------------------------------------------------------------------------- --help
+
+# Recipe knobs: set by the recipe configs (local/conf/*.yaml) or left at their defaults, not on the
+# command line. ``--help`` leaves them out, ``--help-all`` shows them; they are accepted as ever.
+# One list for every recipe (a parser ignores the flags it lacks).
+MODEL_KNOBS = (
+    "--llm-gguf-file", "--attn-implementation", "--speech-encoder-bpe-path", "--projector-activation",
+    "--projector-dropout", "--lora-alpha", "--lora-dropout", "--use-prompt-embedding", "--compat-reference-padding",
+    "--ctc-compress-frames", "--resize-vocab", "--init-from-firered",
+)
+DATA_KNOBS = (
+    "--sampler-buffer-size", "--quadratic-duration", "--test-num-buckets", "--strict-max-duration",
+    "--shuffle-shards", "--drop-last", "--spec-aug-time-warp-factor", "--firered-cmvn",
+)
+TRAIN_KNOBS = MODEL_KNOBS + DATA_KNOBS + (
+    "--master-port", "--find-unused-parameters", "--encoder-cache-max-gb", "--inf-check", "--reset-interval",
+    "--projector-lr-scale",
+    "--aux-ctc-temperature", "--aux-ctc-blank", "--aux-ctc-negatives", "--aux-ctc-norm-weight",
+    "--projector-warmup-lr", "--projector-warmup-lr-schedule", "--projector-warmup-max-seconds",
+    "--projector-warmup-cuts",
+)
+DECODE_KNOBS = MODEL_KNOBS + DATA_KNOBS + (
+    "--max-new-tokens-per-speech-token", "--ctc-mode", "--num-threads",
+)
+
+
 # --------------------------------------------------------------------------- registry
 
 SPEECHLLM = _speechllm_recipe(
@@ -197,4 +223,4 @@ def recipe_of(args, recipe: Union[str, Recipe, None] = None, mose: Optional[bool
     return get_recipe(recipe)
 
 
-__all__ = ["AED", "MOSE", "RECIPES", "Recipe", "SPEECHLLM", "get_recipe", "recipe_of"]
+__all__ = ["AED", "DECODE_KNOBS", "TRAIN_KNOBS", "MOSE", "RECIPES", "Recipe", "SPEECHLLM", "get_recipe", "recipe_of"]

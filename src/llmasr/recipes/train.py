@@ -64,19 +64,24 @@ def _optional_bool(v):
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared training flags, by topic (icefall's names). A "fault tolerance" group of its own
+    belongs after these."""
     g = parser.add_argument_group("training")
-    g.add_argument("--world-size", type=int, default=1,
+    c = parser.add_argument_group("checkpointing")
+    d = parser.add_argument_group("distributed")
+    l = parser.add_argument_group("logging")  # noqa: E741
+    d.add_argument("--world-size", type=int, default=1,
                    help="Number of processes (GPUs) for DDP; ignored under torchrun/deepspeed launchers.")
-    g.add_argument("--master-port", type=int, default=12354, help="Master port for DDP rendezvous.")
-    g.add_argument("--tensorboard", type=_str2bool, default=True, help="Write tensorboard logs (rank 0).")
+    d.add_argument("--master-port", type=int, default=12354, help="Master port for DDP rendezvous.")
+    l.add_argument("--tensorboard", type=_str2bool, default=True, help="Write tensorboard logs (rank 0).")
     g.add_argument("--num-epochs", type=int, default=10, help="Train up to and including this epoch.")
     g.add_argument("--start-epoch", type=int, default=1,
                    help="Resume from exp-dir/epoch-(start_epoch-1).pt when > 1.")
     g.add_argument("--start-batch", type=int, default=0,
                    help="Resume from exp-dir/checkpoint-<start_batch>.pt (overrides --start-epoch).")
-    g.add_argument("--exp-dir", type=Path, default=Path("exp/speechllm"),
+    c.add_argument("--exp-dir", type=Path, default=Path("exp/speechllm"),
                    help="Experiment directory: checkpoints, log/, tensorboard/.")
-    g.add_argument("--pretrained-model-path", type=str, default=None,
+    c.add_argument("--pretrained-model-path", type=str, default=None,
                    help="Initialise the trainable weights from this checkpoint (e.g. epoch-4-avg-3.pt); "
                    "optimizer state is not loaded.")
     g.add_argument("--base-lr", type=float, default=0.01, help="Base learning rate (ScaledAdam: 0.01).")
@@ -106,30 +111,31 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    "steps/epochs (small corpora: the demo; needs fixed features - no SpecAugment or MUSAN).")
     g.add_argument("--encoder-cache-max-gb", type=float, default=4.0,
                    help="Memory limit of --cache-encoder-outputs per process (cuts beyond it are re-encoded).")
-    g.add_argument("--inf-check", type=_str2bool, default=False,
+    l.add_argument("--inf-check", type=_str2bool, default=False,
                    help="Hooks that log modules producing non-finite outputs/gradients (slow).")
-    g.add_argument("--save-every-n", type=int, default=4000,
+    c.add_argument("--save-every-n", type=int, default=4000,
                    help="Save exp-dir/checkpoint-<global batch>.pt every this many batches (0: never).")
-    g.add_argument("--keep-last-k", type=int, default=30, help="Keep only the newest k checkpoint-*.pt.")
-    g.add_argument("--valid-interval", type=int, default=5000,
+    c.add_argument("--keep-last-k", type=int, default=30, help="Keep only the newest k checkpoint-*.pt.")
+    l.add_argument("--valid-interval", type=int, default=5000,
                    help="Compute the validation loss every this many batches (and after every epoch).")
-    g.add_argument("--log-interval", type=int, default=50, help="Log training stats every this many batches.")
-    g.add_argument("--reset-interval", type=int, default=200,
+    l.add_argument("--log-interval", type=int, default=50, help="Log training stats every this many batches.")
+    l.add_argument("--reset-interval", type=int, default=200,
                    help="Time constant (batches) of the running training loss in the log.")
-    g.add_argument("--find-unused-parameters", type=_str2bool, default=False,
+    d.add_argument("--find-unused-parameters", type=_str2bool, default=False,
                    help="DDP find_unused_parameters (only needed for custom models with unused trainable parameters).")
-    g.add_argument("--deepspeed", type=_optional_bool, nargs="?", const=True, default=False,
+    d.add_argument("--deepspeed", type=_optional_bool, nargs="?", const=True, default=False,
                    help="Train with DeepSpeed (launch with torchrun or deepspeed).")
-    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", type=str, default=None,
+    d.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", type=str, default=None,
                    help="DeepSpeed JSON config, e.g. local/conf/ds_zero2.json.")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+    d.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is used
 
 
 def get_parser(mose: bool = False, model_type: Optional[str] = None, recipe=None) -> argparse.ArgumentParser:
     """The training parser of a recipe (:func:`llmasr.recipes.recipe.recipe_of`: ``recipe``, or the
     one called ``model_type``, or MoSE for ``mose``; default SpeechLLM)."""
-    from llmasr.recipes.recipe import recipe_of
+    from llmasr.config import hide_from_help
+    from llmasr.recipes.recipe import TRAIN_KNOBS, recipe_of
 
     recipe = recipe_of(None, recipe or model_type, mose)
     parser = argparse.ArgumentParser(description=recipe.train_description,
@@ -137,6 +143,7 @@ def get_parser(mose: bool = False, model_type: Optional[str] = None, recipe=None
     add_training_arguments(parser)
     recipe.add_train_arguments(parser)
     parser.set_defaults(model_type=recipe.name)
+    hide_from_help(parser, TRAIN_KNOBS)
     return parser
 
 
