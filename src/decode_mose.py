@@ -16,7 +16,7 @@ from llmasr.recipes.decode import main as decode
 
 def main(argv=None):
     """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
-    return run_cli(lambda args: decode(args, mose=True), argv)
+    return run_cli(lambda args: decode(args, model_type="mose"), argv)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from llmasr.recipes.train import main as train
 
 def main(argv=None):
     """A bad input is one line on stderr and exit status 1 (--debug: the traceback)."""
-    return run_cli(lambda args: train(mose=True, argv=args), argv)
+    return run_cli(lambda args: train(model_type="mose", argv=args), argv)
 
 
 if __name__ == "__main__":

@@ -295,7 +295,34 @@ def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
                  "pretrained values (frozen encoder / LLM)")
 
 
+# ---------------------------------------------------------------------- inference
+
+
+def inference_device(name: str = "auto") -> torch.device:
+    """``--device``: auto (CUDA when available, else CPU), cpu, cuda, cuda:N."""
+    if name in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def prepare_for_inference(model: nn.Module, device: torch.device, decode_dtype: Optional[str] = None,
+                          merge_lora: bool = True) -> nn.Module:
+    """The loaded model on ``device`` in eval mode, its LoRA merged into the LLM weights (models with
+    an LLM; generation is then as fast as without LoRA), decoding in ``decode_dtype`` (the model's
+    ``set_decode_dtype``; None: as loaded)."""
+    model.to(device)
+    model.eval()
+    if merge_lora:
+        model.merge_lora_for_inference()
+    if decode_dtype:
+        model.set_decode_dtype(getattr(torch, decode_dtype))
+        logging.info(f"decode dtype {decode_dtype}")
+    return model
+
+
 __all__ = [
+    "inference_device",
+    "prepare_for_inference",
     "save_checkpoint",
     "load_checkpoint",
     "average_checkpoints",

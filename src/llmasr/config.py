@@ -141,6 +141,38 @@ def load_config_section(path: Path, section: str, required: bool = True) -> Dict
     return values
 
 
+class _HelpAllAction(argparse.Action):
+    """``--help-all``: the help with the flags ``--help`` leaves out, then exit."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None, hidden=()):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+        self.hidden = hidden
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        for action, text in self.hidden:
+            action.help = text
+        parser.print_help()
+        parser.exit()
+
+
+def hide_from_help(parser: argparse.ArgumentParser, flags: Sequence[str]) -> List[str]:
+    """Leave ``flags`` (recipe knobs a user never changes on the command line; still accepted) out
+    of ``--help`` and add ``--help-all``, which shows every flag. Flags this parser lacks are
+    ignored: one list serves the parsers of every recipe. Returns the flags hidden."""
+    actions = _option_table(parser)
+    hidden, names = [], []
+    for flag in flags:
+        action = actions.get(flag)
+        if action is None or action.help == argparse.SUPPRESS:
+            continue
+        hidden.append((action, action.help))
+        names.append(flag)
+        action.help = argparse.SUPPRESS
+    parser.add_argument("--help-all", action=_HelpAllAction, hidden=hidden,
+                        help=f"Show the help with every flag ({len(names)} recipe knobs are left out here).")
+    return names
+
+
 def _option_table(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
     # argparse has no public accessor for its option table.
     return {opt: action for action in parser._actions for opt in action.option_strings}

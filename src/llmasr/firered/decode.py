@@ -114,21 +114,23 @@ def read_text(path: str) -> Dict[str, str]:
 class Recognizer:
     def __init__(self, asr_type: str, model_dir: str, device: str = "cpu", dtype: Optional[str] = None,
                  compat_reference_padding: bool = False):
+        from llmasr.checkpoint import inference_device, prepare_for_inference
+
         self.asr_type = asr_type
-        self.device = torch.device(device)
+        self.device = inference_device(device)
         if asr_type == "aed":
             from .load import load_aed_dir
 
             self.features, self.model, self.tokenizer = load_aed_dir(model_dir)
-            if dtype is not None:  # matmul weights cast once, the rest fp32 under autocast
-                self.model.set_decode_dtype(getattr(torch, dtype))
+            # matmul weights cast once, the rest fp32 under autocast
+            prepare_for_inference(self.model, self.device, dtype, merge_lora=False)
         else:
             from .llm import load_firered_llm
 
+            # (the LLM is loaded in ``dtype`` itself)
             self.features, self.model = load_firered_llm(model_dir, dtype=dtype,
                                                          compat_reference_padding=compat_reference_padding)
-            self.model.merge_lora_for_inference()
-        self.model.to(self.device)
+            prepare_for_inference(self.model, self.device, merge_lora=True)
 
     @torch.inference_mode()
     def transcribe(self, wavs: Sequence[str], args) -> List[str]:

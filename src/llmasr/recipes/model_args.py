@@ -1,170 +1,18 @@
-"""Model flags shared by the training and decoding recipes, and building a :class:`SpeechLLM` from them."""
+"""Model flags shared by the training and decoding recipes, and building the model of a recipe from them."""
 from __future__ import annotations
 
 import argparse
-import logging
-from typing import List, Optional, Union
 
-from llmasr.aux_ctc import MODES as AUX_CTC_MODES
-from llmasr.config import str2bool
-from llmasr.llm import LORA_TARGETS, load_llm
-from llmasr.model import SpeechLLM
-from llmasr.projector import ACTIVATIONS
-from llmasr.prompt import available_prompt_formats
+from llmasr.recipes.speechllm import add_model_arguments, build_speechllm, split_list
 
 
+def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=None, encoder_options=None,
+                          recipe=None):
+    """The model of the recipe of ``args`` (:func:`llmasr.recipes.recipe.recipe_of`: ``recipe``, MoSE
+    for ``mose``, else ``args.model_type``) built from its flags."""
+    from llmasr.recipes.recipe import recipe_of
 
-def add_model_arguments(parser: argparse.ArgumentParser, mose: bool = False) -> None:
-    """SpeechLLM's model flags (plus LoRA/prompt/LLM loading options). With ``mose`` the encoder
-    flags take comma-separated lists (one entry per encoder, any number of encoders)."""
-    g = parser.add_argument_group("model")
-    g.add_argument("--llm-path", type=str, default="models/qwen2-1.5b-instruct",
-                   help="Local directory of the Hugging Face causal LM (weights + tokenizer).")
-    g.add_argument("--llm-gguf-file", type=str, default=None,
-                   help="Load the LLM (and tokenizer if the directory has none) from this GGUF file in --llm-path.")
-    g.add_argument("--llm-dtype", type=str, default="auto",
-                   help="LLM dtype: auto (float16 on CUDA like SpeechLLM, float32 on CPU), float32, float16, bfloat16.")
-    g.add_argument("--attn-implementation", type=str, default=None,
-                   help="eager, sdpa or flash_attention_2 (default: flash_attention_2 if installed on CUDA, else sdpa).")
-    if mose:
-        g.add_argument("--speech-encoder-type", type=str, default="large,large,large,large",
-                       help="Types of the speech encoders, comma-separated.")
-        g.add_argument("--speech-encoder-path", type=str,
-                       default="models/zipformer/librispeech/transducer_large/pretrained.pt,"
-                       "models/zipformer/librispeech/aed_crctc_large/pretrained.pt,"
-                       "models/zipformer/librispeech/crctc_large/pretrained.pt,"
-                       "models/zipformer/librispeech/transducer_crctc_large/pretrained.pt",
-                       help="Checkpoints of the speech encoders, comma-separated.")
-        g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
-                       help="Accepted for compatibility with SpeechLLM; unused.")
-    else:
-        g.add_argument("--speech-encoder-type", type=str, default="large", help="Type of the speech encoder.")
-        g.add_argument("--speech-encoder-path", type=str,
-                       default="models/zipformer/librispeech/transducer_crctc_large/pretrained.pt",
-                       help="Checkpoint of the speech encoder.")
-        g.add_argument("--speech-encoder-bpe-path", type=str, default=None,
-                       help="Accepted for compatibility with SpeechLLM; unused.")
-    if mose:
-        g.add_argument("--encoder-projector-ds-rate", type=_rates, default=4,
-                       help="Number of encoder frames concatenated into one LLM input position: one for every "
-                       "encoder, or one per encoder, comma-separated (encoders of different frame rates, e.g. "
-                       "Whisper 50 Hz next to Zipformer/FireRedASR 25 Hz).")
-    else:
-        g.add_argument("--encoder-projector-ds-rate", type=int, default=4,
-                       help="Number of encoder frames concatenated into one LLM input position.")
-    g.add_argument("--projector-activation", type=str, default="swooshr", choices=sorted(ACTIVATIONS),
-                   help="swooshr (SpeechLLM) or relu (FireRedASR-LLM, icefall whisper_llm_zh).")
-    g.add_argument("--projector-dropout", type=float, default=0.1,
-                   help="Dropout on the concatenated frames before the projector (training only).")
-    g.add_argument("--use-lora", type=str2bool, default=True, help="Fine-tune the LLM with LoRA.")
-    g.add_argument("--lora-r", type=int, default=64)
-    g.add_argument("--lora-alpha", type=int, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--unfreeze-llm", type=str2bool, default=True,
-                   help="Train the LLM (LoRA if --use-lora, else all weights); false freezes it (no LoRA).")
-    g.add_argument("--unfreeze-encoder", type=str2bool, default=False, help="Train the speech encoder(s).")
-    g.add_argument("--prompt-format", type=str, default="speechllm", help="One of: " + ", ".join(available_prompt_formats()))
-    g.add_argument("--use-prompt-embedding", type=str2bool, default=False,
-                   help="Really replace <start_speech>/<end_speech> (and text markers) by the trainable "
-                   "prompt_embedding rows. SpeechLLM's table has no effect; keep false for its checkpoints.")
-    g.add_argument("--compat-reference-padding", type=str2bool, default=False,
-                   help="Reproduce recipes whose results depend on the batch padding (icefall whisper_llm_zh: the "
-                   "Whisper encoder attends to the padding and every utterance gets all projected frames of the "
-                   "padded batch; see README). false: batch-independent results (padding never reaches the LLM).")
-    g.add_argument("--ctc-compress-frames", type=str, default="none", choices=("none",) + AUX_CTC_MODES,
-                   help="The LLM reads the projected frames CTC-compressed (blank frames dropped, each run of one "
-                   "token averaged; llmasr.aux_ctc.ctc_compress_frames): for a projector aligned by the aux CTC "
-                   "in this --aux-ctc-mode (blank: the pad token). none: every projected frame.")
-    g.add_argument("--resize-vocab", type=str2bool, default=False,
-                   help="Grow the LLM embedding when the speech tokens do not fit (new rows = mean row).")
-    g.add_argument("--init-from-firered", type=str, default=None, metavar="DIR",
-                   help="Start from a released FireRedASR-LLM directory: its model.pth.tar (encoder overrides, "
-                   "projector, LoRA) is loaded into the model. Use with --speech-encoder-type firered "
-                   "--speech-encoder-path DIR/asr_encoder.pth.tar --llm-path DIR/Qwen2-7B-Instruct "
-                   "--encoder-projector-ds-rate 2 --projector-activation relu --projector-dropout 0 "
-                   "--prompt-format firered.")
+    return recipe_of(args, recipe, mose).build_model(args, dtype=dtype, encoder_options=encoder_options)
 
 
-def _rates(value: str) -> Union[int, List[int]]:
-    """--encoder-projector-ds-rate of MoSE: one rate (an int) or one per encoder (a list)."""
-    try:
-        rates = [int(v) for v in split_list(value)]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {value!r}") from None
-    if not rates or min(rates) < 1:
-        raise argparse.ArgumentTypeError(f"expected positive integers, comma-separated, got {value!r}")
-    return rates[0] if len(rates) == 1 else rates
-
-
-def split_list(value: Optional[str]) -> List[str]:
-    return [] if value is None else [v.strip() for v in str(value).split(",") if v.strip()]
-
-
-def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=None, encoder_options=None) -> SpeechLLM:
-    """Build encoders (llmasr.encoders registry), LLM (+LoRA) and projectors from parsed flags.
-
-    The LLM dtype is ``dtype`` if given, else ``--llm-dtype``. Encoders and projectors stay float32
-    (their outputs are cast to the LLM dtype when spliced).
-    ``args.model_type == "aed"`` (the parsers of src/train_aed.py, src/decode_aed.py) builds FireRedASR-AED instead.
-    """
-    from llmasr.encoders import build_speech_encoder
-
-    if getattr(args, "model_type", "speechllm") == "aed":
-        from llmasr.firered.aed_recipe import build_aed_model
-
-        return build_aed_model(args)
-    types = split_list(args.speech_encoder_type)
-    paths = split_list(args.speech_encoder_path)
-    if not types:
-        raise ValueError("--speech-encoder-type is empty")
-    if len(paths) != len(types):
-        raise ValueError(
-            f"--speech-encoder-type lists {len(types)} encoders ({types}) but --speech-encoder-path has "
-            f"{len(paths)} ({paths})"
-        )
-    if not mose and len(types) != 1:
-        raise ValueError(f"{len(types)} speech encoders given; use the MoSE scripts for more than one")
-    rates = args.encoder_projector_ds_rate
-    if isinstance(rates, list) and len(rates) != len(types):
-        raise ValueError(f"--encoder-projector-ds-rate lists {len(rates)} rates {rates} for {len(types)} speech "
-                         f"encoders ({types}): give one rate, or one per encoder")
-    encoders = [build_speech_encoder(t, p, **(encoder_options or {})) for t, p in zip(types, paths)]
-    llm, tokenizer = load_llm(
-        args.llm_path,
-        dtype=dtype if dtype is not None else getattr(args, "llm_dtype", "auto"),
-        attn_implementation=getattr(args, "attn_implementation", None),
-        use_lora=args.use_lora,
-        lora_r=getattr(args, "lora_r", 64),
-        lora_alpha=getattr(args, "lora_alpha", 16),
-        lora_dropout=getattr(args, "lora_dropout", 0.05),
-        lora_targets=LORA_TARGETS,
-        gguf_file=getattr(args, "llm_gguf_file", None),
-        resize_vocab=getattr(args, "resize_vocab", False),
-        unfreeze_llm=getattr(args, "unfreeze_llm", True),
-        speech_tokens_outside_vocab=getattr(args, "use_prompt_embedding", False),
-    )
-    model = SpeechLLM(
-        encoders,
-        llm,
-        tokenizer,
-        prompt_format=getattr(args, "prompt_format", "speechllm"),
-        downsample_rate=args.encoder_projector_ds_rate,
-        projector_activation=getattr(args, "projector_activation", "swooshr"),
-        projector_dropout=getattr(args, "projector_dropout", 0.1),
-        unfreeze_encoder=getattr(args, "unfreeze_encoder", False),
-        use_prompt_embedding=getattr(args, "use_prompt_embedding", False),
-        mose=mose,
-        compat_reference_padding=getattr(args, "compat_reference_padding", False),
-        ctc_compress_frames=getattr(args, "ctc_compress_frames", "none"),
-    )
-    if getattr(args, "init_from_firered", None):
-        from llmasr.firered.llm import load_firered_weights
-
-        load_firered_weights(model, args.init_from_firered)
-    n_all = sum(p.numel() for p in model.parameters())
-    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    logging.info(f"SpeechLLM: {model.num_encoders} encoder(s) {types}, {n_all} parameters, {n_train} trainable")
-    return model
-
-
-__all__ = ["add_model_arguments", "build_model_from_args", "split_list"]
+__all__ = ["add_model_arguments", "build_model_from_args", "build_speechllm", "split_list"]

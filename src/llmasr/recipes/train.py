@@ -66,19 +66,24 @@ def _optional_bool(v):
 
 
 def add_training_arguments(parser: argparse.ArgumentParser) -> None:
+    """The shared training flags, by topic (icefall's names). A "fault tolerance" group of its own
+    belongs after these."""
     g = parser.add_argument_group("training")
-    g.add_argument("--world-size", type=int, default=1,
+    c = parser.add_argument_group("checkpointing")
+    d = parser.add_argument_group("distributed")
+    l = parser.add_argument_group("logging")  # noqa: E741
+    d.add_argument("--world-size", type=int, default=1,
                    help="Number of processes (GPUs) for DDP; ignored under torchrun/deepspeed launchers.")
-    g.add_argument("--master-port", type=int, default=12354, help="Master port for DDP rendezvous.")
-    g.add_argument("--tensorboard", type=_str2bool, default=True, help="Write tensorboard logs (rank 0).")
+    d.add_argument("--master-port", type=int, default=12354, help="Master port for DDP rendezvous.")
+    l.add_argument("--tensorboard", type=_str2bool, default=True, help="Write tensorboard logs (rank 0).")
     g.add_argument("--num-epochs", type=int, default=10, help="Train up to and including this epoch.")
     g.add_argument("--start-epoch", type=int, default=1,
                    help="Resume from exp-dir/epoch-(start_epoch-1).pt when > 1.")
     g.add_argument("--start-batch", type=int, default=0,
                    help="Resume from exp-dir/checkpoint-<start_batch>.pt (overrides --start-epoch).")
-    g.add_argument("--exp-dir", type=Path, default=Path("exp/speechllm"),
+    c.add_argument("--exp-dir", type=Path, default=Path("exp/speechllm"),
                    help="Experiment directory: checkpoints, log/, tensorboard/.")
-    g.add_argument("--pretrained-model-path", type=str, default=None,
+    c.add_argument("--pretrained-model-path", type=str, default=None,
                    help="Initialise the trainable weights from this checkpoint (e.g. epoch-4-avg-3.pt); "
                    "optimizer state is not loaded.")
     g.add_argument("--base-lr", type=float, default=0.01, help="Base learning rate (ScaledAdam: 0.01).")
@@ -108,51 +113,40 @@ def add_training_arguments(parser: argparse.ArgumentParser) -> None:
                    "steps/epochs (small corpora: the demo; needs fixed features - no SpecAugment or MUSAN).")
     g.add_argument("--encoder-cache-max-gb", type=float, default=4.0,
                    help="Memory limit of --cache-encoder-outputs per process (cuts beyond it are re-encoded).")
-    g.add_argument("--inf-check", type=_str2bool, default=False,
+    l.add_argument("--inf-check", type=_str2bool, default=False,
                    help="Hooks that log modules producing non-finite outputs/gradients (slow).")
-    g.add_argument("--save-every-n", type=int, default=4000,
+    c.add_argument("--save-every-n", type=int, default=4000,
                    help="Save exp-dir/checkpoint-<global batch>.pt every this many batches (0: never).")
-    g.add_argument("--keep-last-k", type=int, default=30, help="Keep only the newest k checkpoint-*.pt.")
-    g.add_argument("--valid-interval", type=int, default=5000,
+    c.add_argument("--keep-last-k", type=int, default=30, help="Keep only the newest k checkpoint-*.pt.")
+    l.add_argument("--valid-interval", type=int, default=5000,
                    help="Compute the validation loss every this many batches (and after every epoch).")
-    g.add_argument("--log-interval", type=int, default=50, help="Log training stats every this many batches.")
-    g.add_argument("--reset-interval", type=int, default=200,
+    l.add_argument("--log-interval", type=int, default=50, help="Log training stats every this many batches.")
+    l.add_argument("--reset-interval", type=int, default=200,
                    help="Time constant (batches) of the running training loss in the log.")
-    g.add_argument("--find-unused-parameters", type=_str2bool, default=False,
+    d.add_argument("--find-unused-parameters", type=_str2bool, default=False,
                    help="DDP find_unused_parameters (only needed for custom models with unused trainable parameters).")
-    g.add_argument("--deepspeed", type=_optional_bool, nargs="?", const=True, default=False,
+    d.add_argument("--deepspeed", type=_optional_bool, nargs="?", const=True, default=False,
                    help="Train with DeepSpeed (launch with torchrun or deepspeed).")
-    g.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", type=str, default=None,
+    d.add_argument("--deepspeed-config", "--deepspeed_config", dest="deepspeed_config", type=str, default=None,
                    help="DeepSpeed JSON config, e.g. local/conf/ds_zero2.json.")
-    g.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
+    d.add_argument("--local_rank", "--local-rank", dest="local_rank", type=int, default=None,
                    help=argparse.SUPPRESS)  # passed by the deepspeed launcher; LOCAL_RANK env is used
     faults.add_fault_tolerance_arguments(parser)
 
 
-def get_parser(mose: bool = False, model_type: str = "speechllm") -> argparse.ArgumentParser:
-    """``model_type`` "aed": FireRedASR-AED (src/train_aed.py) instead of a SpeechLLM."""
-    from llmasr.aux_ctc import add_aux_ctc_arguments
-    from llmasr.data import AsrDataModule
-    from llmasr.recipes.model_args import add_model_arguments
+def get_parser(mose: bool = False, model_type: Optional[str] = None, recipe=None) -> argparse.ArgumentParser:
+    """The training parser of a recipe (:func:`llmasr.recipes.recipe.recipe_of`: ``recipe``, or the
+    one called ``model_type``, or MoSE for ``mose``; default SpeechLLM)."""
+    from llmasr.config import hide_from_help
+    from llmasr.recipes.recipe import TRAIN_KNOBS, recipe_of
 
-    if model_type == "aed":
-        from llmasr.firered.aed_recipe import add_aed_arguments
-
-        parser = argparse.ArgumentParser(description="Fine-tune FireRedASR-AED (attention decoder, label-smoothed CE).",
-                                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        add_training_arguments(parser)
-        AsrDataModule.add_arguments(parser)
-        add_aed_arguments(parser, training=True)
-        return parser
-    parser = argparse.ArgumentParser(
-        description=("Train SpeechLLM-MoSE (several speech encoders)" if mose else "Train SpeechLLM")
-        + " - Zipformer/Whisper encoder(s) + projector + LLM with LoRA.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
+    recipe = recipe_of(None, recipe or model_type, mose)
+    parser = argparse.ArgumentParser(description=recipe.train_description,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_training_arguments(parser)
-    add_model_arguments(parser, mose=mose)
-    add_aux_ctc_arguments(parser)
-    AsrDataModule.add_arguments(parser)
+    recipe.add_train_arguments(parser)
+    parser.set_defaults(model_type=recipe.name)
+    hide_from_help(parser, TRAIN_KNOBS)
     return parser
 
 
@@ -352,10 +346,10 @@ def _set_precision(params) -> None:
         params.dtype, params.use_autocast = torch.float32, False
 
 
-def _llm_dtype(params) -> Any:
+def _llm_dtype(params, recipe) -> Any:
     """The recipe loads the (frozen) LLM in the AMP dtype; its LoRA weights stay float32 (peft).
     Full fine-tuning keeps float32 master weights (GradScaler cannot unscale fp16 gradients)."""
-    if params.get("model_type", "speechllm") == "aed":  # no LLM; float32 master weights
+    if not recipe.has_llm:  # float32 master weights
         return None
     if getattr(params, "llm_dtype", "auto") not in (None, "auto"):
         return params.llm_dtype
@@ -411,114 +405,27 @@ def _count(model: nn.Module) -> str:
     return f"{total} parameters, {trainable} trainable ({100.0 * trainable / max(total, 1):.2f}%)"
 
 
-def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False) -> None:
-    """One training process."""
+def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False, recipe=None) -> None:
+    """One training process of the recipe of ``args`` (``recipe``; ``mose``: the older keyword for MoSE)."""
     from llmasr.aux_ctc import build_aux_ctc
     from llmasr.training.warmup import maybe_projector_warmup
-    from llmasr.checkpoint import load_checkpoint, load_model_state
-    from llmasr.data import AsrDataModule
-    from llmasr.features import check_feature_type
-    from llmasr.llm import check_llm_dir
-    from llmasr.recipes.model_args import build_model_from_args
+    from llmasr.recipes.recipe import recipe_of
 
+    recipe = recipe_of(args, recipe, mose)
     params = get_params()
     params.update(vars(args))
     params.exp_dir = Path(params.exp_dir)
-    params.mose = mose
+    params.mose = recipe.multi_encoder
 
-    if params.deepspeed:
-        import deepspeed
-
-        deepspeed.init_distributed(dist_backend=dist_utils.backend(params.get("dist_backend", "auto")),
-                                   timeout=datetime.timedelta(minutes=params.get("dist_timeout_min", 10.0)))
-        if torch.cuda.is_available():
-            torch.cuda.set_device(dist_utils.local_rank_from_env(rank))
-    else:
-        dist_utils.setup_dist(rank, world_size, params.master_port, backend_choice=params.get("dist_backend", "auto"),
-                              timeout_min=params.get("dist_timeout_min"))
+    _init_distributed(params, rank, world_size)
     stop = faults.StopOnSignal().install()
     try:
-        setup_logger(params.exp_dir / "log" / "log-train", rank, world_size)
-        if rank == 0:  # the checkpoint writer: remove what a killed save of an earlier run left
-            prune_stale_temp_files(params.exp_dir)
-        if not dist_utils.exp_dir_is_shared(params.exp_dir):
-            # Multi-node with node-local --exp-dir: checkpoints land on global rank 0's node only.
-            logging.warning(
-                "--exp-dir %s is not shared by all ranks: only global rank 0 writes checkpoints, on its node; "
-                "to resume, copy checkpoint-N.pt / epoch-N.pt to this path on every node%s", params.exp_dir,
-                " (DeepSpeed ZeRO checkpoints need a shared --exp-dir: rank 0 gathers every rank's shard)"
-                if params.deepspeed else "")
-        _set_precision(params)
-        device = dist_utils.get_device(rank)
-        logging.info("Training started: rank %d of %d on %s, dtype %s, autocast %s",
-                     rank, world_size, device, params.dtype, params.use_autocast)
-        logging.info("command: %s", " ".join(sys.argv))
-
+        device = _start_process(params, rank, world_size)
         # ---- fail fast on bad inputs, before loading any weights
-        if params.get("model_type", "speechllm") == "aed":
-            from llmasr.firered.aed_recipe import check_package_dir
-
-            check_package_dir(params.init_from)
-        else:
-            check_llm_dir(params.llm_path, getattr(params, "llm_gguf_file", None))
-        faults.apply_auto_resume(params, rank)
-        ckpt_path = resume_path(params)
-        resumed: Optional[Dict[str, Any]] = None
-        if ckpt_path is not None:
-            if not ckpt_path.is_file():
-                raise FileNotFoundError(
-                    f"cannot resume: {ckpt_path} does not exist "
-                    f"(--start-epoch {params.start_epoch} / --start-batch {params.start_batch})"
-                )
-            resumed = load_checkpoint(ckpt_path)
-        rank_state = _mid_epoch_rank_state(resumed, ckpt_path, rank, world_size) if params.start_batch > 0 else None
-        pretrained = load_checkpoint(params.pretrained_model_path) if params.pretrained_model_path else None
-
-        fix_random_seed(params.seed)
-        model = build_model_from_args(args, mose=mose, dtype=_llm_dtype(params))
-        check_feature_type(getattr(model, "feature_types", model.feature_type), args.feature_type,
-                           getattr(model, "feature_dims", model.feature_dim), getattr(args, "num_mel_bins", None))
-        logging.info("Model: %s", _count(model))
-        for name, p in model.named_parameters():
-            if p.requires_grad:
-                logging.debug("trainable %s %s", name, tuple(p.shape))
-        if pretrained is not None:
-            load_model_state(model, pretrained["model"], source=params.pretrained_model_path)
-            logging.info("initialised trainable weights from %s", params.pretrained_model_path)
-        if resumed is not None:
-            load_model_state(model, resumed["model"], source=str(ckpt_path))
-            for k in _RESTORED_KEYS:
-                if k in resumed:
-                    params[k] = resumed[k]
-            logging.info("resuming from %s (global batch %d)", ckpt_path, params.batch_idx_train)
-        mid_epoch = params.start_batch > 0
-        if mid_epoch:
-            for k in _MID_EPOCH_KEYS:
-                params[k] = resumed[k]
-            params.start_epoch = params.cur_epoch
-
-        model.to(device)
-        if params.get("grad_checkpointing") and hasattr(model, "llm"):
-            model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if params.inf_check:
-            register_inf_check_hooks(model)
-
-        # ---- data (before DDP/DeepSpeed wrap: the projector warm-up below needs batches)
-        data = AsrDataModule(args, *_text_limit(model, args))
-        train_cuts = data.train_cuts()
-        valid_cuts = data.dev_cuts()
-        # Mid-epoch: this rank's sampler continues after the batches it had trained (each rank has its own).
-        train_dl = data.train_dataloader(train_cuts, sampler_state_dict=rank_state["sampler"] if mid_epoch else None)
-        valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
-
-        if params.cache_encoder_outputs:
-            changing = [flag for flag, on in (("--enable-spec-aug", getattr(args, "enable_spec_aug", False)),
-                                              ("--enable-musan", getattr(args, "enable_musan", False))) if on]
-            if changing:
-                raise UserError(f"--cache-encoder-outputs reuses each cut's encoder output, but {' and '.join(changing)} "
-                                 "change the features every epoch: turn one of them off")
-            model.enable_encoder_cache(params.encoder_cache_max_gb)
-            logging.info(f"caching frozen-encoder outputs by cut id (up to {params.encoder_cache_max_gb} GB)")
+        recipe.check_inputs(params)
+        ckpt_path, resumed, rank_state, pretrained = _read_checkpoints(params, rank, world_size)
+        model = _build_model(args, params, recipe, device, pretrained, resumed, ckpt_path)
+        data, train_cuts, train_dl, valid_dl = _build_data(args, params, model, rank_state)
 
         # ---- projector alignment (llmasr.aux_ctc): optional projector-only warm-up on its own
         # dataloader (the training sampler's position is untouched; skipped when resuming), then
@@ -531,106 +438,10 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         if aux_ctc is not None:  # (only SpeechLLM models can have one)
             model.enable_aux_ctc(aux_ctc)
 
-        if params.get("projector_lr_scale", 1.0) != 1.0:
-            if not hasattr(model, "projectors"):
-                raise UserError("--projector-lr-scale: this model has no projector")
-            for proj in model.projectors:
-                proj.lr_scale = params.projector_lr_scale  # read by get_parameter_groups
-
-        def make_optimizer(m):
-            return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
-
-        def make_scheduler(opt):
-            return build_scheduler(params.lr_scheduler, opt, params.warmup_steps, params.lr_decay_steps)
-
-        scaler = torch.amp.GradScaler(device.type, enabled=params.use_fp16 and not params.deepspeed, init_scale=1.0)
-        if params.deepspeed:
-            from llmasr.training.deepspeed import init_engine, load_ds_checkpoint, load_ds_config
-
-            cfg = load_ds_config(params.deepspeed_config, params.use_fp16, params.use_bf16, params.grad_clip)
-            model, optimizer, scheduler = init_engine(
-                model, cfg, params.optimizer_type, params.base_lr, make_optimizer, make_scheduler
-            )
-            if resumed is not None:
-                tag = f"zero-checkpoint-{params.start_batch}" if mid_epoch else f"zero-epoch-{params.start_epoch - 1}"
-                load_ds_checkpoint(model, params.exp_dir, tag)
-                scheduler.load_state_dict(resumed["scheduler"])
-        else:
-            optimizer = make_optimizer(model)
-            scheduler = make_scheduler(optimizer)
-            if resumed is not None:
-                optimizer.load_state_dict(resumed["optimizer"])
-                if resumed.get("scheduler"):
-                    scheduler.load_state_dict(resumed["scheduler"])
-                if resumed.get("grad_scaler") and scaler.is_enabled():
-                    scaler.load_state_dict(resumed["grad_scaler"])
-            if world_size > 1:
-                from torch.nn.parallel import DistributedDataParallel as DDP
-
-                model = DDP(
-                    model,
-                    device_ids=[device.index] if device.type == "cuda" else None,
-                    find_unused_parameters=params.find_unused_parameters,
-                )
-
-        total_cuts = count_cuts(train_cuts)
-        if total_cuts:
-            logging.info("%d training cuts before filtering (for the ETA)", total_cuts)
-
-        tb_writer = make_tb_writer(params.exp_dir, params.tensorboard, rank)
-        ckpt = Checkpointer(params, model, optimizer, scheduler, scaler, rank, world_size)
-        ckpt.sampler = train_dl.sampler
-
-        logging.info("start training from epoch %d%s", params.start_epoch,
-                     f", batch {params.cur_batch_idx} of it" if mid_epoch else "")
-        for epoch in range(params.start_epoch, params.num_epochs + 1):
-            params.cur_epoch = epoch
-            scheduler.step_epoch(epoch - 1)
-            resuming_here = mid_epoch and epoch == params.start_epoch
-            if not resuming_here:
-                fix_random_seed(params.seed + epoch - 1)
-                train_dl.sampler.set_epoch(epoch - 1)
-                params.cur_batch_idx = 0
-                params.epoch_loss_sum = 0.0
-                params.epoch_tokens = 0.0
-                params.epoch_cuts = 0
-                data.filters["train"].reset_counts()  # this epoch's counts: the sampler reads every cut once
-            # (The loader's own generator seeds its workers: creating the iterator leaves the RNG alone.)
-            train_iter = iter(train_dl)
-            if resuming_here:
-                params.epoch_loss_sum = rank_state["epoch_loss_sum"]
-                params.epoch_tokens = rank_state["epoch_tokens"]
-                set_rng_state(rank_state["rng"])
-            if tb_writer is not None:
-                tb_writer.add_scalar("train/epoch", epoch, params.batch_idx_train)
-            progress = Progress(total_cuts, world_size, done_cuts=int(params.epoch_cuts))
-
-            try:
-                train_one_epoch(
-                    params, model, optimizer, scheduler, train_iter, valid_dl, scaler, device,
-                    tb_writer=tb_writer, rank=rank, world_size=world_size, progress=progress,
-                    save_batch_checkpoint=ckpt.save_batch, stop=stop,
-                )
-            except faults.Preempted:
-                if tb_writer is not None:
-                    tb_writer.close()
-                return True
-            except EmptyEpochError:
-                raise UserError(f"epoch {epoch} produced no training batch: {data.explain_empty_epoch('train')}") from None
-            if not resuming_here:
-                logging.info(data.epoch_summary("train", int(params.epoch_cuts), params.cur_batch_idx * world_size))
-            logging.info("Epoch %d done: train loss %.4f", epoch, params.train_loss)
-            cache = getattr(unwrap_model(model), "encoder_cache", None)
-            if cache is not None:
-                logging.info(cache.summary())
-            if world_size > 1:
-                dist_utils.check_replicas_in_sync(unwrap_model(model))
-            if valid_dl is not None:
-                run_validation(params, model, valid_dl, device, tb_writer)
-            ckpt.save_epoch()
-
-        if tb_writer is not None:
-            tb_writer.close()
+        model, optimizer, scheduler, scaler = _build_optimizer(params, model, resumed, device, world_size)
+        if _train_epochs(params, model, optimizer, scheduler, scaler, data, train_cuts, train_dl, valid_dl,
+                         rank_state, rank, world_size, device, stop):
+            return True  # preempted: checkpoint-<batch>.pt written
         logging.info("Done!")
         return False
     finally:
@@ -638,7 +449,231 @@ def run(rank: int, world_size: int, args: argparse.Namespace, mose: bool = False
         dist_utils.cleanup_dist()
 
 
-def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: str = "speechllm") -> None:
+def _init_distributed(params, rank: int, world_size: int) -> None:
+    if params.deepspeed:
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=dist_utils.backend(params.get("dist_backend", "auto")),
+                                   timeout=datetime.timedelta(minutes=params.get("dist_timeout_min", 10.0)))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(dist_utils.local_rank_from_env(rank))
+    else:
+        dist_utils.setup_dist(rank, world_size, params.master_port, backend_choice=params.get("dist_backend", "auto"),
+                              timeout_min=params.get("dist_timeout_min"))
+
+
+def _start_process(params, rank: int, world_size: int) -> torch.device:
+    """Logging, leftovers of killed saves, precision; returns this process's device."""
+    setup_logger(params.exp_dir / "log" / "log-train", rank, world_size)
+    if rank == 0:  # the checkpoint writer: remove what a killed save of an earlier run left
+        prune_stale_temp_files(params.exp_dir)
+    if not dist_utils.exp_dir_is_shared(params.exp_dir):
+        # Multi-node with node-local --exp-dir: checkpoints land on global rank 0's node only.
+        logging.warning(
+            "--exp-dir %s is not shared by all ranks: only global rank 0 writes checkpoints, on its node; "
+            "to resume, copy checkpoint-N.pt / epoch-N.pt to this path on every node%s", params.exp_dir,
+            " (DeepSpeed ZeRO checkpoints need a shared --exp-dir: rank 0 gathers every rank's shard)"
+            if params.deepspeed else "")
+    _set_precision(params)
+    device = dist_utils.get_device(rank)
+    logging.info("Training started: rank %d of %d on %s, dtype %s, autocast %s",
+                 rank, world_size, device, params.dtype, params.use_autocast)
+    logging.info("command: %s", " ".join(sys.argv))
+    return device
+
+
+def _read_checkpoints(params, rank: int, world_size: int):
+    """(resume path, its checkpoint, this rank's mid-epoch state, the --pretrained-model-path checkpoint)."""
+    from llmasr.checkpoint import load_checkpoint
+
+    faults.apply_auto_resume(params, rank)
+    ckpt_path = resume_path(params)
+    resumed: Optional[Dict[str, Any]] = None
+    if ckpt_path is not None:
+        if not ckpt_path.is_file():
+            raise FileNotFoundError(
+                f"cannot resume: {ckpt_path} does not exist "
+                f"(--start-epoch {params.start_epoch} / --start-batch {params.start_batch})"
+            )
+        resumed = load_checkpoint(ckpt_path)
+    rank_state = _mid_epoch_rank_state(resumed, ckpt_path, rank, world_size) if params.start_batch > 0 else None
+    pretrained = load_checkpoint(params.pretrained_model_path) if params.pretrained_model_path else None
+    return ckpt_path, resumed, rank_state, pretrained
+
+
+def _build_model(args, params, recipe, device, pretrained, resumed, ckpt_path) -> nn.Module:
+    """The recipe's model (seeded), with pretrained/resumed weights and the resumed counters, on ``device``."""
+    from llmasr.checkpoint import load_model_state
+    from llmasr.features import check_feature_type
+    from llmasr.recipes.model_args import build_model_from_args
+
+    fix_random_seed(params.seed)
+    model = build_model_from_args(args, dtype=_llm_dtype(params, recipe), recipe=recipe)
+    check_feature_type(getattr(model, "feature_types", model.feature_type), args.feature_type,
+                       getattr(model, "feature_dims", model.feature_dim), getattr(args, "num_mel_bins", None))
+    logging.info("Model: %s", _count(model))
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            logging.debug("trainable %s %s", name, tuple(p.shape))
+    if pretrained is not None:
+        load_model_state(model, pretrained["model"], source=params.pretrained_model_path)
+        logging.info("initialised trainable weights from %s", params.pretrained_model_path)
+    if resumed is not None:
+        load_model_state(model, resumed["model"], source=str(ckpt_path))
+        for k in _RESTORED_KEYS:
+            if k in resumed:
+                params[k] = resumed[k]
+        logging.info("resuming from %s (global batch %d)", ckpt_path, params.batch_idx_train)
+    if params.start_batch > 0:
+        for k in _MID_EPOCH_KEYS:
+            params[k] = resumed[k]
+        params.start_epoch = params.cur_epoch
+
+    model.to(device)
+    if params.get("grad_checkpointing") and hasattr(model, "llm"):
+        model.llm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if params.inf_check:
+        register_inf_check_hooks(model)
+    return model
+
+
+def _build_data(args, params, model, rank_state):
+    """(data module, training cuts, training and validation loaders), before the DDP/DeepSpeed wrap:
+    the projector warm-up needs batches; and the frozen-encoder cache when asked for."""
+    from llmasr.data import AsrDataModule
+
+    data = AsrDataModule(args, *_text_limit(model, args))
+    train_cuts = data.train_cuts()
+    valid_cuts = data.dev_cuts()
+    # Mid-epoch: this rank's sampler continues after the batches it had trained (each rank has its own).
+    train_dl = data.train_dataloader(train_cuts, sampler_state_dict=rank_state["sampler"] if rank_state else None)
+    valid_dl = data.valid_dataloader(valid_cuts) if valid_cuts is not None else None
+
+    if params.cache_encoder_outputs:
+        changing = [flag for flag, on in (("--enable-spec-aug", getattr(args, "enable_spec_aug", False)),
+                                          ("--enable-musan", getattr(args, "enable_musan", False))) if on]
+        if changing:
+            raise UserError(f"--cache-encoder-outputs reuses each cut's encoder output, but {' and '.join(changing)} "
+                            "change the features every epoch: turn one of them off")
+        model.enable_encoder_cache(params.encoder_cache_max_gb)
+        logging.info(f"caching frozen-encoder outputs by cut id (up to {params.encoder_cache_max_gb} GB)")
+    return data, train_cuts, train_dl, valid_dl
+
+
+def _build_optimizer(params, model, resumed, device, world_size):
+    """(model wrapped for DDP/DeepSpeed, optimizer, scheduler, grad scaler), their resumed states loaded."""
+    if params.get("projector_lr_scale", 1.0) != 1.0:
+        if not hasattr(model, "projectors"):
+            raise UserError("--projector-lr-scale: this model has no projector")
+        for proj in model.projectors:
+            proj.lr_scale = params.projector_lr_scale  # read by get_parameter_groups
+
+    def make_optimizer(m):
+        return build_optimizer(params.optimizer_type, m, params.base_lr, params.weight_decay)
+
+    def make_scheduler(opt):
+        return build_scheduler(params.lr_scheduler, opt, params.warmup_steps, params.lr_decay_steps)
+
+    scaler = torch.amp.GradScaler(device.type, enabled=params.use_fp16 and not params.deepspeed, init_scale=1.0)
+    if params.deepspeed:
+        from llmasr.training.deepspeed import init_engine, load_ds_checkpoint, load_ds_config
+
+        cfg = load_ds_config(params.deepspeed_config, params.use_fp16, params.use_bf16, params.grad_clip)
+        model, optimizer, scheduler = init_engine(
+            model, cfg, params.optimizer_type, params.base_lr, make_optimizer, make_scheduler
+        )
+        if resumed is not None:
+            mid_epoch = params.start_batch > 0
+            tag = f"zero-checkpoint-{params.start_batch}" if mid_epoch else f"zero-epoch-{params.start_epoch - 1}"
+            load_ds_checkpoint(model, params.exp_dir, tag)
+            scheduler.load_state_dict(resumed["scheduler"])
+        return model, optimizer, scheduler, scaler
+    optimizer = make_optimizer(model)
+    scheduler = make_scheduler(optimizer)
+    if resumed is not None:
+        optimizer.load_state_dict(resumed["optimizer"])
+        if resumed.get("scheduler"):
+            scheduler.load_state_dict(resumed["scheduler"])
+        if resumed.get("grad_scaler") and scaler.is_enabled():
+            scaler.load_state_dict(resumed["grad_scaler"])
+    if world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(
+            model,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=params.find_unused_parameters,
+        )
+    return model, optimizer, scheduler, scaler
+
+
+def _train_epochs(params, model, optimizer, scheduler, scaler, data, train_cuts, train_dl, valid_dl, rank_state,
+                  rank: int, world_size: int, device, stop=None) -> bool:
+    """The epoch loop: from --start-epoch (mid-epoch: from the resumed batch) to --num-epochs, with
+    validation and an epoch checkpoint after each."""
+    mid_epoch = params.start_batch > 0
+    total_cuts = count_cuts(train_cuts)
+    if total_cuts:
+        logging.info("%d training cuts before filtering (for the ETA)", total_cuts)
+
+    tb_writer = make_tb_writer(params.exp_dir, params.tensorboard, rank)
+    ckpt = Checkpointer(params, model, optimizer, scheduler, scaler, rank, world_size)
+    ckpt.sampler = train_dl.sampler
+
+    logging.info("start training from epoch %d%s", params.start_epoch,
+                 f", batch {params.cur_batch_idx} of it" if mid_epoch else "")
+    for epoch in range(params.start_epoch, params.num_epochs + 1):
+        params.cur_epoch = epoch
+        scheduler.step_epoch(epoch - 1)
+        resuming_here = mid_epoch and epoch == params.start_epoch
+        if not resuming_here:
+            fix_random_seed(params.seed + epoch - 1)
+            train_dl.sampler.set_epoch(epoch - 1)
+            params.cur_batch_idx = 0
+            params.epoch_loss_sum = 0.0
+            params.epoch_tokens = 0.0
+            params.epoch_cuts = 0
+            data.filters["train"].reset_counts()  # this epoch's counts: the sampler reads every cut once
+        # (The loader's own generator seeds its workers: creating the iterator leaves the RNG alone.)
+        train_iter = iter(train_dl)
+        if resuming_here:
+            params.epoch_loss_sum = rank_state["epoch_loss_sum"]
+            params.epoch_tokens = rank_state["epoch_tokens"]
+            set_rng_state(rank_state["rng"])
+        if tb_writer is not None:
+            tb_writer.add_scalar("train/epoch", epoch, params.batch_idx_train)
+        progress = Progress(total_cuts, world_size, done_cuts=int(params.epoch_cuts))
+
+        try:
+            train_one_epoch(
+                params, model, optimizer, scheduler, train_iter, valid_dl, scaler, device,
+                tb_writer=tb_writer, rank=rank, world_size=world_size, progress=progress,
+                save_batch_checkpoint=ckpt.save_batch, stop=stop,
+            )
+        except faults.Preempted:
+            if tb_writer is not None:
+                tb_writer.close()
+            return True
+        except EmptyEpochError:
+            raise UserError(f"epoch {epoch} produced no training batch: {data.explain_empty_epoch('train')}") from None
+        if not resuming_here:
+            logging.info(data.epoch_summary("train", int(params.epoch_cuts), params.cur_batch_idx * world_size))
+        logging.info("Epoch %d done: train loss %.4f", epoch, params.train_loss)
+        cache = getattr(unwrap_model(model), "encoder_cache", None)
+        if cache is not None:
+            logging.info(cache.summary())
+        if world_size > 1:
+            dist_utils.check_replicas_in_sync(unwrap_model(model))
+        if valid_dl is not None:
+            run_validation(params, model, valid_dl, device, tb_writer)
+        ckpt.save_epoch()
+
+    if tb_writer is not None:
+        tb_writer.close()
+    return False
+
+
+def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: Optional[str] = None) -> None:
     from llmasr.aux_ctc import AuxCtcConfig
     from llmasr.config import parse_args_with_config
 
@@ -670,17 +705,7 @@ def main(mose: bool = False, argv: Optional[List[str]] = None, model_type: str =
             parser.error("--optimizer scaled_adam cannot be used with DeepSpeed ZeRO (it needs whole tensors); "
                          "pass --optimizer adamw (e.g. --base-lr 1e-4) or add an \"optimizer\" section to the config")
     faults.check_fault_tolerance_arguments(args, parser.error)
-    if dist_utils.launch(_Runner(mose), args):
+    if dist_utils.launch(run, args):  # the recipe travels as args.model_type
         logging.info("preempted: checkpoint saved; exit status %d (rerun with --auto-resume true)",
                      faults.PREEMPTED_EXIT_STATUS)
         raise SystemExit(faults.PREEMPTED_EXIT_STATUS)
-
-
-class _Runner:
-    """Picklable ``run`` with the MoSE switch bound (mp.spawn needs a picklable callable)."""
-
-    def __init__(self, mose: bool):
-        self.mose = mose
-
-    def __call__(self, rank: int, world_size: int, args):
-        return run(rank, world_size, args, mose=self.mose)

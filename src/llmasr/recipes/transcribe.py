@@ -76,25 +76,6 @@ def make_cuts(items: List[Tuple[str, Path]]):
     return CutSet.from_cuts(cuts)
 
 
-def load_weights(args):
-    """(state dict, description) of --checkpoint, or of --epoch/--avg (--iter) averaged."""
-    from llmasr import checkpoint as ckpt_lib
-
-    exp_dir = Path(args.exp_dir)
-    if args.checkpoint:
-        path = Path(args.checkpoint)
-        if not path.is_absolute() and not path.is_file():
-            path = exp_dir / args.checkpoint
-        if not path.is_file():
-            raise UserError(f"--checkpoint {args.checkpoint}: {path} does not exist")
-        return ckpt_lib.load_checkpoint(path)["model"], str(path)
-    if args.epoch < 1 and args.iter < 1:
-        raise UserError("say which weights to use: --checkpoint FILE, or --epoch N [--avg K] (or --iter)")
-    it = args.iter if args.iter > 0 else None
-    ckpt_lib.find_checkpoints(exp_dir, args.epoch, args.avg, it)
-    return ckpt_lib.averaged_checkpoint(exp_dir, args.epoch, args.avg, it), f"{exp_dir} epoch {args.epoch} avg {args.avg}"
-
-
 def feature_loader(args, cuts):
     """Batches of on-the-fly features: the data module's front end for --feature-type (audio of any
     sampling rate resampled to 16 kHz first)."""
@@ -105,26 +86,14 @@ def feature_loader(args, cuts):
 
 
 def transcribe(args) -> List[Tuple[str, str]]:
-    from llmasr import checkpoint as ckpt_lib
-    from llmasr.features import check_feature_type
     from llmasr.recipes.decode import decode_dataset, generation_options_from_args
-    from llmasr.recipes.model_args import build_model_from_args
+    from llmasr.recipes.inference import choose_checkpoint, load_for_inference, load_weights
+    from llmasr.recipes.recipe import recipe_of
 
     items = read_inputs(args.audio, args.wav_scp)
     cuts = make_cuts(items)
-    state_dict, source = load_weights(args)
-    if args.num_threads > 0:
-        torch.set_num_threads(args.num_threads)
-    model = build_model_from_args(args)
-    check_feature_type(model.feature_type, args.feature_type, model.feature_dim, getattr(args, "num_mel_bins", None))
-    ckpt_lib.load_model_state(model, state_dict, source=source)
-    del state_dict
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
-    model.to(device)
-    model.eval()
-    model.merge_lora_for_inference()
-    if args.decode_dtype:
-        model.set_decode_dtype(getattr(torch, args.decode_dtype))
+    state_dict, source = load_weights(args, choose_checkpoint(args))
+    model, _ = load_for_inference(recipe_of(args), args, state_dict, source)
     decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(items),
                              **generation_options_from_args(args))
     # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
