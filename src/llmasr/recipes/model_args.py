@@ -142,6 +142,7 @@ def build_model_from_args(args: argparse.Namespace, mose: bool = False, dtype=No
         resize_vocab=getattr(args, "resize_vocab", False),
         unfreeze_llm=getattr(args, "unfreeze_llm", True),
         speech_tokens_outside_vocab=getattr(args, "use_prompt_embedding", False),
+        device=getattr(args, "device", None),
     )
     model = SpeechLLM(
         encoders,
