@@ -82,3 +82,19 @@ def test_deepspeed_adam_configs_use_torch_adam():
             with_adam.append(path.name)
             assert opt["params"].get("torch_adam") is True, path.name
     assert "ds_zero1_whisper.json" in with_adam
+
+
+def test_cpu_tests_stay_on_the_cpu_on_a_gpu_host(monkeypatch):
+    import os
+
+    from llmasr.training import dist
+    from tests.helpers import pin_cpu
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU host
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist.backend() == "nccl"
+    pin_cpu(monkeypatch)  # what conftest's autouse fixture does for every test not marked cuda
+    assert dist.backend() == "gloo"
+    assert dist.get_device(0) == torch.device("cpu")
+    assert llm.resolve_dtype("auto") == torch.float32
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""  # subprocess launchers inherit it
