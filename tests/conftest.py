@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import GOLDEN, REPO, SRC
+from tests.helpers import GOLDEN, REPO, SRC, pin_cpu
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,6 +38,14 @@ def golden_dir() -> Path:
 @pytest.fixture(scope="session")
 def repo_dir() -> Path:
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def cpu_unless_marked_cuda(request, monkeypatch):
+    """Only tests marked ``cuda`` (tests/test_cuda.py) may see a GPU; every other test stays on the CPU
+    on a GPU host, where recipes would otherwise switch silently to CUDA + fp16 and NCCL."""
+    if request.node.get_closest_marker("cuda") is None:
+        pin_cpu(monkeypatch)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -79,3 +79,14 @@ def build_golden_speechllm(sl: Path, *extra: str):
         *extra,
     ])
     return build_model_from_args(args)
+
+
+def pin_cpu(monkeypatch) -> None:
+    """Keep a test on the CPU on a GPU host (issue #29): in-process code sees no CUDA (so recipes pick
+    the CPU, gloo and fp32, as on the machines the goldens were made on), and subprocesses inherit an
+    empty CUDA_VISIBLE_DEVICES."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")

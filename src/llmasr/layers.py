@@ -57,6 +57,13 @@ def _cpu_autocast_half() -> bool:
     return on and dtype in _HALF
 
 
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_enabled() if device_type == "cuda" else torch.is_autocast_cpu_enabled()
+
+
 def _half_on_cpu(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Would this convolution run in fp16/bf16 on a CPU (half input or weight, or CPU autocast)?"""
     return x.device.type == "cpu" and x.dtype != torch.float64 and (
@@ -70,6 +77,11 @@ def cpu_fp32_functional_conv(conv_fn: Callable[..., torch.Tensor], x: torch.Tens
     fp32 input gives an fp32 output); gradients flow back through the casts. Other devices and
     fp32/fp64 computations are untouched."""
     if not _half_on_cpu(x, weight):
+        if x.dtype != weight.dtype and not _autocast_on(x.device.type):
+            # DeepSpeed fp16/bf16 casts every parameter (frozen encoders too) to half and runs the
+            # module without autocast, so fp32 features meet half weights on CUDA: compute in the
+            # weight's dtype and hand back the caller's dtype.
+            return conv_fn(x.to(weight.dtype), weight, bias, **kwargs).to(x.dtype)
         return conv_fn(x, weight, bias, **kwargs)
     with torch.autocast("cpu", enabled=False):
         y = conv_fn(x.float(), weight.float(), None if bias is None else bias.float(), **kwargs)
@@ -78,8 +90,6 @@ def cpu_fp32_functional_conv(conv_fn: Callable[..., torch.Tensor], x: torch.Tens
 
 def cpu_fp32_conv(conv: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """``conv(x)`` for an ``nn.Conv1d``/``nn.Conv2d``, in fp32 on CPU as :func:`cpu_fp32_functional_conv`."""
-    if not _half_on_cpu(x, conv.weight):
-        return conv(x)
     return cpu_fp32_functional_conv(conv._conv_forward, x, conv.weight, conv.bias)
 
 
@@ -106,7 +116,7 @@ def pointwise_conv1d(conv: nn.Conv1d, x: torch.Tensor) -> torch.Tensor:
     if conv.kernel_size != (1,) or conv.stride != (1,) or conv.groups != 1 or conv.padding != (0,):
         raise ValueError(f"not a pointwise convolution: {conv}")
     if not _half_on_cpu(x, conv.weight):
-        return conv(x)
+        return cpu_fp32_functional_conv(conv._conv_forward, x, conv.weight, conv.bias)
     if _cpu_autocast_half():  # autocast picks the dtype
         return F.linear(x.transpose(1, 2), conv.weight.squeeze(-1), conv.bias).transpose(1, 2)
     dtype = x.dtype if x.dtype in _HALF else conv.weight.dtype

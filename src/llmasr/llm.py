@@ -43,7 +43,7 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: Optional[torch.d
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype in (None, "auto"):
-        if device is None:
+        if device in (None, "auto"):
             device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         return torch.float16 if torch.device(device).type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -51,9 +51,13 @@ def resolve_dtype(dtype: Union[str, torch.dtype, None], device: Optional[torch.d
     return DTYPES[dtype]
 
 
-def default_attn_implementation(dtype: torch.dtype) -> str:
-    """flash_attention_2 when installed, on CUDA and in half precision; else PyTorch SDPA."""
-    if torch.cuda.is_available() and dtype in (torch.float16, torch.bfloat16):
+def default_attn_implementation(dtype: torch.dtype, device: Optional[torch.device] = None) -> str:
+    """flash_attention_2 when installed, on a CUDA ``device`` and in half precision; else PyTorch SDPA.
+    With no device, CUDA when one is visible (the caller's ``--device`` should be passed: flash-attn
+    refuses fp32 and CPU tensors)."""
+    if device in (None, "auto"):
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if torch.device(device).type == "cuda" and dtype in (torch.float16, torch.bfloat16):
         try:
             import flash_attn  # noqa: F401
 
@@ -205,6 +209,7 @@ def load_llm(
     resize_vocab: bool = False,
     unfreeze_llm: bool = True,
     speech_tokens_outside_vocab: bool = False,
+    device: Optional[torch.device] = None,
 ):
     """Returns ``(llm, tokenizer)``; the tokenizer already has the speech tokens.
 
@@ -216,10 +221,12 @@ def load_llm(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     path = check_llm_dir(path, gguf_file)
-    dtype = resolve_dtype(dtype)
+    # "auto" dtype and the attention kernel follow the device the LLM will run on (``device``, e.g.
+    # --device cpu on a GPU host), not whether CUDA is visible.
+    dtype = resolve_dtype(dtype, device)
     tokenizer = load_tokenizer(path, gguf_file)
     add_speech_tokens(tokenizer)
-    attn = attn_implementation or default_attn_implementation(dtype)
+    attn = attn_implementation or default_attn_implementation(dtype, device)
 
     kwargs = dict(attn_implementation=attn, **_dtype_kwarg(dtype))
     try:

@@ -139,6 +139,7 @@ def build_speechllm(args: argparse.Namespace, multi_encoder: bool, dtype=None, e
         resize_vocab=getattr(args, "resize_vocab", False),
         unfreeze_llm=getattr(args, "unfreeze_llm", True),
         speech_tokens_outside_vocab=getattr(args, "use_prompt_embedding", False),
+        device=getattr(args, "device", None),
     )
     model = SpeechLLM(
         encoders,
