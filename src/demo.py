@@ -138,16 +138,6 @@ def load_config(path: Path, quick: bool) -> dict:
     return cfg
 
 
-def flags(d: Dict[str, object]) -> List[str]:
-    """{"base-lr": 0.001, "use-lora": True} -> ["--base-lr", "0.001", "--use-lora", "true"]."""
-    out = []
-    for k, v in d.items():
-        if v is None:
-            continue
-        out += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return out
-
-
 def busy_cores(window: float = 1.0) -> Tuple[float, str]:
     """Cores in use by other processes right now: from /proc/stat over ``window`` seconds (the
     load average lags by minutes and still counts a job that has just ended), else the 1-minute
@@ -588,21 +578,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "dataset-prefix": prefix,
         "exp-dir": str(exp_dir),
     }
-    train_argv = ["--config", str(config_path)] + flags({
+    from llmasr.demo.pipeline import decode_argv, model_flags_for_decode, train_argv as make_train_argv
+
+    train_argv = ["--config", str(config_path)] + make_train_argv({
         **train_overrides,
         **paths,
         "train-cuts": "train-clean-100" if lang == "en" else "train",
         "dev-cuts": "dev-clean" if lang == "en" else "dev",
-    })
+    }, f"{config_path} train:")
     init_ckpt = exp_dir / "init.pt"
     save_init_checkpoint(train_argv, init_ckpt)
-    decode_common = ["--config", str(config_path)] + flags({
-        **{k: v for k, v in train_overrides.items() if k in _MODEL_FLAGS},
+    decode_common = ["--config", str(config_path)] + decode_argv({
+        **model_flags_for_decode(train_overrides),
         **decode_overrides,
         **paths,
         "num-threads": threads,
         "scoring": scoring,
-    })
+    }, f"{config_path} decode:")
     all_sets = ["--test-sets", ",".join(entry for _, entry, _, _ in test_sets)]
 
     def rates_of(found: Dict[str, float], ddir: Path) -> Tuple[Dict[str, float], Dict[str, float]]:
@@ -714,14 +706,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     local/prepare.sh --help               # prepare LibriSpeech / AISHELL / Kaldi data dirs
 """, flush=True)
     return result
-
-
-# Flags of src/train.py that also shape the model and so must be passed to src/decode.py.
-_MODEL_FLAGS = {
-    "speech-encoder-type", "encoder-projector-ds-rate", "projector-activation", "use-lora", "lora-r",
-    "lora-alpha", "lora-dropout", "unfreeze-llm", "unfreeze-encoder", "prompt-format", "use-prompt-embedding",
-    "resize-vocab", "llm-dtype", "attn-implementation", "llm-gguf-file",
-}
 
 
 if __name__ == "__main__":
