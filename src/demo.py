@@ -355,53 +355,13 @@ def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
     del model
 
 
-_DECODE_RATE = re.compile(r"(\S+): (WER|CER) ([0-9.]+)%")
-
-
 def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[Dict[str, float], Path]:
-    """src/decode.py: ({test set name: error rate}, decode dir)."""
-    found: Dict[str, float] = {}
-    decode_dir: List[Path] = []
+    """src/decode.py (a subprocess: its own threads and memory): ({test set name: error rate},
+    decode dir), read from the wer-summary files it writes."""
+    from llmasr.demo.results import decode_rates
 
-    def on_line(line: str) -> None:
-        m = _DECODE_RATE.search(line)
-        if m:
-            found[m.group(1)] = float(m.group(3))
-        m2 = re.search(r"decoding into (\S+)", line)
-        if m2:
-            decode_dir.append(Path(m2.group(1)))
-
-    run([sys.executable, str(DECODE_SCRIPT), *decode_argv], log_file, env, on_line=on_line,
-        echo=r"ETA|decoded \d+ cuts")
-    if not found:
-        raise RuntimeError(f"src/decode.py printed no error rate; see {log_file}")
-    return found, (decode_dir[-1] if decode_dir else log_file.parent)
-
-
-def read_recogs_texts(decode_dir: Path, set_name: str) -> List[Tuple[str, str, str]]:
-    """(cut, ref, hyp) from the recogs-<set_name>-* file of a decode dir (tokens joined with spaces)."""
-    from llmasr.scoring import read_recogs
-
-    files = sorted(decode_dir.glob(f"recogs-{set_name}-*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no recogs-{set_name}-*.txt in {decode_dir}")
-    return [(c, " ".join(r), " ".join(h)) for c, r, h in read_recogs(files[0])]
-
-
-def whisper_normalised_wer(results: Sequence[Tuple[str, str, str]]) -> float:
-    """WER after openai-whisper's English normaliser on both sides (spelled-out numbers become
-    digits, etc.): the fair comparison with Whisper, which writes numbers as digits."""
-    from whisper.normalizers import EnglishTextNormalizer
-
-    from llmasr.scoring import align_tokens
-
-    norm = EnglishTextNormalizer()
-    errors = words = 0
-    for _, ref, hyp in results:
-        r, h = norm(ref).split(), norm(hyp).split()
-        words += len(r)
-        errors += sum(1 for a, b in align_tokens(r, h) if a != b)
-    return 100.0 * errors / max(words, 1)
+    run([sys.executable, str(DECODE_SCRIPT), *decode_argv], log_file, env, echo=r"ETA|decoded \d+ cuts")
+    return decode_rates(decode_argv)
 
 
 class TrainMonitor:
@@ -553,6 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     else:
         import whisper
 
+        from llmasr.demo.results import whisper_normalised_wer
+
         whisper_model = whisper.load_model(str(whisper_pt), device="cpu")
         for key, entry, name, _ in test_sets:
             cuts = load_cuts(manifest_dir / f"{prefix}_cuts_{entry}.jsonl.gz" if key == "template" else Path(entry))
@@ -596,6 +558,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "scoring": scoring,
     }, f"{config_path} decode:")
     all_sets = ["--test-sets", ",".join(entry for _, entry, _, _ in test_sets)]
+
+    from llmasr.demo.results import read_recogs_texts, whisper_normalised_wer
 
     def rates_of(found: Dict[str, float], ddir: Path) -> Tuple[Dict[str, float], Dict[str, float]]:
         rates = {key: found[name] for key, _, name, _ in test_sets if name in found}
