@@ -138,16 +138,6 @@ def load_config(path: Path, quick: bool) -> dict:
     return cfg
 
 
-def flags(d: Dict[str, object]) -> List[str]:
-    """{"base-lr": 0.001, "use-lora": True} -> ["--base-lr", "0.001", "--use-lora", "true"]."""
-    out = []
-    for k, v in d.items():
-        if v is None:
-            continue
-        out += [f"--{k}", str(v).lower() if isinstance(v, bool) else str(v)]
-    return out
-
-
 def busy_cores(window: float = 1.0) -> Tuple[float, str]:
     """Cores in use by other processes right now: from /proc/stat over ``window`` seconds (the
     load average lags by minutes and still counts a job that has just ended), else the 1-minute
@@ -365,53 +355,13 @@ def save_init_checkpoint(train_argv: List[str], path: Path) -> None:
     del model
 
 
-_DECODE_RATE = re.compile(r"(\S+): (WER|CER) ([0-9.]+)%")
-
-
 def decode(decode_argv: List[str], env, log_file: Path) -> Tuple[Dict[str, float], Path]:
-    """src/decode.py: ({test set name: error rate}, decode dir)."""
-    found: Dict[str, float] = {}
-    decode_dir: List[Path] = []
+    """src/decode.py (a subprocess: its own threads and memory): ({test set name: error rate},
+    decode dir), read from the wer-summary files it writes."""
+    from llmasr.demo.results import decode_rates
 
-    def on_line(line: str) -> None:
-        m = _DECODE_RATE.search(line)
-        if m:
-            found[m.group(1)] = float(m.group(3))
-        m2 = re.search(r"decoding into (\S+)", line)
-        if m2:
-            decode_dir.append(Path(m2.group(1)))
-
-    run([sys.executable, str(DECODE_SCRIPT), *decode_argv], log_file, env, on_line=on_line,
-        echo=r"ETA|decoded \d+ cuts")
-    if not found:
-        raise RuntimeError(f"src/decode.py printed no error rate; see {log_file}")
-    return found, (decode_dir[-1] if decode_dir else log_file.parent)
-
-
-def read_recogs_texts(decode_dir: Path, set_name: str) -> List[Tuple[str, str, str]]:
-    """(cut, ref, hyp) from the recogs-<set_name>-* file of a decode dir (tokens joined with spaces)."""
-    from llmasr.scoring import read_recogs
-
-    files = sorted(decode_dir.glob(f"recogs-{set_name}-*.txt"))
-    if not files:
-        raise FileNotFoundError(f"no recogs-{set_name}-*.txt in {decode_dir}")
-    return [(c, " ".join(r), " ".join(h)) for c, r, h in read_recogs(files[0])]
-
-
-def whisper_normalised_wer(results: Sequence[Tuple[str, str, str]]) -> float:
-    """WER after openai-whisper's English normaliser on both sides (spelled-out numbers become
-    digits, etc.): the fair comparison with Whisper, which writes numbers as digits."""
-    from whisper.normalizers import EnglishTextNormalizer
-
-    from llmasr.scoring import align_tokens
-
-    norm = EnglishTextNormalizer()
-    errors = words = 0
-    for _, ref, hyp in results:
-        r, h = norm(ref).split(), norm(hyp).split()
-        words += len(r)
-        errors += sum(1 for a, b in align_tokens(r, h) if a != b)
-    return 100.0 * errors / max(words, 1)
+    run([sys.executable, str(DECODE_SCRIPT), *decode_argv], log_file, env, echo=r"ETA|decoded \d+ cuts")
+    return decode_rates(decode_argv)
 
 
 class TrainMonitor:
@@ -563,6 +513,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     else:
         import whisper
 
+        from llmasr.demo.results import whisper_normalised_wer
+
         whisper_model = whisper.load_model(str(whisper_pt), device="cpu")
         for key, entry, name, _ in test_sets:
             cuts = load_cuts(manifest_dir / f"{prefix}_cuts_{entry}.jsonl.gz" if key == "template" else Path(entry))
@@ -588,22 +540,26 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
         "dataset-prefix": prefix,
         "exp-dir": str(exp_dir),
     }
-    train_argv = ["--config", str(config_path)] + flags({
+    from llmasr.demo.pipeline import decode_argv, model_flags_for_decode, train_argv as make_train_argv
+
+    train_argv = ["--config", str(config_path)] + make_train_argv({
         **train_overrides,
         **paths,
         "train-cuts": "train-clean-100" if lang == "en" else "train",
         "dev-cuts": "dev-clean" if lang == "en" else "dev",
-    })
+    }, f"{config_path} train:")
     init_ckpt = exp_dir / "init.pt"
     save_init_checkpoint(train_argv, init_ckpt)
-    decode_common = ["--config", str(config_path)] + flags({
-        **{k: v for k, v in train_overrides.items() if k in _MODEL_FLAGS},
+    decode_common = ["--config", str(config_path)] + decode_argv({
+        **model_flags_for_decode(train_overrides),
         **decode_overrides,
         **paths,
         "num-threads": threads,
         "scoring": scoring,
-    })
+    }, f"{config_path} decode:")
     all_sets = ["--test-sets", ",".join(entry for _, entry, _, _ in test_sets)]
+
+    from llmasr.demo.results import read_recogs_texts, whisper_normalised_wer
 
     def rates_of(found: Dict[str, float], ddir: Path) -> Tuple[Dict[str, float], Dict[str, float]]:
         rates = {key: found[name] for key, _, name, _ in test_sets if name in found}
@@ -714,14 +670,6 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, object]:
     local/prepare.sh --help               # prepare LibriSpeech / AISHELL / Kaldi data dirs
 """, flush=True)
     return result
-
-
-# Flags of src/train.py that also shape the model and so must be passed to src/decode.py.
-_MODEL_FLAGS = {
-    "speech-encoder-type", "encoder-projector-ds-rate", "projector-activation", "use-lora", "lora-r",
-    "lora-alpha", "lora-dropout", "unfreeze-llm", "unfreeze-encoder", "prompt-format", "use-prompt-embedding",
-    "resize-vocab", "llm-dtype", "attn-implementation", "llm-gguf-file",
-}
 
 
 if __name__ == "__main__":

@@ -359,6 +359,14 @@ def _format_errs(stats: ErrorStats, aligned, metric_name: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def read_wer_summary(path: Union[str, Path]) -> Dict[str, float]:
+    """``{settings: error rate in %}`` of a ``wer-summary-*`` file (WER or CER, as its header says)."""
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        header = f.readline().rstrip("\n").split("\t")
+    return _read_summary(path, header[1] if len(header) == 2 else "WER")
+
+
 def _read_summary(path: Path, metric_name: str) -> Dict[str, float]:
     """Rows of an existing ``wer-summary-*`` file, so several settings accumulate in one table."""
     if not path.exists():

@@ -199,6 +199,19 @@ def _write_skipped(decode_dir: Path, set_name: str, suffix: str, skipped, num_cu
     return path
 
 
+def result_location(args) -> Tuple[Path, str]:
+    """(decode dir, file suffix) of a decode run with these flags: its result files are
+    ``<dir>/recogs-<set>-<suffix>.txt``, ``errs-...`` and a ``<suffix>`` row in ``wer-summary-<set>.txt``,
+    ``<set>`` being :func:`result_set_name` of each ``--test-sets`` entry."""
+    return (Path(args.exp_dir) / f"decode-{_checkpoint_tag(args)}-{_options_tag(args)}",
+            f"decode-{_options_tag(args)}-{_checkpoint_tag(args)}")
+
+
+def result_set_name(args, test_set: str) -> str:
+    """The ``<set>`` of the result-file names for one ``--test-sets`` entry."""
+    return _test_set_name(args, test_set)
+
+
 def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
     """The decode recipe: pick/average the checkpoint, build the model, decode every test set,
     write recogs-/errs-/wer-summary- files into ``<exp-dir>/decode-<checkpoint>-<options>/``.
@@ -234,8 +247,7 @@ def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
             raise UserError(f"test set {name} ({data.cuts_path(name)}) has no cuts")
         cuts[name] = cs
 
-    decode_dir = exp_dir / f"decode-{_checkpoint_tag(args)}-{_options_tag(args)}"
-    suffix = f"decode-{_options_tag(args)}-{_checkpoint_tag(args)}"
+    decode_dir, suffix = result_location(args)
     with _log_to(decode_dir / f"log-{suffix}-{time.strftime('%Y-%m-%d-%H-%M-%S')}", args.log_level):
         return _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_path)
 
