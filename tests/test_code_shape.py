@@ -5,6 +5,9 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 MAX_LINES = 120
+# Still over the limit, to be split (issue #25 stays open until this is empty); a function not listed
+# here fails the test, and a listed one that got short fails it too, so the list only shrinks.
+NOT_YET_SPLIT = {"demo.py main", "llmasr/demo/espeak.py make_espeak_corpus"}
 
 
 def long_functions(source: str, name: str = "<string>", limit: int = MAX_LINES):
@@ -39,8 +42,12 @@ def test_the_check_measures_functions_and_methods():
 
 
 def test_no_function_in_src_is_longer_than_120_lines():
-    found = []
+    found, pending = [], set()
     for path in sorted(SRC.rglob("*.py")):
         for qualname, line, length in long_functions(path.read_text(), str(path)):
+            if f"{path.relative_to(SRC)} {qualname}" in NOT_YET_SPLIT:
+                pending.add(f"{path.relative_to(SRC)} {qualname}")
+                continue
             found.append(f"{path.relative_to(SRC)}:{line} {qualname} ({length} lines)")
     assert not found, "functions over 120 lines:\n" + "\n".join(found)
+    assert pending == NOT_YET_SPLIT, f"now within the limit, remove from NOT_YET_SPLIT: {NOT_YET_SPLIT - pending}"
