@@ -65,3 +65,38 @@ def one_thread():
 def sl(golden_dir) -> Path:
     """The SpeechLLM golden fixture (tiny Zipformers + tiny Qwen2 + the recipe's checkpoints)."""
     return golden_dir / "speechllm"
+
+
+class QuickDemo:
+    """One run of ``src/demo.py --quick`` (its trained model, result files and output), shared by
+    tests/test_demo.py and the tests that need a trained small model (long recordings)."""
+
+    def __init__(self, exp_dir: Path, work_dir: Path, proc, env):
+        import json
+
+        self.exp_dir, self.work_dir, self.proc, self.env = exp_dir, work_dir, proc, env
+        self.output = proc.stdout + proc.stderr
+        results = exp_dir / "results.json"
+        self.result = json.loads(results.read_text()) if results.is_file() else None
+
+
+@pytest.fixture(scope="session")
+def quick_demo(tmp_path_factory, repo_dir) -> QuickDemo:
+    """Trains the quick demo once per session (3-10 min on 2 CPU cores). The test that owns it
+    (test_demo.py::test_quick_demo_learns) checks its exit status and output; the others need
+    its model and fail with the demo's output if it did not run through."""
+    import subprocess
+    import sys
+
+    from tests.helpers import require_binary
+
+    require_binary("espeak-ng")
+    require_binary("sox")
+    root = tmp_path_factory.mktemp("quick_demo")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    proc = subprocess.run(
+        [sys.executable, str(repo_dir / "src" / "demo.py"), "--quick", "--exp-dir", str(root / "exp"),
+         "--work-dir", str(root / "work")],
+        cwd=str(repo_dir), env=env, capture_output=True, text=True, timeout=1500,
+    )
+    return QuickDemo(root / "exp", root / "work", proc, env)

@@ -14,21 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import require_binary
 
 
 @pytest.mark.timeout(1500)  # 3-10 min on 2 CPU cores (pytest.ini's default limit is 300 s)
-def test_quick_demo_learns(repo_dir, tmp_path):
-    require_binary("espeak-ng")
-    require_binary("sox")
-    exp_dir = tmp_path / "exp"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, str(repo_dir / "src" / "demo.py"), "--quick", "--exp-dir", str(exp_dir),
-         "--work-dir", str(tmp_path / "work")],
-        cwd=str(repo_dir), env=env, capture_output=True, text=True, timeout=1500,
-    )
-    out = proc.stdout + proc.stderr
+def test_quick_demo_learns(repo_dir, tmp_path, quick_demo):
+    proc, exp_dir, env = quick_demo.proc, quick_demo.exp_dir, quick_demo.env
+    out = quick_demo.output
     assert proc.returncode == 0, out[-6000:]
 
     result = json.loads((exp_dir / "results.json").read_text())
