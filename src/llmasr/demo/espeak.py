@@ -675,107 +675,21 @@ def make_espeak_corpus(
     Existing audio files are kept (re-running is cheap); the transcripts and ``espeak_corpus.json``
     (speakers, voices, arguments) are rewritten.
     """
-    if lang not in ("en", "cmn"):
-        raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
-    fractions = {"markov_fraction": markov_fraction, "common_fraction": common_fraction, "llm_fraction": llm_fraction}
-    if min(fractions.values()) < 0 or sum(fractions.values()) > 1:
-        raise ValueError(f"{fractions}: the text fractions must be >= 0 with a sum <= 1")
-    if llm_fraction > 0 and (lang != "en" or llm_path is None):
-        raise ValueError("llm_fraction: the LLM-sampled text is English and needs llm_path")
-    if num_train_extra and lang != "en":
-        raise ValueError("num_train_extra: the AISHELL layout has a single training subset")
-    if markov_fraction > 0 and lang != "en":
-        raise ValueError("markov_fraction: the Markov text is English; the Mandarin corpus has templates only")
+    _check_corpus_args(lang, markov_fraction, common_fraction, llm_fraction, llm_path, num_train_extra)
     _check_tools()
     num_dev = num_test if num_dev is None else num_dev
     num_test_other = (num_test if num_test_other is None else num_test_other) if lang == "en" else 0
     rng = random.Random(f"llmasr-espeak-{lang}-{seed}")
     out_dir = Path(out_dir)
-
-    if lang == "en":
-        subsets = [("train-clean-100", num_train, False), ("train-clean-360", num_train_extra, False),
-                   ("dev-clean", num_dev, False),
-                   ("test-clean", num_test, False), ("test-other", num_test_other, True)]
-        templates = _en_templates()
-        make = lambda r: _en_sentence(r, templates)  # noqa: E731
-    else:
-        subsets = [("train", num_train, False), ("dev", num_dev, False), ("test", num_test, False)]
-        templates = _zh_templates()
-        make = lambda r: _zh_sentence(r, templates)  # noqa: E731
-    subsets = [s for s in subsets if s[1] > 0]
-
-    # One pool of distinct sentences, split between subsets: test/dev sentences never occur in train.
-    total = sum(n for _, n, _ in subsets)
-    pool = _unique_sentences(rng, make, total)
-    rng.shuffle(pool)
-    texts: Dict[str, List[str]] = {}
-    start = 0
-    for name, n, _ in subsets:
-        texts[name] = pool[start:start + n]
-        start += n
+    subsets, make = _subset_plan(lang, num_train, num_train_extra, num_dev, num_test, num_test_other)
+    texts = _split_sentence_pool(rng, make, subsets)
     if markov_fraction > 0 or common_fraction > 0 or llm_fraction > 0:
-        # Their own RNG: the template sentences, speakers and voices stay those of a template corpus.
-        mrng = random.Random(f"llmasr-markov-{lang}-{seed}")
-        taken = set(pool)
-        mixed = [(name, n) for name, n, _ in subsets if name.startswith(("train", "dev"))]
-        llm_text: List[str] = []
-        if llm_fraction > 0:
-            # the held-out open-domain sentences are banned too: that test set must not change
-            llm_text = cached_everyday_sentences(out_dir / f"llm_text-{seed}.txt", llm_path,
-                                                 sum(round(llm_fraction * n) for _, n in mixed), seed=seed,
-                                                 exclude=sorted(taken.union(EN_OPEN_DOMAIN)))
-            taken.update(llm_text)
-        for name, n in mixed:
-            k, c, m = round(markov_fraction * n), round(common_fraction * n), round(llm_fraction * n)
-            extra, llm_text = llm_text[:m], llm_text[m:]
-            extra += _unique_sentences(mrng, lambda r: markov_sentence(r, max_words=markov_max_words), k,
-                                       exclude=taken)
-            extra += _unique_sentences(mrng, lambda r: common_words_sentence(r, "en" if lang == "en" else "zh"),
-                                       c, exclude=taken)
-            taken.update(extra)
-            texts[name] = texts[name][:n - k - c - m] + extra
-            rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
-            rng_mix.shuffle(texts[name])
-    train_set = {t for name, _, _ in subsets if name.startswith("train") for t in texts[name]}
-    for name, _, _ in subsets:
-        if not name.startswith("train"):
-            overlap = train_set.intersection(texts[name])
-            assert not overlap, f"{name} shares sentences with the training subsets: {sorted(overlap)[:3]}"
+        _mix_in_open_text(texts, subsets, lang, seed, out_dir, markov_fraction, markov_max_words,
+                          common_fraction, llm_fraction, llm_path)
+    _check_no_train_overlap(texts, subsets)
 
-    used_voices: set = set()
-    spk_counter = iter(range(2, 100000))
-    used_ids: set = set()
-
-    def new_en_id() -> str:
-        while True:
-            i = str(rng.randint(100, 9999))
-            if i not in used_ids:
-                used_ids.add(i)
-                return i
-
-    def new_zh_id() -> str:
-        return f"S{next(spk_counter):04d}"
-
-    utts: List[Utterance] = []
     root = out_dir / ("LibriSpeech" if lang == "en" else "aishell")
-    for name, n, hard in subsets:
-        num_spk = max(1, math.ceil(n / utts_per_speaker))
-        speakers = _make_speakers(rng, lang, num_spk, hard, used_voices,
-                                  new_en_id if lang == "en" else new_zh_id,
-                                  variants=_VARIANTS + (_EXTRA_TRAIN_VARIANTS if more_voices else ()))
-        for i, text in enumerate(texts[name]):
-            spk = speakers[i % num_spk]
-            k = i // num_spk  # index of this utterance within its speaker
-            if lang == "en":
-                chapter = str(int(hashlib.md5(f"{seed}-{spk.id}".encode()).hexdigest()[:6], 16) % 190000 + 10000)
-                uid = f"{spk.id}-{chapter}-{k:04d}"
-                path = root / name / spk.id / chapter / f"{uid}.flac"
-                utts.append(Utterance(uid, name, spk, text.upper(), text, path))
-            else:
-                uid = f"BAC009{spk.id}W{k + 1:04d}"
-                path = root / "data_aishell" / "wav" / name / spk.id / f"{uid}.wav"
-                utts.append(Utterance(uid, name, spk, " ".join(text), text, path))
-
+    utts = _corpus_utterances(rng, lang, subsets, texts, root, seed, utts_per_speaker, more_voices)
     num_jobs = num_jobs or min(8, os.cpu_count() or 1)
     logging.info(f"synthesising {len(utts)} utterances ({lang}) with {num_jobs} jobs into {root}")
     # Each task runs two external processes (espeak-ng | sox), so worker threads already give
@@ -794,6 +708,122 @@ def make_espeak_corpus(
     }
     atomic_write_json(root / "espeak_corpus.json", meta, indent=1, ensure_ascii=False)
     return root
+
+
+def _check_corpus_args(lang, markov_fraction, common_fraction, llm_fraction, llm_path, num_train_extra) -> None:
+    if lang not in ("en", "cmn"):
+        raise ValueError(f"lang must be 'en' or 'cmn', got {lang!r}")
+    fractions = {"markov_fraction": markov_fraction, "common_fraction": common_fraction, "llm_fraction": llm_fraction}
+    if min(fractions.values()) < 0 or sum(fractions.values()) > 1:
+        raise ValueError(f"{fractions}: the text fractions must be >= 0 with a sum <= 1")
+    if llm_fraction > 0 and (lang != "en" or llm_path is None):
+        raise ValueError("llm_fraction: the LLM-sampled text is English and needs llm_path")
+    if num_train_extra and lang != "en":
+        raise ValueError("num_train_extra: the AISHELL layout has a single training subset")
+    if markov_fraction > 0 and lang != "en":
+        raise ValueError("markov_fraction: the Markov text is English; the Mandarin corpus has templates only")
+
+
+def _subset_plan(lang, num_train, num_train_extra, num_dev, num_test, num_test_other):
+    """``([(subset, size, hard voices)], template sentence maker)`` of the non-empty subsets."""
+    if lang == "en":
+        subsets = [("train-clean-100", num_train, False), ("train-clean-360", num_train_extra, False),
+                   ("dev-clean", num_dev, False),
+                   ("test-clean", num_test, False), ("test-other", num_test_other, True)]
+        templates = _en_templates()
+        make = lambda r: _en_sentence(r, templates)  # noqa: E731
+    else:
+        subsets = [("train", num_train, False), ("dev", num_dev, False), ("test", num_test, False)]
+        templates = _zh_templates()
+        make = lambda r: _zh_sentence(r, templates)  # noqa: E731
+    return [s for s in subsets if s[1] > 0], make
+
+
+def _split_sentence_pool(rng: random.Random, make, subsets) -> Dict[str, List[str]]:
+    """One pool of distinct template sentences, split between subsets: test/dev sentences never
+    occur in train."""
+    total = sum(n for _, n, _ in subsets)
+    pool = _unique_sentences(rng, make, total)
+    rng.shuffle(pool)
+    texts: Dict[str, List[str]] = {}
+    start = 0
+    for name, n, _ in subsets:
+        texts[name] = pool[start:start + n]
+        start += n
+    return texts
+
+
+def _mix_in_open_text(texts, subsets, lang, seed, out_dir: Path, markov_fraction, markov_max_words,
+                      common_fraction, llm_fraction, llm_path) -> None:
+    """Replace those shares of the train/dev sentences (in place) by Markov text, common-word
+    sequences and LLM-sampled everyday sentences."""
+    # Their own RNG: the template sentences, speakers and voices stay those of a template corpus.
+    mrng = random.Random(f"llmasr-markov-{lang}-{seed}")
+    taken = {t for v in texts.values() for t in v}
+    mixed = [(name, n) for name, n, _ in subsets if name.startswith(("train", "dev"))]
+    llm_text: List[str] = []
+    if llm_fraction > 0:
+        # the held-out open-domain sentences are banned too: that test set must not change
+        llm_text = cached_everyday_sentences(out_dir / f"llm_text-{seed}.txt", llm_path,
+                                             sum(round(llm_fraction * n) for _, n in mixed), seed=seed,
+                                             exclude=sorted(taken.union(EN_OPEN_DOMAIN)))
+        taken.update(llm_text)
+    for name, n in mixed:
+        k, c, m = round(markov_fraction * n), round(common_fraction * n), round(llm_fraction * n)
+        extra, llm_text = llm_text[:m], llm_text[m:]
+        extra += _unique_sentences(mrng, lambda r: markov_sentence(r, max_words=markov_max_words), k,
+                                   exclude=taken)
+        extra += _unique_sentences(mrng, lambda r: common_words_sentence(r, "en" if lang == "en" else "zh"),
+                                   c, exclude=taken)
+        taken.update(extra)
+        texts[name] = texts[name][:n - k - c - m] + extra
+        rng_mix = random.Random(f"llmasr-mix-{name}-{seed}")
+        rng_mix.shuffle(texts[name])
+
+
+def _check_no_train_overlap(texts, subsets) -> None:
+    train_set = {t for name, _, _ in subsets if name.startswith("train") for t in texts[name]}
+    for name, _, _ in subsets:
+        if not name.startswith("train"):
+            overlap = train_set.intersection(texts[name])
+            assert not overlap, f"{name} shares sentences with the training subsets: {sorted(overlap)[:3]}"
+
+
+def _corpus_utterances(rng, lang, subsets, texts, root: Path, seed, utts_per_speaker, more_voices) -> List["Utterance"]:
+    """Speakers for every subset and the utterance (id, text, audio path) of every sentence."""
+    used_voices: set = set()
+    spk_counter = iter(range(2, 100000))
+    used_ids: set = set()
+
+    def new_en_id() -> str:
+        while True:
+            i = str(rng.randint(100, 9999))
+            if i not in used_ids:
+                used_ids.add(i)
+                return i
+
+    def new_zh_id() -> str:
+        return f"S{next(spk_counter):04d}"
+
+    utts: List[Utterance] = []
+    for name, n, hard in subsets:
+        num_spk = max(1, math.ceil(n / utts_per_speaker))
+        speakers = _make_speakers(rng, lang, num_spk, hard, used_voices,
+                                  new_en_id if lang == "en" else new_zh_id,
+                                  variants=_VARIANTS + (_EXTRA_TRAIN_VARIANTS if more_voices else ()))
+        for i, text in enumerate(texts[name]):
+            spk = speakers[i % num_spk]
+            k = i // num_spk  # index of this utterance within its speaker
+            if lang == "en":
+                chapter = str(int(hashlib.md5(f"{seed}-{spk.id}".encode()).hexdigest()[:6], 16) % 190000 + 10000)
+                uid = f"{spk.id}-{chapter}-{k:04d}"
+                path = root / name / spk.id / chapter / f"{uid}.flac"
+                utts.append(Utterance(uid, name, spk, text.upper(), text, path))
+            else:
+                uid = f"BAC009{spk.id}W{k + 1:04d}"
+                path = root / "data_aishell" / "wav" / name / spk.id / f"{uid}.wav"
+                utts.append(Utterance(uid, name, spk, " ".join(text), text, path))
+    return utts
 
 
 HELDOUT_SETS = ("novel_shape", "open_domain")
