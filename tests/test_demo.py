@@ -98,32 +98,67 @@ def check_transcribe(repo_dir, tmp_path, result, decode_dir, env):
     assert ours["resampled"], lines[0]
 
 
-def test_plot_reads_the_training_log_and_writes_a_png(tmp_path):
-    from llmasr.demo.plotting import plot_training_curves, read_train_losses
+def test_curves_plot_the_metrics_file_records_and_every_test_set(tmp_path):
+    """curves.png from records written through the training's own writer: the warm-up's aux CTC
+    loss, the LLM stage's running loss and validation loss, every test set's rate per epoch with
+    its reference line; the figure holds exactly these points."""
+    import math
 
-    log = tmp_path / "log-train-2026-01-01"
-    log.write_text(
-        "2026-01-01 10:00:00,000 INFO [loop.py:245] Epoch 1, batch 1 (global 1), loss[loss=4.5, acc=0.1, tokens=90], "
-        "tot_loss[loss=4.5, acc=0.1, tokens=90], batch size 8, lr 5.00e-04, 1.3% of epoch, 1.2s/batch\n"
-        "2026-01-01 10:00:10,000 INFO [loop.py:245] Epoch 1, batch 10 (global 10), loss[loss=2.0, acc=0.5, aux_ctc=1.2, "
-        "tokens=90], tot_loss[loss=3.1, acc=0.3, aux_ctc=1.5, tokens=800], batch size 8, lr 5.00e-04\n"
-        "2026-01-01 10:01:00,000 INFO [recipe.py:470] Epoch 1 done: train loss 2.1\n"
-        "2026-01-01 10:01:05,000 INFO [loop.py:289] Epoch 1, global batch 75, validation: loss=6.5, acc=0.2, "
-        "tokens=93 (0.1s)\n"
-        "2026-01-01 10:01:10,000 INFO [loop.py:245] Epoch 2, batch 5 (global 80), loss[loss=0.9, acc=0.8], "
-        "tot_loss[loss=1.2, acc=0.7], batch size 8\n"
-    )
-    assert read_train_losses([log]) == [(1, 4.5), (10, 3.1), (80, 1.2)]
-    assert read_train_losses([log], prefer_tot_loss=False) == [(1, 4.5), (10, 2.0), (80, 0.9)]
-    assert read_train_losses([log], key="acc") == [(1, 0.1), (10, 0.3), (80, 0.7)]
-    assert read_train_losses([log], key="aux_ctc") == [(10, 1.5)]
-    out = plot_training_curves(tmp_path / "curves.png", read_train_losses([log]), [(0, 290.0), (80, 35.0)],
-                               reference={"zero-shot Whisper-base": 42.0})
+    from llmasr.demo.plotting import curve_series, draw_curves, plot_training_curves
+    from llmasr.training.logs import METRICS_FILE, MetricsFile, read_metrics
+
+    mf = MetricsFile(tmp_path / METRICS_FILE, rank=0)
+    for step, loss in ((50, 9.0), (100, 6.5)):
+        mf.write("warmup", 0, step, lr=1e-3, loss=loss, aux_ctc=loss)
+    mf.write("train", 1, 10, lr=5e-4, loss=3.0, tot_loss=3.5, acc=0.2, utterances=8)
+    mf.write("train", 1, 20, lr=5e-4, loss=math.nan, tot_loss=math.nan)  # a skipped batch: no point
+    mf.write("train", 1, 30, lr=5e-4, loss=1.5, tot_loss=2.25, acc=0.5)
+    mf.write("valid", 1, 30, loss=2.75)
+    mf.write("train", 2, 40, lr=4e-4, loss=1.0)  # (no running loss: the batch's own)
+    rates = {"template": [(1, 60.0), (0, 331.0)], "novel_shape": [(1, 80.0)], "open_domain": [(1, 95.5)]}
+    reference = {"template": 42.0, "novel_shape": 30.0, "open_domain": 20.0, "unused": 1.0}
+    series = curve_series(read_metrics(tmp_path), rates, reference)
+    assert series == {
+        "warmup": [(50, 9.0), (100, 6.5)],
+        "train": [(10, 3.5), (30, 2.25), (40, 1.0)],
+        "valid": [(30, 2.75)],
+        "rates": {"template": [(0, 331.0), (1, 60.0)], "novel_shape": [(1, 80.0)], "open_domain": [(1, 95.5)]},
+        "reference": {"template": 42.0, "novel_shape": 30.0, "open_domain": 20.0},
+    }
+
+    import matplotlib.pyplot as plt
+
+    fig = draw_curves(series, "WER")
+    try:
+        warm, llm, wer = fig.axes
+        assert [(ax.get_title(), ax.get_xlabel()) for ax in fig.axes] == [
+            ("projector warm-up", "warm-up step"), ("LLM stage (projector + LoRA)", "training batch"),
+            ("test-set WER per epoch (0: untrained)", "epoch")]
+
+        def lines(ax):
+            return {line.get_label(): list(zip(line.get_xdata(), line.get_ydata())) for line in ax.get_lines()}
+
+        assert lines(warm) == {"aux CTC loss": [(50, 9.0), (100, 6.5)]}
+        assert lines(llm) == {"training loss (running)": [(10, 3.5), (30, 2.25), (40, 1.0)],
+                              "validation loss": [(30, 2.75)]}
+        drawn = lines(wer)
+        for name, pts in series["rates"].items():
+            assert drawn[name] == pts
+            (ref_line,) = [v for k, v in drawn.items() if k.startswith(f"{name}, zero-shot Whisper-base:")]
+            assert {y for _, y in ref_line} == {reference[name]}
+        assert len(drawn) == 6
+    finally:
+        plt.close(fig)
+
+    out = plot_training_curves(tmp_path / "curves.png", series, title="demo")
     data = out.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
     assert not list(tmp_path.glob("*.tmp*"))
+    # Without a warm-up (a config with none) its panel is left out.
+    assert len(draw_curves({**series, "warmup": []}).axes) == 2
+    plt.close("all")
     with pytest.raises(ValueError, match="nothing to plot"):
-        plot_training_curves(tmp_path / "empty.png", [], [])
+        plot_training_curves(tmp_path / "empty.png", curve_series([], {}))
 
 
 def test_decode_gets_every_model_flag_that_training_and_decode_share():

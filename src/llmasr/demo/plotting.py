@@ -1,131 +1,133 @@
-"""Training-curve plots: training loss and held-out error rate over training, one PNG.
+"""The demo's ``curves.png``: the projector warm-up's aux CTC loss, the LLM stage's loss, and the
+error rate of every test set per epoch against a reference system (zero-shot Whisper-base).
 
-Input comes from what every training run already writes:
+Input is structured: the records of the metrics file training writes
+(:func:`llmasr.training.logs.read_metrics`) and the error rates decode wrote.
 
-- the training log ``<exp-dir>/log/log-train-*`` (lines with ``batch <global batch>`` ... ``loss``),
-  read by :func:`read_train_losses`, or any list of ``(batch, loss)`` points;
-- error rates measured at some global batches (``(batch, rate)``), e.g. from decoding epoch
-  checkpoints.
-
-    from llmasr.demo.plotting import plot_training_curves
-    plot_training_curves("exp/demo/curves.png", losses=[(10, 3.1), ...], wers=[(0, 350.0), (75, 40.0)],
-                         reference={"Whisper-base zero-shot": 42.0})
+    from llmasr.demo.plotting import curve_series, plot_training_curves
+    series = curve_series(read_metrics(exp_dir), {"template": [(0, 331.0), (1, 60.0)]}, {"template": 42.0})
+    plot_training_curves("exp/demo/curves.png", series)
 
 matplotlib runs with the non-interactive Agg backend (no display needed); the file is written
 atomically.
 """
 from __future__ import annotations
 
+import math
 import os
-import re
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from llmasr.io import atomic_write
 
 PathLike = Union[str, os.PathLike]
-
-# The training loop (llmasr.training.loop) logs e.g.
-#   "Epoch 1, batch 40 (global 115), loss[loss=2.345, acc=0.5, ...], tot_loss[loss=2.5, ...], ..."
-# we take the first "loss=" after "batch N" (the current batch's loss) and the global batch index.
-_BATCH_LOSS = re.compile(r"batch[ =:]*(\d+).*?\bloss[=:\s]+([0-9.eE+-]+|nan|inf)")
-_GLOBAL = re.compile(r"\(global (\d+)\)|batch_idx_train[=:\s]+(\d+)")
+Points = List[Tuple[float, float]]
 
 
-def read_train_losses(
-    log_files: Iterable[PathLike], prefer_tot_loss: bool = True, key: str = "loss"
-) -> List[Tuple[int, float]]:
-    """``(global batch, loss)`` points from training log files.
+def curve_series(records: Sequence[dict], rates: Dict[str, Points],
+                 reference: Optional[Dict[str, float]] = None) -> Dict[str, object]:
+    """What :func:`plot_training_curves` draws, from metrics-file records and error rates.
 
-    A line counts when it has ``batch <n>`` followed by ``loss=<x>`` (validation lines do not). With ``prefer_tot_loss`` the
-    running average ``tot_loss[loss=...]`` is used when present (smoother curve). ``key`` picks
-    another logged metric instead of ``loss`` (e.g. ``aux_ctc``, ``acc``). If a line carries
-    ``(global <n>)`` or ``batch_idx_train=<n>`` that global index is used, else the ``batch``
-    number. Sorted by batch.
-    """
-    points: Dict[int, float] = {}
-    for f in log_files:
-        for line in Path(f).read_text(errors="replace").splitlines():
-            m = _BATCH_LOSS.search(line)
-            if m is None or "validation:" in line:  # the validation loss is not a training point
-                continue
-            batch = int(m.group(1))
-            g = _GLOBAL.search(line)
-            if g is not None:
-                batch = int(g.group(1) or g.group(2))
-            value = m.group(2)
-            if key != "loss":
-                value = None
-                cur = re.search(r"(?<!tot_)loss\[[^\]]*\b" + re.escape(key) + r"=([0-9.eE+-]+)", line)
-                if cur is not None:
-                    value = cur.group(1)
-            if prefer_tot_loss:
-                t = re.search(r"tot_loss\[[^\]]*\b" + re.escape(key) + r"=([0-9.eE+-]+)", line)
-                if t is not None:
-                    value = t.group(1)
-            if value is None:
-                continue
-            try:
-                points[batch] = float(value)
-            except ValueError:
-                continue
-    return sorted(points.items())
+    ``rates``: ``{test set: [(epoch, rate in %)]}`` (epoch 0: before training); ``reference``:
+    ``{test set: rate}`` of the system to beat. Returns ``warmup`` ``[(step, aux CTC loss)]``,
+    ``train`` ``[(global batch, running loss)]`` (``tot_loss``, else the batch's ``loss``),
+    ``valid`` ``[(global batch, loss)]``, ``rates`` and ``reference`` (sets with rates only).
+    Non-finite losses (skipped batches) are left out."""
+    def points(stage: str, key: str) -> Points:
+        out = []
+        for r in records:
+            if r["stage"] == stage:
+                value = r.get(key, r["loss"])
+                if math.isfinite(value):
+                    out.append((r["batch"], value))
+        return out
+
+    rates = {name: sorted(pts) for name, pts in rates.items() if pts}
+    return {
+        "warmup": points("warmup", "loss"),
+        "train": points("train", "tot_loss"),
+        "valid": points("valid", "loss"),
+        "rates": rates,
+        "reference": {name: v for name, v in (reference or {}).items() if name in rates},
+    }
 
 
-def plot_training_curves(
-    out_path: PathLike,
-    losses: Sequence[Tuple[float, float]],
-    wers: Sequence[Tuple[float, float]] = (),
-    reference: Optional[Dict[str, float]] = None,
-    metric: str = "WER",
-    x_label: str = "training batch",
-    title: Optional[str] = None,
-    aux_losses: Sequence[Tuple[float, float]] = (),
-) -> Path:
-    """Write a PNG with the training loss (left axis, log scale) and the held-out error rate in %
-    (right axis, markers), plus horizontal reference lines (e.g. a zero-shot baseline)."""
+def draw_curves(series: Dict[str, object], metric: str = "WER", title: Optional[str] = None,
+                reference_name: str = "zero-shot Whisper-base"):
+    """The matplotlib figure of ``series`` (:func:`curve_series`): one panel per non-empty part."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    if not losses and not wers:
+    panels = [p for p, keys in (("warmup", ("warmup",)), ("llm", ("train", "valid")), ("rates", ("rates",)))
+              if any(series[k] for k in keys)]
+    if not panels:
         raise ValueError("nothing to plot: no loss and no error-rate points")
-    out_path = Path(out_path)
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    handles = []
-    if losses:
-        xs, ys = zip(*losses)
-        (h,) = ax.plot(xs, ys, color="tab:blue", lw=1.5, label="training loss (LLM cross-entropy)")
-        handles.append(h)
-    if aux_losses:
-        xs, ys = zip(*aux_losses)
-        (h,) = ax.plot(xs, ys, color="tab:cyan", lw=1.0, ls="--", label="projector aux CTC loss")
-        handles.append(h)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.2), dpi=110, squeeze=False)
+    for ax, panel in zip(axes[0], panels):
+        if panel == "warmup":
+            _loss_panel(ax, "projector warm-up", "warm-up step", [("aux CTC loss", series["warmup"], "tab:cyan", "-")])
+        elif panel == "llm":
+            _loss_panel(ax, "LLM stage (projector + LoRA)", "training batch",
+                        [("training loss (running)", series["train"], "tab:blue", "-"),
+                         ("validation loss", series["valid"], "tab:orange", "o")])
+        else:
+            _rates_panel(ax, series["rates"], series["reference"], metric, reference_name)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def _loss_panel(ax, title: str, x_label: str, curves) -> None:
+    for label, pts, color, style in curves:
+        if pts:
+            xs, ys = zip(*pts)
+            if style == "o":
+                ax.plot(xs, ys, color=color, marker="o", ls="", label=label)
+            else:
+                ax.plot(xs, ys, color=color, lw=1.5, label=label)
+    ys = [y for _, pts, _, _ in curves for _, y in pts]
+    if ys and min(ys) > 0:
+        ax.set_yscale("log")
+    ax.set_title(title, fontsize=9)
     ax.set_xlabel(x_label)
     ax.set_ylabel("loss")
-    if losses and min(y for _, y in losses) > 0:
-        ax.set_yscale("log")
     ax.grid(alpha=0.3)
-    if wers:
-        ax2 = ax.twinx()
-        xs, ys = zip(*wers)
-        (h,) = ax2.plot(xs, ys, color="tab:red", marker="o", lw=1.5, label=f"held-out {metric} (%)")
-        handles.append(h)
-        for x, y in wers:
-            ax2.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
-                         fontsize=8, color="tab:red")
-        styles = iter(["--", ":", "-."])
-        for name, value in (reference or {}).items():
-            h = ax2.axhline(value, color="tab:gray", ls=next(styles, "--"), lw=1.0, label=f"{name}: {value:.1f}%")
-            handles.append(h)
-        ax2.set_ylabel(f"{metric} (%)")
-        top = max(list(ys) + list((reference or {}).values()))
-        ax2.set_ylim(0, min(top * 1.15 + 1, max(top * 1.15, 110)))
-    ax.legend(handles=handles, loc="upper right", fontsize=8)
-    if title:
-        ax.set_title(title, fontsize=10)
-    fig.tight_layout()
+    ax.legend(fontsize=8, loc="upper right")
+
+
+def _rates_panel(ax, rates: Dict[str, Points], reference: Dict[str, float], metric: str, reference_name: str) -> None:
+    colors = iter(["tab:red", "tab:green", "tab:purple", "tab:brown", "tab:olive"])
+    top = 0.0
+    for name, pts in rates.items():
+        color = next(colors, "tab:gray")
+        xs, ys = zip(*pts)
+        ax.plot(xs, ys, color=color, marker="o", lw=1.5, label=f"{name}")
+        for x, y in pts:
+            ax.annotate(f"{y:.1f}", (x, y), textcoords="offset points", xytext=(0, 6), ha="center",
+                        fontsize=7, color=color)
+        if name in reference:
+            ax.axhline(reference[name], color=color, ls="--", lw=1.0,
+                       label=f"{name}, {reference_name}: {reference[name]:.1f}%")
+        top = max([top, *ys, reference.get(name, 0.0)])
+    ax.set_ylim(0, min(top * 1.15 + 1, max(top * 1.15, 110)))
+    ax.set_title(f"test-set {metric} per epoch (0: untrained)", fontsize=9)
+    ax.set_xticks(sorted({x for pts in rates.values() for x, _ in pts}))
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(f"{metric} (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper right")
+
+
+def plot_training_curves(out_path: PathLike, series: Dict[str, object], metric: str = "WER",
+                         title: Optional[str] = None) -> Path:
+    """Write :func:`draw_curves`'s figure of ``series`` as a PNG (atomically)."""
+    fig = draw_curves(series, metric, title)
+    import matplotlib.pyplot as plt
+
+    out_path = Path(out_path)
     try:
         atomic_write(out_path, lambda tmp: fig.savefig(tmp, format="png"))
     finally:
@@ -133,4 +135,4 @@ def plot_training_curves(
     return out_path
 
 
-__all__ = ["read_train_losses", "plot_training_curves"]
+__all__ = ["curve_series", "draw_curves", "plot_training_curves"]
