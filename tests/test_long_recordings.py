@@ -236,3 +236,85 @@ def test_short_file_same_text_with_and_without_vad(sl, golden_inputs, capsys):
     assert exc.value.code == 1
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"cannot read audio file {root / 'notes.wav'} (utterance notes)" in err
+
+
+# --------------------------------------------------------------------------- the quick demo's trained model
+
+
+def long_recording_wer(decode_args, env, out: Path) -> dict:
+    """Transcribes a >= 90 s recording of 30 template sentences and the same sentences as separate
+    files in one src/transcribe.py run; returns the segments, WERs (long-form and per-clip) and the
+    share of sentence starts within 0.5 s of a segment start."""
+    from llmasr.scoring import compute_error_stats, normalize_text
+
+    rec = build_long_recording(out / "rec")
+    seg_file = out / "segments.jsonl"
+    proc = subprocess.run([sys.executable, str(REPO / "src" / "transcribe.py"), *decode_args, "--epoch", "1",
+                           str(rec["long"]), *map(str, rec["clips"]), "--segments", str(seg_file)],
+                          cwd=str(REPO), env=env, capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    hyps = dict(line.split("\t", 1) for line in proc.stdout.splitlines())
+    words = lambda s: normalize_text(s, "en").split()  # noqa: E731
+    clip_ids = [p.stem for p in rec["clips"]]
+    per_clip = compute_error_stats([(u, words(t), words(hyps[u])) for u, t in zip(clip_ids, rec["texts"])])
+    long_form = compute_error_stats([("long", words(" ".join(rec["texts"])), words(hyps["long"]))])
+    segs = [json.loads(line) for line in seg_file.read_text().splitlines()]
+    long_segs = [s for s in segs if s["id"] == "long"]
+    found = sum(any(abs(s["start"] - t) <= 0.5 for s in long_segs) for t in rec["starts"])
+    return {"duration": rec["duration"], "segments": long_segs, "starts_found": found / len(rec["starts"]),
+            "wer_long": long_form.percent, "wer_clips": per_clip.percent, "stderr": proc.stderr}
+
+
+@pytest.mark.timeout(1800)
+def test_long_recording_with_the_quick_demo_model(quick_demo, tmp_path):
+    """Measured on the quick model (RESULTS in the README's "Long recordings")."""
+    assert quick_demo.result is not None, quick_demo.output[-3000:]
+    r = long_recording_wer(quick_demo.result["decode_args"], quick_demo.env, tmp_path)
+    assert r["duration"] >= 90
+    assert max(s["end"] - s["start"] for s in r["segments"]) <= 30.0  # the Whisper encoder's limit
+    assert r["starts_found"] >= 0.8, (r["segments"], r["starts_found"])
+    assert r["wer_long"] <= r["wer_clips"] + 5, (r["wer_long"], r["wer_clips"])
+
+
+@pytest.mark.timeout(600)
+def test_firered_speech2text_splits_files_over_the_limit(golden_dir, tmp_path, capsys):
+    """The released-format AED (golden, random weights) with --max-segment-duration 5: a 10.6 s file
+    of the three golden clips with 1.5 s gaps is decoded as three segments, one per clip; the clips
+    themselves (under the limit) keep the release's results."""
+    import torch
+
+    import firered_speech2text
+
+    root = golden_dir / "firered"
+    exp = torch.load(root / "expected_aed.pt", weights_only=True)
+    gap = np.zeros(24000, dtype=np.float32)
+    parts, spans, pos = [gap], [], len(gap)
+    for u in exp["utts"]:
+        clip = sf.read(str(root / u["wav"]), dtype="float32")[0]
+        parts += [clip, gap]
+        spans.append((pos / 16000, (pos + len(clip)) / 16000))
+        pos += len(clip) + len(gap)
+    sf.write(str(tmp_path / "long.wav"), np.concatenate(parts), 16000, subtype="PCM_16")
+    scp = tmp_path / "wav.scp"
+    scp.write_text(f"long {tmp_path / 'long.wav'}\n" + "".join(f"{u['uttid']} {root / u['wav']}\n" for u in exp["utts"]))
+    seg_file, out = tmp_path / "segments.jsonl", tmp_path / "aed.txt"
+    results = firered_speech2text.main([
+        "--asr-type", "aed", "--model-dir", str(root / "aed"), "--wav-scp", str(scp), "--output", str(out),
+        "--batch-size", "2", "--beam-size", "3", "--nbest", "1", "--decode-max-len", "0",
+        "--softmax-smoothing", "1.25", "--aed-length-penalty", "0.6", "--eos-penalty", "1.0",
+        "--max-segment-duration", "5", "--segments", str(seg_file)])
+    texts = dict(results)
+    assert [u for u, _ in results] == ["long"] + [u["uttid"] for u in exp["utts"]]
+    for u in exp["utts"]:
+        assert texts[u["uttid"]] == u["beam"]["text"]
+    segs = [json.loads(line) for line in seg_file.read_text().splitlines()]
+    long = [s for s in segs if s["id"] == "long"]
+    assert len(long) == 3, long
+    for s, (a, b) in zip(long, spans):
+        assert s["start"] <= a + 0.3 and s["end"] >= b - 0.3 and s["end"] - s["start"] <= 5.0, (s, a, b)
+    assert texts["long"] == " ".join(s["text"] for s in long)
+    assert out.read_text(encoding="utf-8") == "".join(f"{u}\t{t}\n" for u, t in results)
+    with pytest.raises(SystemExit):
+        firered_speech2text.main(["--asr-type", "llm", "--model-dir", str(root / "llm"), "--wav-scp", str(scp),
+                                  "--max-segment-duration", "40"])
+    assert "--max-segment-duration 40 is above FireRedASR-LLM's limit of 30 s" in capsys.readouterr().err
