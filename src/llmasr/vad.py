@@ -226,15 +226,19 @@ def split_long(segments: List[Tuple[float, float]], energy_db: np.ndarray, max_d
                frame: float = FRAME_SECONDS) -> List[Tuple[float, float]]:
     """Cuts every segment longer than ``max_duration`` at its quietest window (lowest ``energy_db``;
     a cut is the middle of that window). The allowed cut points keep every piece within
-    ``max_duration``: for a segment up to twice the limit, those leaving both halves within it;
-    longer ones lose a first piece of between half the limit and the limit."""
+    ``max_duration``: for a segment up to twice the limit, those leaving both halves within it (and
+    no piece under a quarter of the limit or 1 s: an encoder may refuse a tiny input); longer ones
+    lose a first piece of between half the limit and the limit."""
     if max_duration <= 2 * frame:
         raise ValueError(f"max_duration {max_duration} s is below two VAD windows")
+    shortest = min(1.0, max_duration / 4)
     out = []
     for start, end in segments:
         while end - start > max_duration:
-            lo = end - max_duration if end - start <= 2 * max_duration else start + max_duration / 2
-            hi = start + max_duration
+            if end - start <= 2 * max_duration:
+                lo, hi = max(end - max_duration, start + shortest), min(start + max_duration, end - shortest)
+            else:
+                lo, hi = start + max_duration / 2, start + max_duration
             out.append((start, _quietest(energy_db, lo, hi, frame)))
             start = out[-1][1]
         out.append((start, end))

@@ -139,8 +139,9 @@ class FileSegments:
     cut_ids: List[str] = field(default_factory=list)
 
 
-def _file_cut(uid: str, path: Path):
-    """The whole file as one mono cut: channels averaged (lhotse's downmix sums them)."""
+def _file_cut(uid: str, path: Path, say: bool = True):
+    """The whole file as one mono cut: channels averaged (lhotse's downmix sums them); ``say``: log
+    that."""
     from lhotse import Recording
 
     try:
@@ -149,6 +150,8 @@ def _file_cut(uid: str, path: Path):
         raise UserError(f"cannot read audio file {path} (utterance {uid}): {e}") from None
     cut = rec.to_cut()
     if rec.num_channels > 1:
+        if say:
+            logging.info(f"{path}: {rec.num_channels} channels, averaged to mono")
         cut = cut.to_mono(mono_downmix=True).perturb_volume(1.0 / rec.num_channels).with_id(uid)
     return cut
 
@@ -163,8 +166,9 @@ def segment_inputs(items: List[Tuple[str, Path]], args) -> Tuple[List[FileSegmen
     limit = max_segment_duration(args) if args.vad == "silero" else None
     model = vad.load_model() if args.vad == "silero" else None
     start, total, done = time.time(), len(items), 0
+    last = start
     for n, (uid, path) in enumerate(items, start=1):
-        whole = _file_cut(uid, path)
+        whole = _file_cut(uid, path, say=model is None)  # (the VAD says it too)
         entry = FileSegments(uid, path)
         files.append(entry)
         if whole.duration == 0:
@@ -185,7 +189,8 @@ def segment_inputs(items: List[Tuple[str, Path]], args) -> Tuple[List[FileSegmen
             cuts.append(whole if entry.cut_ids[-1] == uid else
                         whole.truncate(offset=a, duration=b - a).with_id(entry.cut_ids[-1]))
         done += whole.duration
-        if model is not None and total > 1 and (n == total or time.time() - start > 30):
+        if model is not None and total > 1 and (n == total or time.time() - last > 30):
+            last = time.time()
             eta = (time.time() - start) / n * (total - n)
             logging.info(f"VAD: {n}/{total} files, {done:.0f} s of audio, {len(cuts)} segments, ETA {eta:.0f} s")
     ids = [c.id for c in cuts]
@@ -221,7 +226,8 @@ def transcribe(args) -> List[Tuple[str, str]]:
         hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
     if args.segments is not None:
         write_segments(args.segments, files, hyps)
-    return [(f.uid, " ".join(t for t in (hyps[c] for c in f.cut_ids) if t)) for f in files]
+    # (a cut the decoder dropped, e.g. NaN features, was logged there and reads as empty)
+    return [(f.uid, " ".join(t for t in (hyps.get(c, "") for c in f.cut_ids) if t)) for f in files]
 
 
 def write_segments(path: Path, files: List[FileSegments], hyps) -> None:
@@ -229,7 +235,8 @@ def write_segments(path: Path, files: List[FileSegments], hyps) -> None:
 
     from llmasr.io import atomic_write_text
 
-    lines = [json.dumps({"id": f.uid, "start": round(a, 3), "end": round(b, 3), "text": hyps[c]}, ensure_ascii=False)
+    lines = [json.dumps({"id": f.uid, "start": round(a, 3), "end": round(b, 3), "text": hyps.get(c, "")},
+                        ensure_ascii=False)
              for f in files for (a, b), c in zip(f.spans, f.cut_ids)]
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(line + "\n" for line in lines))
