@@ -187,7 +187,10 @@ def golden_inputs(sl, tmp_path_factory):
         ["the red taxi is parked near the station", "my sister bought seven green apples",
          "we will meet at the library on monday"])]
     gap = np.zeros(24000, dtype=np.float32)
-    sf.write(str(root / "long.wav"), np.concatenate([gap, said[0], gap, said[1], gap, said[2], gap]), 16000)
+    # the long file at 22.05 kHz in stereo (the right channel silent): segments of a resampled downmix
+    r = vad.StreamResampler(16000, 22050)
+    long = np.concatenate([r(np.concatenate([gap, said[0], gap, said[1], gap, said[2], gap])), r.flush()])
+    sf.write(str(root / "long.wav"), np.stack([long, np.zeros_like(long)], axis=1), 22050)
     sf.write(str(root / "short.wav"), said[0], 16000)
     sf.write(str(root / "silence.wav"), np.zeros(16000, dtype=np.float32), 16000)
     sf.write(str(root / "empty.wav"), np.zeros(0, dtype=np.float32), 16000)
@@ -200,7 +203,7 @@ def test_transcribe_long_file_as_segments(sl, golden_inputs, caplog):
     root = golden_inputs
     seg_file, out_file = root / "segments.jsonl", root / "out.txt"
     files = [root / n for n in ("long.wav", "short.wav", "silence.wav", "empty.wav")]
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.INFO):
         results = transcribe.main(_golden_argv(sl, root / "exp", *files, "--segments", seg_file, "--output", out_file,
                                                "--max-segment-duration", 2.0))
     assert [uid for uid, _ in results] == ["long", "short", "silence", "empty"]
@@ -209,6 +212,8 @@ def test_transcribe_long_file_as_segments(sl, golden_inputs, caplog):
     assert texts["silence"] == texts["empty"] == ""
     assert f"{root / 'silence.wav'} (utterance silence): no speech found, empty transcript" in caplog.text
     assert f"{root / 'empty.wav'} (utterance empty): zero-length audio, empty transcript" in caplog.text
+    assert f"{root / 'long.wav'}: 2 channels, averaged to mono" in caplog.text
+    assert f"{root / 'long.wav'}: 22050 Hz, resampled to 16000 Hz" in caplog.text
     segs = [json.loads(line) for line in seg_file.read_text().splitlines()]
     long = [s for s in segs if s["id"] == "long"]
     # three sentences of 1.9-2.5 s, each padded: cut to pieces of at most 2 s
