@@ -132,6 +132,16 @@ def test_max_segment_duration_defaults_and_refusals():
         transcribe.max_segment_duration(args("--speech-encoder-type", "firered", "--max-segment-duration", "40"))
 
 
+def test_vad_none_refuses_a_file_over_the_encoder_limit(tmp_path):
+    """Before: Whisper's "input has 12516 frames; at most 3000" traceback after loading the model."""
+    path = tmp_path / "long.wav"
+    sf.write(str(path), np.zeros(16000 * 31, dtype=np.float32), 16000)
+    args = transcribe.get_parser().parse_args(["--speech-encoder-type", "whisper", "--vad", "none"])
+    with pytest.raises(UserError, match=rf"{path} \(utterance long\) is 31.0 s long, above the encoder's limit "
+                                        rf"of 30 s: use --vad silero"):
+        transcribe.segment_inputs([("long", path)], args)
+
+
 # --------------------------------------------------------------------------- streaming VAD on speech
 
 

@@ -175,6 +175,9 @@ def segment_inputs(items: List[Tuple[str, Path]], args) -> Tuple[List[FileSegmen
             logging.warning(f"{path} (utterance {uid}): zero-length audio, empty transcript")
             continue
         if model is None:
+            if whole.duration > encoder_limit(args):
+                raise UserError(f"{path} (utterance {uid}) is {whole.duration:.1f} s long, above the encoder's limit "
+                                f"of {encoder_limit(args):g} s: use --vad silero to split it")
             spans = [(0.0, whole.duration)]
         else:
             spans, _ = vad.segment_file(path, limit, args.vad_threshold, args.vad_min_silence,
