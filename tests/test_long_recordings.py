@@ -140,6 +140,10 @@ def test_vad_none_refuses_a_file_over_the_encoder_limit(tmp_path):
     with pytest.raises(UserError, match=rf"{path} \(utterance long\) is 31.0 s long, above the encoder's limit "
                                         rf"of 30 s: use --vad silero"):
         transcribe.segment_inputs([("long", path)], args)
+    for flags, message in ((["--vad-threshold", "1.5"], "--vad-threshold 1.5: a speech probability"),
+                           (["--vad-min-silence", "-1"], "--vad-min-silence -1: seconds, at least 0")):
+        with pytest.raises(UserError, match=message):
+            transcribe.segment_inputs([("long", path)], transcribe.get_parser().parse_args(flags))
 
 
 # --------------------------------------------------------------------------- streaming VAD on speech

@@ -163,6 +163,11 @@ def segment_inputs(items: List[Tuple[str, Path]], args) -> Tuple[List[FileSegmen
     from llmasr import vad
 
     files, cuts = [], []
+    if not 0 < args.vad_threshold < 1:
+        raise UserError(f"--vad-threshold {args.vad_threshold:g}: a speech probability, between 0 and 1")
+    for flag, value in (("--vad-min-silence", args.vad_min_silence), ("--vad-speech-pad", args.vad_speech_pad)):
+        if value < 0:
+            raise UserError(f"{flag} {value:g}: seconds, at least 0")
     limit = max_segment_duration(args) if args.vad == "silero" else None
     model = vad.load_model() if args.vad == "silero" else None
     start, total, done = time.time(), len(items), 0
