@@ -24,6 +24,7 @@ LAYERS = {
     "llmasr.io": 0,
     "llmasr.layers": 0,
     "llmasr.features": 1,
+    "llmasr.vad": 1,
     "llmasr.data": 2,
     "llmasr.encoders": 3,
     "llmasr.projector": 4,

@@ -12,12 +12,20 @@ options) and ``--exp-dir`` + ``--epoch/--avg`` or ``--checkpoint`` are those of 
 features are computed on the fly by the front end of the model's ``--feature-type``; files are
 decoded in batches of up to ``--max-duration`` seconds. The utterance id of a file is its name
 without the extension.
+
+Long recordings (``--vad silero``, the default): each file is split by voice activity detection
+(:mod:`llmasr.vad`) into speech segments of at most ``--max-segment-duration`` seconds; the segments
+of all files are lhotse cuts decoded together in the same batches, and a file's transcript is its
+segments' texts in order (``--segments FILE``: one JSON line per segment). A file that the VAD finds
+a single segment in, and that fits the limit, is decoded whole, as with ``--vad none``.
 """
 from __future__ import annotations
 
 import argparse
 import logging
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Tuple
 
@@ -34,7 +42,28 @@ def get_parser() -> argparse.ArgumentParser:
     g.add_argument("audio", nargs="*", type=Path, help="Audio files (wav, flac, anything soundfile reads).")
     g.add_argument("--wav-scp", type=Path, default=None, help="Kaldi-style list: '<utt-id> <audio path>' per line.")
     g.add_argument("--output", type=Path, default=None, help="Also write the '<utt-id>\\t<text>' lines to this file.")
+    g.add_argument("--segments", type=Path, default=None,
+                   help='Write one JSON line per speech segment: {"id": <utt-id>, "start": s, "end": s, "text": ...}.')
+    add_vad_arguments(parser)
     return parser
+
+
+def add_vad_arguments(parser: argparse.ArgumentParser) -> None:
+    from llmasr import vad
+
+    g = parser.add_argument_group("long recordings (voice activity detection)")
+    g.add_argument("--vad", choices=["silero", "none"], default="silero",
+                   help="silero: split each file into speech segments (silero-vad); none: one utterance per file")
+    g.add_argument("--vad-threshold", type=float, default=vad.THRESHOLD,
+                   help="speech probability that starts a segment (silero's default)")
+    g.add_argument("--vad-min-silence", type=float, default=vad.MIN_SILENCE,
+                   help="seconds of silence that end a segment (silero: 0.1; shorter pauses are inside sentences)")
+    g.add_argument("--vad-speech-pad", type=float, default=vad.SPEECH_PAD,
+                   help="seconds of audio kept around each segment (silero: 0.03)")
+    g.add_argument("--max-segment-duration", type=float, default=None,
+                   help="longest segment in seconds, longer speech is cut at its quietest point (default: the "
+                        "model's: what it was trained on (--max-cut-duration), at most its encoder's limit: "
+                        "Whisper and FireRedASR-LLM 30 s, FireRedASR-AED 60 s)")
 
 
 def read_inputs(audio: List[Path], wav_scp: Path = None) -> List[Tuple[str, Path]]:
@@ -64,16 +93,119 @@ def read_inputs(audio: List[Path], wav_scp: Path = None) -> List[Tuple[str, Path
 
 def make_cuts(items: List[Tuple[str, Path]]):
     """One lhotse cut per whole file (no supervision: nothing to score)."""
-    from lhotse import CutSet, Recording
+    from lhotse import CutSet
 
-    cuts = []
-    for uid, path in items:
-        try:
-            rec = Recording.from_file(path, recording_id=uid)
-        except Exception as e:  # soundfile/audioread say why in their own words
-            raise UserError(f"cannot read audio file {path} (utterance {uid}): {e}") from None
-        cuts.append(rec.to_cut())
-    return CutSet.from_cuts(cuts)
+    return CutSet.from_cuts(_file_cut(uid, path) for uid, path in items)
+
+
+def encoder_limit(args) -> float:
+    """The longest input the model's encoder takes, in seconds (inf: no hard limit)."""
+    from llmasr.encoders.whisper import KNOWN_WHISPER_SIZES
+    from llmasr.recipes.recipe import recipe_of
+
+    recipe = recipe_of(args)
+    if recipe.name == "aed":
+        return 60.0  # FireRedASR's README: AED up to 60 s
+    limits = [float("inf")]
+    for t in recipe.encoder_types(args):
+        if t in ("firered", "firered-conformer"):
+            limits.append(30.0)  # FireRedASR's README: FireRedASR-LLM up to 30 s
+        elif t == "whisper" or t in KNOWN_WHISPER_SIZES:
+            limits.append(30.0)  # Whisper's 3000-frame window
+    return min(limits)
+
+
+def max_segment_duration(args) -> float:
+    """--max-segment-duration, by default the training cuts' limit capped by the encoder's; a value
+    above the encoder's limit is refused."""
+    limit = encoder_limit(args)
+    if args.max_segment_duration is None:
+        return min(limit, getattr(args, "max_cut_duration", None) or 30.0)
+    if args.max_segment_duration > limit:
+        raise UserError(f"--max-segment-duration {args.max_segment_duration:g} is above the encoder's limit of "
+                        f"{limit:g} s")
+    if args.max_segment_duration < 1.0:
+        raise UserError(f"--max-segment-duration {args.max_segment_duration:g}: give at least 1 s")
+    return args.max_segment_duration
+
+
+@dataclass
+class FileSegments:
+    """One input file: its speech segments (start, end in seconds) and their cut ids."""
+
+    uid: str
+    path: Path
+    spans: List[Tuple[float, float]] = field(default_factory=list)
+    cut_ids: List[str] = field(default_factory=list)
+
+
+def _file_cut(uid: str, path: Path, say: bool = True):
+    """The whole file as one mono cut: channels averaged (lhotse's downmix sums them); ``say``: log
+    that."""
+    from lhotse import Recording
+
+    try:
+        rec = Recording.from_file(path, recording_id=uid)
+    except Exception as e:  # soundfile/audioread say why in their own words
+        raise UserError(f"cannot read audio file {path} (utterance {uid}): {e}") from None
+    cut = rec.to_cut()
+    if rec.num_channels > 1:
+        if say:
+            logging.info(f"{path}: {rec.num_channels} channels, averaged to mono")
+        cut = cut.to_mono(mono_downmix=True).perturb_volume(1.0 / rec.num_channels).with_id(uid)
+    return cut
+
+
+def segment_inputs(items: List[Tuple[str, Path]], args) -> Tuple[List[FileSegments], "CutSet"]:
+    """Every file's speech segments as lhotse cuts (``--vad none``: the whole file)."""
+    from lhotse import CutSet
+
+    from llmasr import vad
+
+    files, cuts = [], []
+    if not 0 < args.vad_threshold < 1:
+        raise UserError(f"--vad-threshold {args.vad_threshold:g}: a speech probability, between 0 and 1")
+    for flag, value in (("--vad-min-silence", args.vad_min_silence), ("--vad-speech-pad", args.vad_speech_pad)):
+        if value < 0:
+            raise UserError(f"{flag} {value:g}: seconds, at least 0")
+    limit = max_segment_duration(args) if args.vad == "silero" else None
+    model = vad.load_model() if args.vad == "silero" else None
+    start, total, done = time.time(), len(items), 0
+    last = start
+    for n, (uid, path) in enumerate(items, start=1):
+        whole = _file_cut(uid, path, say=model is None)  # (the VAD says it too)
+        entry = FileSegments(uid, path)
+        files.append(entry)
+        if whole.duration == 0:
+            logging.warning(f"{path} (utterance {uid}): zero-length audio, empty transcript")
+            continue
+        if model is None:
+            if whole.duration > encoder_limit(args):
+                raise UserError(f"{path} (utterance {uid}) is {whole.duration:.1f} s long, above the encoder's limit "
+                                f"of {encoder_limit(args):g} s: use --vad silero to split it")
+            spans = [(0.0, whole.duration)]
+        else:
+            spans, _ = vad.segment_file(path, limit, args.vad_threshold, args.vad_min_silence,
+                                        args.vad_speech_pad, model)
+            if not spans:
+                logging.warning(f"{path} (utterance {uid}): no speech found, empty transcript")
+            elif len(spans) == 1 and whole.duration <= limit:
+                spans = [(0.0, whole.duration)]  # decoded whole: the same text as without the VAD
+        for k, (a, b) in enumerate(spans):
+            entry.spans.append((a, b))
+            entry.cut_ids.append(uid if spans == [(0.0, whole.duration)] else f"{uid}-{k:05d}")
+            cuts.append(whole if entry.cut_ids[-1] == uid else
+                        whole.truncate(offset=a, duration=b - a).with_id(entry.cut_ids[-1]))
+        done += whole.duration
+        if model is not None and total > 1 and (n == total or time.time() - last > 30):
+            last = time.time()
+            eta = (time.time() - start) / n * (total - n)
+            logging.info(f"VAD: {n}/{total} files, {done:.0f} s of audio, {len(cuts)} segments, ETA {eta:.0f} s")
+    ids = [c.id for c in cuts]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"segment id {dup!r} is also a file's utterance id: rename that file or use --wav-scp")
+    return files, CutSet.from_cuts(cuts)
 
 
 def feature_loader(args, cuts):
@@ -91,14 +223,31 @@ def transcribe(args) -> List[Tuple[str, str]]:
     from llmasr.recipes.recipe import recipe_of
 
     items = read_inputs(args.audio, args.wav_scp)
-    cuts = make_cuts(items)
     state_dict, source = load_weights(args, choose_checkpoint(args))
+    files, cuts = segment_inputs(items, args)
     model, _ = load_for_inference(recipe_of(args), args, state_dict, source)
-    decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(items),
-                             **generation_options_from_args(args))
-    # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
-    hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
-    return [(uid, hyps[uid]) for uid, _ in items]
+    hyps = {}
+    if len(cuts):
+        decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(cuts),
+                                 **generation_options_from_args(args))
+        # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
+        hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
+    if args.segments is not None:
+        write_segments(args.segments, files, hyps)
+    # (a cut the decoder dropped, e.g. NaN features, was logged there and reads as empty)
+    return [(f.uid, " ".join(t for t in (hyps.get(c, "") for c in f.cut_ids) if t)) for f in files]
+
+
+def write_segments(path: Path, files: List[FileSegments], hyps) -> None:
+    import json
+
+    from llmasr.io import atomic_write_text
+
+    lines = [json.dumps({"id": f.uid, "start": round(a, 3), "end": round(b, 3), "text": hyps.get(c, "")},
+                        ensure_ascii=False)
+             for f in files for (a, b), c in zip(f.spans, f.cut_ids)]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, "".join(line + "\n" for line in lines))
 
 
 def _main(argv) -> List[Tuple[str, str]]:
