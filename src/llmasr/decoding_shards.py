@@ -1,11 +1,17 @@
 """Decoding at scale: every rank of ``torchrun --nproc-per-node N`` decodes a disjoint share of each
 test set (balanced by duration), and every rank keeps what it finished in a partial file so that a
-killed decode started again with the same command decodes only what is left.
+killed decode started again with the same command decodes only what is left (whole batches of the
+one-process plan: a batch of which any cut is missing from the partial files is decoded again).
 
-Splitting (:func:`shard_cuts`, :func:`balance_by_duration`): cuts are taken longest first (ties by cut
-id) and each goes to the rank with the least audio so far (ties: the lowest rank). The split depends
-only on the cuts and the world size, so every rank computes the same one without talking to the others,
-and the shares' totals end within the longest cut of each other.
+Splitting (:func:`shard_batches`): the ranks share the batches of the one-process decode (the test
+dataloader's sampler, over the whole set), not cuts: every rank then runs exactly the computations a
+single process would, so the result files are byte-identical whatever the model's floating-point
+sensitivity to batch shapes, and also with ``--compat-reference-padding`` (results that depend on the
+batch by design). Batches are taken longest first (ties by position) and each goes to the rank with
+the least audio so far (ties: the lowest rank), :func:`balance_by_duration`; the split depends only on
+the batches and the world size, so every rank computes the same one without talking to the others, and
+the shares' totals end within the longest batch of each other. :func:`shard_cuts` is the same split at
+the level of cuts (for callers that batch each share themselves, e.g. transcription).
 
 Partial files (:class:`PartialResults`): ``<decode dir>/.partial/<set>-rank<R>.jsonl``, a header line
 ``{"fingerprint": ...}`` (the checkpoint files, the options and the manifest: see
@@ -40,8 +46,8 @@ import torch.distributed as dist
 
 from llmasr.config import UserError
 
-__all__ = ["DecodeShard", "PartialResults", "balance_by_duration", "fingerprint", "shard_cuts",
-           "world_from_env"]
+__all__ = ["DecodeShard", "PartialResults", "balance_by_duration", "fingerprint", "pending_batches",
+           "shard_batches", "shard_cuts", "world_from_env"]
 
 PARTIAL_DIR = ".partial"
 
@@ -83,6 +89,27 @@ def shard_cuts(cuts, rank: int, world_size: int, log_shares: bool = False):
         return c.id in mine
 
     return cuts.filter(in_share)
+
+
+def shard_batches(batches: Sequence, rank: int, world_size: int, log_shares: bool = False) -> List:
+    """The batches (lhotse CutSets, in the order given) that rank ``rank`` decodes: whole batches of
+    the one-process plan, balanced by their audio (:func:`balance_by_duration`). Every rank then runs
+    exactly the computations of a one-process decode, so the results are the same bit for bit,
+    whatever the model's numerics (and with --compat-reference-padding, whose results depend on the
+    batch). ``log_shares``: log every rank's share (batches, cuts, seconds)."""
+    durations = [(str(i), float(sum(c.duration for c in b))) for i, b in enumerate(batches)]
+    shares = balance_by_duration(durations, world_size)
+    if log_shares:
+        for r, ids in enumerate(shares):
+            picked = [batches[int(i)] for i in ids]
+            logging.info(f"rank {r} of {world_size}: {len(picked)} batches, {sum(len(b) for b in picked)} cuts, "
+                         f"{sum(durations[int(i)][1] for i in ids):.1f} s")
+    return [batches[int(i)] for i in shares[rank]]
+
+
+def pending_batches(batches: Sequence, done: set) -> List:
+    """The batches with a cut that ``done`` (the ids in the partial files) does not hold."""
+    return [b for b in batches if any(c.id not in done for c in b)]
 
 
 def world_from_env() -> Tuple[int, int, int]:

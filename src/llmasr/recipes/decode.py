@@ -395,13 +395,21 @@ def _too_short(args, model, encoder_feature_types, cuts) -> Tuple[int, List[Tupl
     return num_cuts, skipped
 
 
+def _loader_over(full, batches):
+    """A dataloader like ``full`` (llmasr.data's test dataloader) giving only ``batches``, the
+    CutSets its sampler yielded."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(full.dataset, sampler=batches, batch_size=None, num_workers=full.num_workers)
+
+
 def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts, decode_dir, suffix,
                      partial=None) -> Optional[float]:
     """Decode and score one test set (its result files in ``decode_dir``); returns its error rate.
     ``partial`` (llmasr.decoding_shards.PartialResults): this rank decodes its share of the cuts
     that earlier runs' partial files do not hold, appending each batch to its partial file; rank 0
     gathers everything and writes the result files; other ranks return None."""
-    from llmasr.decoding_shards import DecodeShard, shard_cuts
+    from llmasr.decoding_shards import DecodeShard, pending_batches, shard_batches
     from llmasr.scoring import write_results
 
     # 5. decode + score
@@ -415,18 +423,20 @@ def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cut
     done = partial.load()  # (cut ids finished by earlier runs)
     short = {cut_id for cut_id, _ in skipped}
 
-    def to_decode(c) -> bool:
-        return c.id not in short and c.id not in done
+    def decodable(c) -> bool:
+        return c.id not in short
 
-    todo = cuts.filter(to_decode) if short or done else cuts
-    num_todo = num_cuts - len(short) - len(done)
-    logging.info(f"decoding {name}: {num_todo} cuts" + (f" ({len(done)} decoded before)" if done else ""))
-    mine = shard_cuts(todo, shard.rank, shard.world_size, log_shares=shard.world_size > 1) if num_todo else []
-    num_mine = sum(1 for _ in mine) if shard.world_size > 1 else num_todo
+    # The one-process plan of batches; ranks and restarts decode whole batches of it.
+    full = data.test_dataloader(cuts.filter(decodable) if short else cuts) if len(short) < num_cuts else None
+    batches = pending_batches(list(full.sampler) if full is not None else [], done)
+    logging.info(f"decoding {name}: {sum(len(b) for b in batches)} cuts"
+                 + (f" ({len(done)} decoded before)" if done else ""))
+    mine = shard_batches(batches, shard.rank, shard.world_size, log_shares=shard.is_main and shard.world_size > 1)
+    num_mine = sum(len(b) for b in mine)
     results, dropped, error = [], [], None
     try:
         partial.open()
-        loader = data.test_dataloader(mine) if num_mine else []
+        loader = _loader_over(full, mine) if mine else []
         for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_mine, skipped=dropped,
                                                on_batch=partial.commit, **gen):
             # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
