@@ -171,6 +171,30 @@ def test_killed_decode_resumes_on_two_ranks_with_the_same_files(sl, tmp_path):
     assert [r["id"] for r in after[first]][:k] == before[first]
 
 
+@pytest.mark.timeout(600)
+def test_a_failing_rank_stops_the_other_naming_it(sl, tmp_path):
+    """A feature file that cannot be read fails the rank whose batch holds it; the other rank stops
+    too (not waiting for the collective timeout), with one line naming the failed rank and the cut."""
+    work = tmp_path / "golden"
+    work.mkdir()
+    (work / "models").symlink_to(sl / "models")
+    shutil.copytree(sl / "data", work / "data")
+    broken = work / "data/fbank/librispeech_feats_test-other/108/1089-134958-0006.npy"
+    broken.write_bytes(b"not a numpy file")
+    exp = new_exp(sl, tmp_path / "exp")
+    t0 = time.time()
+    p = subprocess.run(command(2) + decode_argv(exp, 300) + ["--dist-timeout-min", "5"], cwd=work, env=clean_env(),
+                       capture_output=True, text=True, timeout=500)
+    out = p.stdout + p.stderr
+    assert p.returncode != 0 and time.time() - t0 < 240, out[-4000:]
+    failed = re.findall(r"decode.py: error: rank (\d) of 2 failed decoding librispeech_test_other \(this rank (\d) "
+                        r"stops too\): UserError: cannot load features of cut 1089-134958-0006 from ", out)
+    assert len(failed) == 1 and failed[0][0] != failed[0][1], out[-4000:]
+    assert "decode.py: error: cannot load features of cut 1089-134958-0006 from" in out, out[-4000:]  # (the failed rank)
+    assert not list(decode_dir(exp).glob("recogs-*other*"))  # test-clean was written, test-other not
+    assert list(decode_dir(exp).glob("recogs-*clean*"))
+
+
 def test_torn_and_stale_partial_lines(tmp_path):
     shard = DecodeShard()
     p = PartialResults(tmp_path, "set", "fp1", shard)

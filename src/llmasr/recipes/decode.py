@@ -1,6 +1,8 @@
 """The decode recipe behind ``src/decode.py`` / ``src/decode_mose.py``: choose or average the
 checkpoint, build the model, decode every test set in batches (progress + ETA), and write icefall's
 ``recogs-*`` / ``errs-*`` / ``wer-summary-*`` files into ``<exp-dir>/decode-<checkpoint>-<options>/``.
+Under torchrun every rank decodes a share of each test set and rank 0 writes the files; every rank keeps
+its finished batches in partial files that a restarted decode resumes from (llmasr.decoding_shards).
 """
 from __future__ import annotations
 
