@@ -23,9 +23,10 @@ ignored (and cut off before the file is appended to again). Rank 0 reads the fil
 number of ranks resumes too; a file with another fingerprint (other weights, options or manifest) is
 removed, never used.
 
-The files are kept after a set's result files are written: a decode of several sets killed in a later
-set does not decode the finished ones again, and rerunning a finished decode only rescores.
-``--resume false`` removes them and decodes from scratch.
+The files of a finished set are kept until every test set of the decode has its result files (so a
+decode of several sets killed in a later set does not decode the finished ones again), then removed
+(:func:`remove_partials`): the decode dir holds icefall's files only, and rerunning a finished decode
+decodes again, as it always did. ``--resume false`` removes them first and decodes from scratch.
 
 Gathering (:meth:`PartialResults.gather`): rank 0 receives every rank's new results with
 ``gather_object`` (no shared file system needed for that; resuming does need one, or the same node)
@@ -46,10 +47,11 @@ import torch.distributed as dist
 
 from llmasr.config import UserError
 
-__all__ = ["DecodeShard", "PartialResults", "balance_by_duration", "fingerprint", "pending_batches",
+__all__ = ["DecodeShard", "PartialResults", "balance_by_duration", "fingerprint", "pending_batches", "remove_partials",
            "shard_batches", "shard_cuts", "world_from_env"]
 
 PARTIAL_DIR = ".partial"
+Gathered = Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, str]]]  # (results, dropped cuts) of a test set
 
 
 def balance_by_duration(items: Sequence[Tuple[str, float]], world_size: int) -> List[List[str]]:
@@ -110,6 +112,16 @@ def shard_batches(batches: Sequence, rank: int, world_size: int, log_shares: boo
 def pending_batches(batches: Sequence, done: set) -> List:
     """The batches with a cut that ``done`` (the ids in the partial files) does not hold."""
     return [b for b in batches if any(c.id not in done for c in b)]
+
+
+def remove_partials(decode_dir, set_names: Iterable[str]) -> None:
+    """Remove the partial files of these sets (every rank's), and the directory once empty."""
+    root = Path(decode_dir) / PARTIAL_DIR
+    for name in set_names:
+        for path in root.glob(f"{name}-rank*.jsonl"):
+            path.unlink()
+    if root.is_dir() and not any(root.iterdir()):
+        root.rmdir()
 
 
 def world_from_env() -> Tuple[int, int, int]:
@@ -242,7 +254,7 @@ class PartialResults:
             self._file = None
 
     def gather(self, results: List[Tuple[str, Any, Any]], dropped: List[Tuple[str, str]],
-               error: Optional[BaseException] = None) -> Optional[Tuple[List[Tuple[str, Any, Any]], List[Tuple[str, str]]]]:
+               error: Optional[BaseException] = None) -> Optional[Gathered]:
         """Rank 0: (all results, all dropped cuts) of the set, earlier runs' included; other ranks:
         None. Collective; if any rank passes an ``error``, every rank raises one naming it."""
         self.close()
@@ -264,9 +276,13 @@ class PartialResults:
             raise error
         if not self.shard.is_main:
             return None
-        merged = [(cut_id, ref, hyp) for cut_id, (ref, hyp) in self.results.items()]
-        all_dropped = list(self.dropped.items())
+        # (a batch decoded again - one of its cuts was missing - replaces what earlier runs kept of it)
+        merged, all_dropped = dict(self.results), dict(self.dropped)
         for p in parts:
-            merged += [tuple(r) for r in p["results"]]
-            all_dropped += [tuple(d) for d in p["dropped"]]
-        return merged, all_dropped
+            for cut_id, ref, hyp in p["results"]:
+                merged[cut_id] = (ref, hyp)
+                all_dropped.pop(cut_id, None)
+            for cut_id, reason in p["dropped"]:
+                all_dropped[cut_id] = reason
+                merged.pop(cut_id, None)
+        return [(cut_id, ref, hyp) for cut_id, (ref, hyp) in merged.items()], list(all_dropped.items())

@@ -360,7 +360,7 @@ def _log_to(path: Optional[Path], level: str, shard=None):
 
 
 def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_path, shard=None, fp=None):
-    from llmasr.decoding_shards import DecodeShard, file_identity, fingerprint
+    from llmasr.decoding_shards import DecodeShard, file_identity, fingerprint, remove_partials
     from llmasr.recipes.inference import load_for_inference, load_weights
 
     shard = shard or DecodeShard()
@@ -378,6 +378,8 @@ def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_pa
                                 decode_dir, suffix, shard.partial(decode_dir, set_name, set_fp))
         if rate is not None:
             rates[set_name] = rate
+    if shard.is_main:  # (every set has its result files: nothing left to resume)
+        remove_partials(decode_dir, [_test_set_name(args, name) for name in test_sets])
     logging.info("Done!")
     return rates
 
