@@ -173,6 +173,22 @@ def test_killed_decode_resumes_on_two_ranks_with_the_same_files(sl, tmp_path):
 
 
 @pytest.mark.timeout(600)
+def test_a_rank_with_nothing_to_decode(sl, tmp_path):
+    """--test-num-buckets 1 --max-duration 300: each set is one batch, so rank 1 has none; fine."""
+    exp = new_exp(sl, tmp_path / "exp")
+    p = subprocess.run(command(2) + decode_argv(exp, 300) + ["--test-num-buckets", "1"], cwd=sl, env=clean_env(),
+                       capture_output=True, text=True, timeout=500)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-4000:]
+    (log,) = decode_dir(exp).glob("log-decode-*")
+    assert log.read_text().count("rank 1 of 2: 0 batches, 0 cuts, 0.0 s") == 2
+    assert sorted(decoded_counts(out)) == [0, 0, 10, 10]
+    for s in SETS:
+        (recogs,) = decode_dir(exp).glob(f"recogs-{s}-*")
+        assert recogs.read_text().count("\thyp=") == 10
+
+
+@pytest.mark.timeout(600)
 def test_a_failing_rank_stops_the_other_naming_it(sl, tmp_path):
     """A feature file that cannot be read fails the rank whose batch holds it; the other rank stops
     too (not waiting for the collective timeout), with one line naming the failed rank and the cut."""
