@@ -133,8 +133,9 @@ def add_scale_arguments(parser) -> None:
 
     g = parser.add_argument_group("decoding at scale (torchrun --nproc-per-node N; README \"Decoding at scale\")")
     g.add_argument("--resume", type=str2bool, default=True,
-                   help="Do not decode again the cuts that the partial files of this decode dir hold (a killed decode "
-                   "started again continues; a finished one is only rescored). false: remove them and start over.")
+                   help="Do not decode again the batches that the partial files of this decode dir hold (a killed decode "
+                   "started again continues; they are removed once every test set is scored). false: remove them "
+                   "and start over.")
     g.add_argument("--dist-backend", type=str, default="auto", choices=["auto", "nccl", "gloo"],
                    help="Process group of a torchrun decode (auto: nccl on CUDA, gloo on CPU).")
     g.add_argument("--dist-timeout-min", type=float, default=10.0,
