@@ -7,6 +7,14 @@
 ``--epoch E --avg A`` averages epoch-(E-A+1..E).pt (every time, as the reference recipes) and writes
 the result as epoch-E-avg-A.pt; ``--checkpoint epoch-10-avg-5.pt`` loads that file from --exp-dir
 instead. Results (recogs-/errs-/wer-summary- files and the log) go to <exp-dir>/decode-<checkpoint>-beam<B>/.
+
+Sharded and resumable (llmasr.decoding_shards, README "Decoding at scale"):
+
+    torchrun --standalone --nproc-per-node 4 src/decode.py ...   # the same flags; byte-identical files
+
+each rank decodes whole batches of the one-process plan (so also --compat-reference-padding results are
+those of one process); a killed decode started again with the same flags decodes only the batches its
+partial files (<decode dir>/.partial/) do not hold; --resume false starts over.
 """
 
 from llmasr.config import run_cli

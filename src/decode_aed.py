@@ -9,6 +9,9 @@ wer-summary- files, CER by default) with FireRedASR's beam-search options:
 
 Each utterance gets its own step limit (--decode-max-len 0: its encoder length), so batching never
 changes a hypothesis.
+
+Under ``torchrun --nproc-per-node N`` each rank decodes a share of every test set (same files as one
+process); a killed decode resumes (see src/decode.py, README "Decoding at scale").
 """
 
 from llmasr.config import run_cli

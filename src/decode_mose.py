@@ -8,6 +8,9 @@
 
 Every encoder fills its own <start_speech><speech><end_speech> group at decoding time. Otherwise
 identical to src/decode.py.
+
+Under ``torchrun --nproc-per-node N`` each rank decodes a share of every test set (same files as one
+process); a killed decode resumes (see src/decode.py, README "Decoding at scale").
 """
 
 from llmasr.config import run_cli

@@ -39,6 +39,7 @@ LAYERS = {
     "llmasr.model": 6,
     "llmasr.training": 7,
     "llmasr.firered": 8,
+    "llmasr.decoding_shards": 8,
     "llmasr.recipes": 9,
     "llmasr.demo": 10,
 }

@@ -1,6 +1,8 @@
 """The decode recipe behind ``src/decode.py`` / ``src/decode_mose.py``: choose or average the
 checkpoint, build the model, decode every test set in batches (progress + ETA), and write icefall's
 ``recogs-*`` / ``errs-*`` / ``wer-summary-*`` files into ``<exp-dir>/decode-<checkpoint>-<options>/``.
+Under torchrun every rank decodes a share of each test set and rank 0 writes the files; every rank keeps
+its finished batches in partial files that a restarted decode resumes from (llmasr.decoding_shards).
 """
 from __future__ import annotations
 
@@ -8,7 +10,7 @@ import contextlib
 import logging
 import time
 from pathlib import Path
-from typing import Any, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -26,13 +28,16 @@ def decode_dataset(
     log_interval: float = 30.0,
     num_cuts: Optional[int] = None,
     skipped: Optional[List[Tuple[str, str]]] = None,
+    on_batch: Optional[Callable[[List[Tuple[str, str]]], None]] = None,
     **gen_opts,
 ) -> Iterator[Tuple[str, str, str]]:
     """Decode every batch of ``dataloader`` (dicts with ``features``, ``feature_lens``, ``texts``,
     ``cut_ids``, and ``features_by_type`` for encoders of several feature types) and yield
     ``(cut_id, ref, hyp)``; logs progress, speed and ETA every ``log_interval`` seconds (ETA needs
     ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf features, see
-    llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason)."""
+    llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason).
+    ``on_batch(dropped)``: called once the caller has taken a batch's last result (the partial files
+    of a resumable decode), with the batch's dropped (cut id, reason) pairs."""
     from llmasr.data.dataset import speech_inputs
 
     device = next(model.parameters()).device
@@ -40,11 +45,14 @@ def decode_dataset(
     done = 0
     audio_sec = 0.0
     for batch_idx, batch in enumerate(dataloader):
-        for cut_id, reason in batch.get("dropped", ()):
+        dropped = list(batch.get("dropped", ()))
+        for cut_id, reason in dropped:
             logging.warning(f"skipping cut {cut_id}: {reason}")
             if skipped is not None:
                 skipped.append((cut_id, reason))
         if not batch["cut_ids"]:
+            if on_batch is not None:
+                on_batch(dropped)
             continue
         features, feature_lens, more = speech_inputs(batch, device)  # more: features_by_type (mixed front ends)
         hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **more,
@@ -53,6 +61,8 @@ def decode_dataset(
             raise RuntimeError(f"batch {batch_idx}: {len(hyps)} hypotheses for {len(batch['cut_ids'])} cuts")
         for cut_id, ref, hyp in zip(batch["cut_ids"], batch["texts"], hyps):
             yield cut_id, ref, hyp
+        if on_batch is not None:
+            on_batch(dropped)
         done += len(hyps)
         frame_shift = batch.get("frame_shift", 0.01)
         audio_sec += float(feature_lens.sum()) * frame_shift
@@ -110,10 +120,26 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
     parser.add_argument("--num-threads", type=int, default=1,
                         help="torch CPU threads (SpeechLLM decodes with 1; 0 = torch default).")
     parser.add_argument("--log-level", type=str, default="info")
+    add_scale_arguments(parser)
     recipe.add_decode_arguments(parser)
     parser.set_defaults(model_type=recipe.name)
     hide_from_help(parser, DECODE_KNOBS)
     return parser
+
+
+def add_scale_arguments(parser) -> None:
+    """Sharded (torchrun) and resumable decoding (llmasr.decoding_shards)."""
+    from llmasr.config import str2bool
+
+    g = parser.add_argument_group("decoding at scale (torchrun --nproc-per-node N; README \"Decoding at scale\")")
+    g.add_argument("--resume", type=str2bool, default=True,
+                   help="Do not decode again the batches that the partial files of this decode dir hold (a killed decode "
+                   "started again continues; they are removed once every test set is scored). false: remove them "
+                   "and start over.")
+    g.add_argument("--dist-backend", type=str, default="auto", choices=["auto", "nccl", "gloo"],
+                   help="Process group of a torchrun decode (auto: nccl on CUDA, gloo on CPU).")
+    g.add_argument("--dist-timeout-min", type=float, default=10.0,
+                   help="Collective timeout in minutes: how long ranks wait for a lost or hung rank before exiting.")
 
 
 def _options_tag(args) -> str:
@@ -248,18 +274,76 @@ def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
         cuts[name] = cs
 
     decode_dir, suffix = result_location(args)
-    with _log_to(decode_dir / f"log-{suffix}-{time.strftime('%Y-%m-%d-%H-%M-%S')}", args.log_level):
-        return _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_path)
+    fp = _fingerprint_base(args, ckpt_path)  # (before the device is chosen per rank)
+    shard = _join_decode(args)
+    log = decode_dir / f"log-{suffix}-{time.strftime('%Y-%m-%d-%H-%M-%S')}" if shard.is_main else None
+    try:
+        with _log_to(log, args.log_level, shard):
+            return _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_path, shard, fp)
+    finally:
+        from llmasr.training.dist import cleanup_dist
+
+        cleanup_dist()
+
+
+def _join_decode(args):
+    """This process's :class:`~llmasr.decoding_shards.DecodeShard`; under torchrun, joins the
+    process group (gloo on CPU, nccl on CUDA unless --dist-backend says otherwise) and takes the GPU
+    of its LOCAL_RANK."""
+    from llmasr.decoding_shards import DecodeShard, world_from_env
+    from llmasr.training.dist import setup_dist
+
+    rank, world_size, local_rank = world_from_env()
+    shard = DecodeShard(rank, world_size, resume=getattr(args, "resume", True))
+    if world_size == 1:
+        return shard
+    device = str(args.device)
+    if device not in ("auto", "cpu", "cuda"):
+        raise UserError(f"--device {device} with {world_size} ranks: give --device cuda (or auto; each rank takes "
+                        "cuda:LOCAL_RANK) or cpu")
+    cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if cuda:
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda, but no CUDA device is visible")
+        args.device = f"cuda:{local_rank % torch.cuda.device_count()}"
+    backend = args.dist_backend if args.dist_backend != "auto" else ("nccl" if cuda else "gloo")
+    setup_dist(rank, world_size, backend_choice=backend, timeout_min=args.dist_timeout_min)
+    return shard
+
+
+# Flags that cannot change a hypothesis: a partial file written under other values is still valid.
+_NOT_IN_FINGERPRINT = ("log_level", "num_workers", "num_threads", "dist_backend", "dist_timeout_min", "resume",
+                       "exp_dir", "test_sets", "config")
+
+
+def _fingerprint_base(args, ckpt_path) -> Dict[str, Any]:
+    """What a partial file must have been written with to be resumed from: the checkpoint files
+    (name, size, mtime) and every flag that can change a result. Batching (--max-duration) counts
+    only with --compat-reference-padding, the one mode whose results depend on the batch."""
+    from llmasr.checkpoint import find_checkpoints
+    from llmasr.decoding_shards import file_identity
+
+    files = [ckpt_path] if ckpt_path else find_checkpoints(args.exp_dir, args.epoch, args.avg,
+                                                          args.iter if args.iter > 0 else None)
+    ignore = set(_NOT_IN_FINGERPRINT)
+    if not getattr(args, "compat_reference_padding", False):
+        ignore.add("max_duration")
+    return {"checkpoints": [file_identity(f) for f in files],
+            "args": {k: v for k, v in sorted(vars(args).items()) if k not in ignore}}
 
 
 @contextlib.contextmanager
-def _log_to(path: Path, level: str):
-    """Log to ``path`` (and to the console unless the root logger already prints somewhere) for
-    the duration of the block; the handlers are removed afterwards."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter("%(asctime)s %(levelname)s [%(filename)s:%(lineno)d] %(message)s")
+def _log_to(path: Optional[Path], level: str, shard=None):
+    """Log to ``path`` (None: no file; ranks other than 0 of a sharded decode) and to the console
+    unless the root logger already prints somewhere, for the duration of the block; the handlers are
+    removed afterwards. Lines of a sharded decode name the rank."""
+    tag = f"[rank {shard.rank}] " if shard is not None and shard.world_size > 1 else ""
+    fmt = logging.Formatter(f"%(asctime)s %(levelname)s {tag}[%(filename)s:%(lineno)d] %(message)s")
     root = logging.getLogger()
-    added = [logging.FileHandler(path, mode="w")]
+    added = []
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        added.append(logging.FileHandler(path, mode="w"))
     if not any(type(h) is not logging.FileHandler and isinstance(h, logging.StreamHandler) for h in root.handlers):
         added.append(logging.StreamHandler())
     for h in added:
@@ -276,33 +360,34 @@ def _log_to(path: Path, level: str):
             h.close()
 
 
-def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_path):
+def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_path, shard=None, fp=None):
+    from llmasr.decoding_shards import DecodeShard, file_identity, fingerprint, remove_partials
     from llmasr.recipes.inference import load_for_inference, load_weights
 
-    logging.info(f"decoding into {decode_dir}")
+    shard = shard or DecodeShard()
+    logging.info(f"decoding into {decode_dir}" + (f" (rank {shard.rank} of {shard.world_size})"
+                                                   if shard.world_size > 1 else ""))
     logging.info(f"arguments: {vars(args)}")
-    # 3. the weights (averaging happens here, before the model is built), 4. the model
-    state_dict, source = load_weights(args, ckpt_path)
+    # 3. the weights (averaging happens here, before the model is built; rank 0 writes the average), 4. the model
+    state_dict, source = load_weights(args, ckpt_path, save=shard.is_main)
     model, encoder_feature_types = load_for_inference(recipe, args, state_dict, source)
     rates = {}
     for name in test_sets:
         set_name = _test_set_name(args, name)
-        rates[set_name] = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
-                                           decode_dir, suffix)
+        set_fp = fingerprint({**(fp or {}), "test_set": file_identity(data.cuts_path(name))})
+        rate = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
+                                decode_dir, suffix, shard.partial(decode_dir, set_name, set_fp))
+        if rate is not None:
+            rates[set_name] = rate
+    if shard.is_main:  # (every set has its result files: nothing left to resume)
+        remove_partials(decode_dir, [_test_set_name(args, name) for name in test_sets])
     logging.info("Done!")
     return rates
 
 
-def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts, decode_dir, suffix) -> float:
-    """Decode and score one test set (its result files in ``decode_dir``); returns its error rate."""
-    from llmasr.scoring import write_results
-
-    # 5. decode + score
-    gen = generation_options_from_args(args)
-    metric, normalize = scoring_choice(args, model.prompt_format) if recipe.has_llm else (args.scoring, args.normalize)
-    logging.info(f"scoring: {metric.upper()}, normalisation {normalize or 'default'}")
+def _too_short(args, model, encoder_feature_types, cuts) -> Tuple[int, List[Tuple[str, str]]]:
+    """(number of cuts, [(cut id, reason)] of those too short for the encoders)."""
     min_frames = min_decodable_frames(model, encoder_feature_types)
-    set_name = _test_set_name(args, name)
     num_cuts, skipped = 0, []
     for c in cuts:
         num_cuts += 1
@@ -312,25 +397,67 @@ def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cut
                 kind = f"{feature_type} feature frames" if len(min_frames) > 1 else "feature frames"
                 skipped.append((c.id, f"too short to decode ({n} {kind} < {need})"))
                 break
-    test_cuts = cuts
-    if skipped:
-        short = {cut_id for cut_id, _ in skipped}
+    return num_cuts, skipped
 
-        def decodable(c) -> bool:
-            return c.id not in short
 
-        test_cuts = test_cuts.filter(decodable)
-    logging.info(f"decoding {name}: {num_cuts - len(skipped)} cuts")
-    loader = data.test_dataloader(test_cuts) if len(skipped) < num_cuts else []
-    results = []
-    for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_cuts - len(skipped), skipped=skipped,
-                                           **gen):
-        # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
-        if recipe.has_llm:
-            ref = model.prompt_format.transform_text(ref)
-        if normalize == "speechllm":
-            ref = ref.lower()
-        results.append((cut_id, ref, hyp))
+def _loader_over(full, batches):
+    """A dataloader like ``full`` (llmasr.data's test dataloader) giving only ``batches``, the
+    CutSets its sampler yielded."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(full.dataset, sampler=batches, batch_size=None, num_workers=full.num_workers)
+
+
+def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts, decode_dir, suffix,
+                     partial=None) -> Optional[float]:
+    """Decode and score one test set (its result files in ``decode_dir``); returns its error rate.
+    ``partial`` (llmasr.decoding_shards.PartialResults): this rank decodes its share of the cuts
+    that earlier runs' partial files do not hold, appending each batch to its partial file; rank 0
+    gathers everything and writes the result files; other ranks return None."""
+    from llmasr.decoding_shards import DecodeShard, pending_batches, shard_batches
+    from llmasr.scoring import write_results
+
+    # 5. decode + score
+    partial = partial or DecodeShard().partial(decode_dir, _test_set_name(args, name), "")
+    shard = partial.shard
+    gen = generation_options_from_args(args)
+    metric, normalize = scoring_choice(args, model.prompt_format) if recipe.has_llm else (args.scoring, args.normalize)
+    logging.info(f"scoring: {metric.upper()}, normalisation {normalize or 'default'}")
+    set_name = _test_set_name(args, name)
+    num_cuts, skipped = _too_short(args, model, encoder_feature_types, cuts)
+    done = partial.load()  # (cut ids finished by earlier runs)
+    short = {cut_id for cut_id, _ in skipped}
+
+    def decodable(c) -> bool:
+        return c.id not in short
+
+    # The one-process plan of batches; ranks and restarts decode whole batches of it.
+    full = data.test_dataloader(cuts.filter(decodable) if short else cuts) if len(short) < num_cuts else None
+    batches = pending_batches(list(full.sampler) if full is not None else [], done)
+    logging.info(f"decoding {name}: {sum(len(b) for b in batches)} cuts"
+                 + (f" ({len(done)} decoded before)" if done else ""))
+    mine = shard_batches(batches, shard.rank, shard.world_size, log_shares=shard.is_main and shard.world_size > 1)
+    num_mine = sum(len(b) for b in mine)
+    results, dropped, error = [], [], None
+    try:
+        partial.open()
+        loader = _loader_over(full, mine) if mine else []
+        for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_mine, skipped=dropped,
+                                               on_batch=partial.commit, **gen):
+            # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
+            if recipe.has_llm:
+                ref = model.prompt_format.transform_text(ref)
+            if normalize == "speechllm":
+                ref = ref.lower()
+            results.append((cut_id, ref, hyp))
+            partial.add(cut_id, ref, hyp)
+    except Exception as e:  # noqa: BLE001 - passed to every rank by gather(), then raised
+        error = e
+    gathered = partial.gather(results, dropped, error)
+    if gathered is None:
+        return None
+    results, dropped = gathered
+    skipped += dropped
     listed = _write_skipped(decode_dir, set_name, suffix, skipped, num_cuts)
     if not results:
         raise UserError(f"test set {name}: none of its {num_cuts} cuts could be decoded (see {listed})")

@@ -46,9 +46,10 @@ def choose_checkpoint(args) -> Optional[Path]:
     return None
 
 
-def load_weights(args, path: Optional[Path] = None) -> Tuple[Dict[str, torch.Tensor], str]:
+def load_weights(args, path: Optional[Path] = None, save: bool = True) -> Tuple[Dict[str, torch.Tensor], str]:
     """(state dict, its description for messages) of the chosen weights; ``path``: the result of
-    :func:`choose_checkpoint` when it was called already."""
+    :func:`choose_checkpoint` when it was called already; ``save``: write an average (``--avg`` > 1)
+    as ``epoch-E-avg-N.pt`` (false on all ranks of a sharded decode but one)."""
     from llmasr import checkpoint as ckpt_lib
 
     if args.checkpoint:
@@ -56,7 +57,8 @@ def load_weights(args, path: Optional[Path] = None) -> Tuple[Dict[str, torch.Ten
         logging.info(f"using checkpoint {path}")
         return ckpt_lib.load_checkpoint(path)["model"], str(path)
     exp_dir = Path(args.exp_dir)
-    state_dict = ckpt_lib.averaged_checkpoint(exp_dir, args.epoch, args.avg, args.iter if args.iter > 0 else None)
+    state_dict = ckpt_lib.averaged_checkpoint(exp_dir, args.epoch, args.avg, args.iter if args.iter > 0 else None,
+                                               save=save)
     return state_dict, f"{exp_dir} {checkpoint_tag(args)}"
 
 
