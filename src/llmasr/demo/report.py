@@ -90,6 +90,7 @@ def print_summary(d: DemoRun) -> None:
     {exp_dir}/results.json                the numbers above
   Go further:
     python src/transcribe.py {' '.join(shlex.quote(a) for a in common)} --epoch {n} --avg 1 my_recording.wav
+    python src/transcribe.py {' '.join(shlex.quote(a) for a in common)} --epoch {n} --avg 1 my_long_recording.wav --segments segments.jsonl   # any length: speech segments, one JSON line each
     python src/decode.py {' '.join(shlex.quote(a) for a in common + all_sets_argv(d))} --epoch {n} --avg {min(2, n)} --beam-size 4
     python src/train.py --help            # the same script trains Zipformer/Whisper + Qwen2 on GPUs
     local/prepare.sh --help               # prepare LibriSpeech / AISHELL / Kaldi data dirs
