@@ -337,3 +337,32 @@ def test_firered_speech2text_splits_files_over_the_limit(golden_dir, tmp_path, c
         firered_speech2text.main(["--asr-type", "llm", "--model-dir", str(root / "llm"), "--wav-scp", str(scp),
                                   "--max-segment-duration", "40"])
     assert "--max-segment-duration 40 is above FireRedASR-LLM's limit of 30 s" in capsys.readouterr().err
+
+
+@pytest.mark.timeout(600)
+def test_two_ranks_transcribe_what_one_process_does(sl, golden_inputs, tmp_path):
+    """torchrun --nproc-per-node 2 src/transcribe.py: each rank segments and decodes a share of the
+    files, rank 0 writes every file's line (input order) and segment; the same as one process."""
+    import os
+    import re
+
+    root = golden_inputs
+    files = [root / n for n in ("long.wav", "s1.wav", "short.wav", "silence.wav", "s2.wav")]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    outputs = {}
+    for n in (1, 2):
+        launcher = [sys.executable] if n == 1 else [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                                    "--nproc-per-node", "2"]
+        out, segs = tmp_path / f"out{n}.txt", tmp_path / f"segments{n}.jsonl"
+        p = subprocess.run(launcher + [str(REPO / "src" / "transcribe.py"), *_golden_argv(
+            sl, root / "exp", *files, "--max-segment-duration", 2.0, "--output", out, "--segments", segs)],
+            env=env, capture_output=True, text=True, timeout=500)
+        assert p.returncode == 0, p.stderr[-4000:]
+        outputs[n] = (p.stdout, out.read_text(), segs.read_text(), p.stderr)
+    one, two = outputs[1], outputs[2]
+    assert [line.split("\t")[0] for line in one[1].splitlines()] == ["long", "s1", "short", "silence", "s2"]
+    assert two[:3] == (one[1], one[1], one[2])  # rank 0 printed and wrote it all, once
+    shares = sorted(int(k) for k in re.findall(r"rank \d of 2: (\d+) files", two[3]))
+    assert len(shares) == 2 and min(shares) >= 1 and sum(shares) == len(files), two[3][-3000:]

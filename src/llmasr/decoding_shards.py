@@ -163,6 +163,26 @@ class DecodeShard:
         dist.broadcast_object_list(box, src=0)
         return box[0]
 
+    def gather_to_main(self, obj, error: Optional[BaseException] = None, what: str = "on its share") -> Optional[List]:
+        """Rank 0: every rank's ``obj`` in rank order; other ranks: None. Collective; if any rank
+        passes an ``error``, every rank raises one naming that rank (no rank is left waiting)."""
+        mine = {"obj": obj, "error": None if error is None else f"{type(error).__name__}: {error}"}
+        parts = [mine]
+        if self.world_size > 1:
+            parts = [None] * self.world_size if self.is_main else None
+            dist.gather_object(mine, parts, dst=0)
+            failed = self.broadcast(next(((r, p["error"]) for r, p in enumerate(parts) if p["error"]), None)
+                                    if self.is_main else None)
+            if failed:
+                rank, message = failed
+                if error is not None and rank == self.rank:
+                    raise error
+                raise UserError(f"rank {rank} of {self.world_size} failed {what} (this rank {self.rank} stops "
+                                f"too): {message}")
+        if error is not None:
+            raise error
+        return [p["obj"] for p in parts] if self.is_main else None
+
 
 class PartialResults:
     """The partial files of one test set in one decode dir (see the module docstring)."""
@@ -258,23 +278,9 @@ class PartialResults:
         """Rank 0: (all results, all dropped cuts) of the set, earlier runs' included; other ranks:
         None. Collective; if any rank passes an ``error``, every rank raises one naming it."""
         self.close()
-        mine = {"results": results, "dropped": dropped,
-                "error": None if error is None else f"{type(error).__name__}: {error}"}
-        parts = [mine]
-        if self.shard.world_size > 1:
-            parts = [None] * self.shard.world_size if self.shard.is_main else None
-            dist.gather_object(mine, parts, dst=0)
-            failed = self.shard.broadcast(next(((r, p["error"]) for r, p in enumerate(parts or []) if p["error"]),
-                                               None) if self.shard.is_main else None)
-            if failed:
-                rank, message = failed
-                if error is not None and rank == self.shard.rank:
-                    raise error
-                raise UserError(f"rank {rank} of {self.shard.world_size} failed decoding {self.set_name} "
-                                f"(this rank {self.shard.rank} stops too): {message}")
-        if error is not None:
-            raise error
-        if not self.shard.is_main:
+        parts = self.shard.gather_to_main({"results": results, "dropped": dropped}, error,
+                                          what=f"decoding {self.set_name}")
+        if parts is None:
             return None
         # (a batch decoded again - one of its cuts was missing - replaces what earlier runs kept of it)
         merged, all_dropped = dict(self.results), dict(self.dropped)

@@ -275,7 +275,7 @@ def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
 
     decode_dir, suffix = result_location(args)
     fp = _fingerprint_base(args, ckpt_path)  # (before the device is chosen per rank)
-    shard = _join_decode(args)
+    shard = join_decode(args)
     log = decode_dir / f"log-{suffix}-{time.strftime('%Y-%m-%d-%H-%M-%S')}" if shard.is_main else None
     try:
         with _log_to(log, args.log_level, shard):
@@ -286,7 +286,7 @@ def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
         cleanup_dist()
 
 
-def _join_decode(args):
+def join_decode(args):
     """This process's :class:`~llmasr.decoding_shards.DecodeShard`; under torchrun, joins the
     process group (gloo on CPU, nccl on CUDA unless --dist-backend says otherwise) and takes the GPU
     of its LOCAL_RANK."""

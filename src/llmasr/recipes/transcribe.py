@@ -218,24 +218,65 @@ def feature_loader(args, cuts):
 
 
 def transcribe(args) -> List[Tuple[str, str]]:
+    """``(utt id, text)`` of every input file, in the order given. Under ``torchrun --nproc-per-node N``
+    each rank segments and decodes a share of the files (balanced by duration) and rank 0 returns
+    (and writes) everything; the other ranks return []."""
+    from llmasr.recipes.decode import join_decode
+    from llmasr.training.dist import cleanup_dist
+
+    items = read_inputs(args.audio, args.wav_scp)
+    shard = join_decode(args)
+    try:
+        return _transcribe_share(args, items, shard)
+    finally:
+        cleanup_dist()
+
+
+def _transcribe_share(args, items, shard) -> List[Tuple[str, str]]:
+    from llmasr.decoding_shards import balance_by_duration
     from llmasr.recipes.decode import decode_dataset, generation_options_from_args
     from llmasr.recipes.inference import choose_checkpoint, load_for_inference, load_weights
     from llmasr.recipes.recipe import recipe_of
 
-    items = read_inputs(args.audio, args.wav_scp)
-    state_dict, source = load_weights(args, choose_checkpoint(args))
-    files, cuts = segment_inputs(items, args)
-    model, _ = load_for_inference(recipe_of(args), args, state_dict, source)
-    hyps = {}
-    if len(cuts):
-        decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(cuts),
-                                 **generation_options_from_args(args))
-        # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
-        hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
+    order = {uid: i for i, (uid, _) in enumerate(items)}
+    if shard.world_size > 1:
+        mine = set(balance_by_duration([(uid, _duration(path)) for uid, path in items], shard.world_size)[shard.rank])
+        items = [(uid, path) for uid, path in items if uid in mine]
+        logging.info(f"rank {shard.rank} of {shard.world_size}: {len(items)} files")
+    files, hyps, error = [], {}, None
+    try:
+        state_dict, source = load_weights(args, choose_checkpoint(args), save=shard.is_main)
+        files, cuts = segment_inputs(items, args)
+        model, _ = load_for_inference(recipe_of(args), args, state_dict, source)
+        if len(cuts):
+            decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(cuts),
+                                     **generation_options_from_args(args))
+            # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
+            hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
+    except Exception as e:  # noqa: BLE001 - every rank stops with a line naming the failed one
+        if shard.world_size == 1:
+            raise
+        error = e
+    parts = shard.gather_to_main((files, hyps), error, what="transcribing its files")
+    if parts is None:
+        return []
+    files = sorted((f for fs, _ in parts for f in fs), key=lambda f: order[f.uid])
+    hyps = {k: v for _, h in parts for k, v in h.items()}
     if args.segments is not None:
         write_segments(args.segments, files, hyps)
     # (a cut the decoder dropped, e.g. NaN features, was logged there and reads as empty)
     return [(f.uid, " ".join(t for t in (hyps.get(c, "") for c in f.cut_ids) if t)) for f in files]
+
+
+def _duration(path: Path) -> float:
+    """Seconds of audio in ``path`` from its header (0 when unreadable: segment_inputs names it)."""
+    import soundfile as sf
+
+    try:
+        info = sf.info(str(path))
+        return info.frames / info.samplerate
+    except Exception:  # noqa: BLE001 - reported by segment_inputs on the rank that gets it
+        return 0.0
 
 
 def write_segments(path: Path, files: List[FileSegments], hyps) -> None:
@@ -256,6 +297,10 @@ def _main(argv) -> List[Tuple[str, str]]:
                         level=getattr(logging, args.log_level.upper()))
     with torch.inference_mode():
         results = transcribe(args)
+    from llmasr.decoding_shards import world_from_env
+
+    if world_from_env()[0] != 0:  # (rank 0 writes every rank's transcripts)
+        return results
     lines = "".join(f"{uid}\t{text}\n" for uid, text in results)
     sys.stdout.write(lines)
     sys.stdout.flush()
