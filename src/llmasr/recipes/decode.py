@@ -16,6 +16,7 @@ from llmasr.config import UserError, format_duration
 from llmasr.recipes.inference import checkpoint_tag as _checkpoint_tag
 from llmasr.recipes.recipe import recipe_of
 from llmasr.recipes.speechllm import add_decoding_arguments  # noqa: F401 (its home before the recipes)
+from llmasr.vllm_engine import add_engine_arguments, check_vllm_options, import_vllm, make_engine
 
 
 def decode_dataset(
@@ -26,13 +27,15 @@ def decode_dataset(
     log_interval: float = 30.0,
     num_cuts: Optional[int] = None,
     skipped: Optional[List[Tuple[str, str]]] = None,
+    engine=None,
     **gen_opts,
 ) -> Iterator[Tuple[str, str, str]]:
     """Decode every batch of ``dataloader`` (dicts with ``features``, ``feature_lens``, ``texts``,
     ``cut_ids``, and ``features_by_type`` for encoders of several feature types) and yield
     ``(cut_id, ref, hyp)``; logs progress, speed and ETA every ``log_interval`` seconds (ETA needs
     ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf features, see
-    llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason)."""
+    llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason). ``engine``:
+    a :class:`llmasr.vllm_engine.VllmEngine` decoding in place of ``model.decode``."""
     from llmasr.data.dataset import speech_inputs
 
     device = next(model.parameters()).device
@@ -47,7 +50,7 @@ def decode_dataset(
         if not batch["cut_ids"]:
             continue
         features, feature_lens, more = speech_inputs(batch, device)  # more: features_by_type (mixed front ends)
-        hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **more,
+        hyps = (engine or model).decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **more,
                             **gen_opts)
         if len(hyps) != len(batch["cut_ids"]):
             raise RuntimeError(f"batch {batch_idx}: {len(hyps)} hypotheses for {len(batch['cut_ids'])} cuts")
@@ -111,6 +114,8 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
                         help="torch CPU threads (SpeechLLM decodes with 1; 0 = torch default).")
     parser.add_argument("--log-level", type=str, default="info")
     recipe.add_decode_arguments(parser)
+    if recipe.has_llm:
+        add_engine_arguments(parser)
     parser.set_defaults(model_type=recipe.name)
     hide_from_help(parser, DECODE_KNOBS)
     return parser
@@ -118,7 +123,8 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
 
 def _options_tag(args) -> str:
     dtype_tag = f"-{args.decode_dtype}" if getattr(args, "decode_dtype", None) not in (None, "float32") else ""
-    return recipe_of(args).decoding_options_tag(args) + dtype_tag
+    engine_tag = "-vllm" if getattr(args, "engine", "hf") == "vllm" else ""  # its hypotheses may differ from hf's
+    return recipe_of(args).decoding_options_tag(args) + dtype_tag + engine_tag
 
 
 def _test_set_name(args, name: str) -> str:
@@ -231,6 +237,9 @@ def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
             raise UserError("--ctc-weight needs the aux CTC's mode: --ctc-mode, or --ctc-compress-frames")
         if recipe.multi_encoder:
             raise UserError(f"--ctc-weight supports one speech encoder (not {recipe.decode_script})")
+    if getattr(args, "engine", "hf") == "vllm":  # before the model is built: options, then the install
+        check_vllm_options(**generation_options_from_args(args))
+        import_vllm()
     # 1. the checkpoint files
     ckpt_path = choose_checkpoint(args)
     # 2. the recipe's directories (LLM, encoders; FireRedASR-AED: its package), the test sets
@@ -284,16 +293,18 @@ def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_pa
     # 3. the weights (averaging happens here, before the model is built), 4. the model
     state_dict, source = load_weights(args, ckpt_path)
     model, encoder_feature_types = load_for_inference(recipe, args, state_dict, source)
+    engine = make_engine(args, model, generation_options_from_args(args))  # None: --engine hf
     rates = {}
     for name in test_sets:
         set_name = _test_set_name(args, name)
         rates[set_name] = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
-                                           decode_dir, suffix)
+                                           decode_dir, suffix, engine)
     logging.info("Done!")
     return rates
 
 
-def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts, decode_dir, suffix) -> float:
+def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts, decode_dir, suffix,
+                     engine=None) -> float:
     """Decode and score one test set (its result files in ``decode_dir``); returns its error rate."""
     from llmasr.scoring import write_results
 
@@ -324,7 +335,7 @@ def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cut
     loader = data.test_dataloader(test_cuts) if len(skipped) < num_cuts else []
     results = []
     for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_cuts - len(skipped), skipped=skipped,
-                                           **gen):
+                                           engine=engine, **gen):
         # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
         if recipe.has_llm:
             ref = model.prompt_format.transform_text(ref)
