@@ -36,6 +36,7 @@ from llmasr.llm import base_causal_lm, merge_lora
 
 INSTALL_HINT = "--engine vllm needs vLLM: bash local/setup.sh --with-vllm"
 ENGINES = ("hf", "vllm")
+DEFAULT_CPU_KV_CACHE_GB = 2.0
 
 
 def import_vllm():
@@ -93,7 +94,8 @@ class VllmEngine:
     by :meth:`close`)."""
 
     def __init__(self, model, tensor_parallel_size: int = 1, gpu_memory_utilization: float = 0.9,
-                 max_model_len: int = 4096, workdir: Optional[Path] = None, **llm_kwargs):
+                 max_model_len: Optional[int] = None, workdir: Optional[Path] = None,
+                 kv_cache_gb: Optional[float] = None, **llm_kwargs):
         vllm = import_vllm()
         self.model = model
         self._tmp = None
@@ -104,6 +106,14 @@ class VllmEngine:
         llm_dir = save_llm_checkpoint(model, Path(workdir))
         dtype = next(model.llm.parameters()).dtype
         self.dtype = dtype
+        # prompt (speech + template) + new tokens; 4096 is ~2.5 min of audio at 25 speech positions/s
+        limit = getattr(base_causal_lm(model.llm).config, "max_position_embeddings", None) or 4096
+        max_model_len = max_model_len or min(4096, int(limit))
+        # On CPU vLLM reserves gpu_memory_utilization x the machine's RAM: a fixed KV cache instead
+        if kv_cache_gb is None and not torch.cuda.is_available():
+            kv_cache_gb = DEFAULT_CPU_KV_CACHE_GB
+        if kv_cache_gb is not None:
+            llm_kwargs["kv_cache_memory_bytes"] = int(kv_cache_gb * 2**30)
         self.llm = vllm.LLM(
             model=str(llm_dir), tokenizer=str(llm_dir), enable_prompt_embeds=True,
             dtype=str(dtype).replace("torch.", ""), tensor_parallel_size=tensor_parallel_size,
@@ -115,6 +125,10 @@ class VllmEngine:
                      f"tensor parallel {tensor_parallel_size})")
 
     def close(self) -> None:
+        """Stop the engine processes now (not at interpreter exit) and remove the temporary checkpoint."""
+        core = getattr(getattr(self.llm, "llm_engine", None), "engine_core", None)
+        if core is not None and callable(getattr(core, "shutdown", None)):
+            core.shutdown()
         self.llm = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -168,7 +182,8 @@ def make_engine(args, model, gen_opts: Optional[Dict[str, Any]] = None) -> Optio
     check_vllm_options(**(gen_opts or {}))
     import_vllm()
     return VllmEngine(model, tensor_parallel_size=getattr(args, "vllm_tensor_parallel_size", 1),
-                      gpu_memory_utilization=getattr(args, "vllm_gpu_memory_utilization", 0.9))
+                      gpu_memory_utilization=getattr(args, "vllm_gpu_memory_utilization", 0.9),
+                      kv_cache_gb=getattr(args, "vllm_kv_cache_gb", None))
 
 
 def add_engine_arguments(parser) -> None:
@@ -179,6 +194,9 @@ def add_engine_arguments(parser) -> None:
     g.add_argument("--vllm-tensor-parallel-size", type=int, default=1, help="vLLM: GPUs the LLM is split over.")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
                    help="vLLM: fraction of GPU memory the engine may take (weights + KV cache).")
+    g.add_argument("--vllm-kv-cache-gb", type=float, default=None,
+                   help=f"vLLM: KV cache size in GB instead of the memory fraction (default on CPU: "
+                   f"{DEFAULT_CPU_KV_CACHE_GB:g}, as vLLM's CPU build would reserve the fraction of the RAM).")
 
 
 __all__ = ["ENGINES", "INSTALL_HINT", "VllmEngine", "add_engine_arguments", "check_vllm_options", "guard_cut",

@@ -295,10 +295,14 @@ def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_pa
     model, encoder_feature_types = load_for_inference(recipe, args, state_dict, source)
     engine = make_engine(args, model, generation_options_from_args(args))  # None: --engine hf
     rates = {}
-    for name in test_sets:
-        set_name = _test_set_name(args, name)
-        rates[set_name] = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
-                                           decode_dir, suffix, engine)
+    try:
+        for name in test_sets:
+            set_name = _test_set_name(args, name)
+            rates[set_name] = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
+                                               decode_dir, suffix, engine)
+    finally:
+        if engine is not None:
+            engine.close()
     logging.info("Done!")
     return rates
 
