@@ -78,7 +78,7 @@ def decoded(sl, exp_dir, llm64_dir):
     try:
         out = {}
         for engine in ("hf", "vllm"):
-            rates = decode.main(_decode_argv(exp_dir, llm64_dir, "--engine", engine))
+            rates = decode.main(_decode_argv(exp_dir, llm64_dir, "--engine", engine, "--vllm-enforce-eager", "true"))
             tag = "beam1-maxnew24" + ("-vllm" if engine == "vllm" else "")
             out[engine] = {s: (read_recogs(exp_dir / f"decode-epoch-1-avg-1-{tag}" /
                                            f"recogs-{s}-decode-{tag}-epoch-1-avg-1.txt"), r)
@@ -115,7 +115,7 @@ def engine_and_model(sl, exp_dir, llm64_dir):
     model = _model(sl, llm64_dir)
     load_model_state(model, torch.load(exp_dir / "epoch-1.pt")["model"])
     model.eval()
-    engine = VllmEngine(model)  # merges LoRA on a copy: the hf model keeps its adapters
+    engine = VllmEngine(model, enforce_eager=True)  # merges LoRA on a copy: the hf model keeps its adapters
     yield engine, model
     engine.close()
 

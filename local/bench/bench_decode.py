@@ -225,6 +225,11 @@ def bench_system(args, system, tmp, feats, lens, audio_sec, sizes, device, dtype
     if args.engine == "vllm":
         from llmasr.vllm_engine import VllmEngine
 
+        # vLLM's CPU worker binds its own OpenMP threads (by default all cores but one): the same
+        # cores as --num-threads gives the hf engine
+        os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{args.num_threads - 1}")
+        os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+
         engine = VllmEngine(model, workdir=Path(tmp) / f"vllm-{system}")
         print(f"vLLM engine start-up: {engine.startup_seconds:.1f} s (not counted below)")
     run(model, feats[:2], lens[:2], 2, 4, device, engine)  # warm-up

@@ -183,10 +183,13 @@ def make_engine(args, model, gen_opts: Optional[Dict[str, Any]] = None) -> Optio
     import_vllm()
     return VllmEngine(model, tensor_parallel_size=getattr(args, "vllm_tensor_parallel_size", 1),
                       gpu_memory_utilization=getattr(args, "vllm_gpu_memory_utilization", 0.9),
-                      kv_cache_gb=getattr(args, "vllm_kv_cache_gb", None))
+                      kv_cache_gb=getattr(args, "vllm_kv_cache_gb", None),
+                      enforce_eager=bool(getattr(args, "vllm_enforce_eager", False)))
 
 
 def add_engine_arguments(parser) -> None:
+    from llmasr.config import str2bool
+
     g = parser.add_argument_group("engine")
     g.add_argument("--engine", type=str, default="hf", choices=ENGINES,
                    help="hf: Hugging Face generate (exact fidelity); vllm: the LLM runs in vLLM on the spliced "
@@ -194,6 +197,8 @@ def add_engine_arguments(parser) -> None:
     g.add_argument("--vllm-tensor-parallel-size", type=int, default=1, help="vLLM: GPUs the LLM is split over.")
     g.add_argument("--vllm-gpu-memory-utilization", type=float, default=0.9,
                    help="vLLM: fraction of GPU memory the engine may take (weights + KV cache).")
+    g.add_argument("--vllm-enforce-eager", type=str2bool, default=False,
+                   help="vLLM: skip its torch.compile step (a faster start, slower steps: for short decodes).")
     g.add_argument("--vllm-kv-cache-gb", type=float, default=None,
                    help=f"vLLM: KV cache size in GB instead of the memory fraction (default on CPU: "
                    f"{DEFAULT_CPU_KV_CACHE_GB:g}, as vLLM's CPU build would reserve the fraction of the RAM).")
