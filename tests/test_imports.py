@@ -38,6 +38,7 @@ LAYERS = {
     "llmasr.ctc_prefix": 5,
     "llmasr.model": 6,
     "llmasr.training": 7,
+    "llmasr.vllm_engine": 7,
     "llmasr.firered": 8,
     "llmasr.decoding_shards": 8,
     "llmasr.recipes": 9,

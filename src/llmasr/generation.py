@@ -76,6 +76,17 @@ class RepetitionGuard(StoppingCriteria):
         return done
 
 
+def row_token_limits(opts: GenerationOptions, num_speech_tokens: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """Each row's cap on new tokens with ``max_new_tokens_per_speech_token`` (``ceil(r * speech
+    positions)``, within 1..max_new_tokens), or None when every row has ``max_new_tokens``."""
+    if opts.max_new_tokens_per_speech_token is None:
+        return None
+    if num_speech_tokens is None:
+        raise ValueError("max_new_tokens_per_speech_token needs the number of speech tokens")
+    limits = torch.ceil(num_speech_tokens.float() * opts.max_new_tokens_per_speech_token).long()
+    return limits.clamp(1, int(opts.max_new_tokens))
+
+
 def generate(
     llm,
     inputs_embeds: torch.Tensor,
@@ -90,10 +101,8 @@ def generate(
         raise ValueError(f"beam size must be >= 1, got {opts.beam_size}")
     max_new = int(opts.max_new_tokens)
     criteria = []
-    if opts.max_new_tokens_per_speech_token is not None:
-        if num_speech_tokens is None:
-            raise ValueError("max_new_tokens_per_speech_token needs the number of speech tokens")
-        limits = torch.ceil(num_speech_tokens.float() * opts.max_new_tokens_per_speech_token).long().clamp(1, max_new)
+    limits = row_token_limits(opts, num_speech_tokens)
+    if limits is not None:
         max_new = int(limits.max())
         criteria.append(PerRowLimit(limits))
     if opts.repetition_guard > 0:
@@ -139,4 +148,4 @@ def generate(
     return out
 
 
-__all__ = ["GenerationOptions", "PerRowLimit", "RepetitionGuard", "generate"]
+__all__ = ["GenerationOptions", "PerRowLimit", "RepetitionGuard", "generate", "row_token_limits"]

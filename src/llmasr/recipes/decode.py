@@ -18,6 +18,7 @@ from llmasr.config import UserError, format_duration
 from llmasr.recipes.inference import checkpoint_tag as _checkpoint_tag
 from llmasr.recipes.recipe import recipe_of
 from llmasr.recipes.speechllm import add_decoding_arguments  # noqa: F401 (its home before the recipes)
+from llmasr.vllm_engine import add_engine_arguments, check_vllm_options, import_vllm, make_engine
 
 
 def decode_dataset(
@@ -29,6 +30,7 @@ def decode_dataset(
     num_cuts: Optional[int] = None,
     skipped: Optional[List[Tuple[str, str]]] = None,
     on_batch: Optional[Callable[[List[Tuple[str, str]]], None]] = None,
+    engine=None,
     **gen_opts,
 ) -> Iterator[Tuple[str, str, str]]:
     """Decode every batch of ``dataloader`` (dicts with ``features``, ``feature_lens``, ``texts``,
@@ -37,7 +39,8 @@ def decode_dataset(
     ``num_cuts``). The cuts a batch lists in ``"dropped"`` (NaN/inf features, see
     llmasr.data.AsrDataset) are logged and appended to ``skipped`` as (cut id, reason).
     ``on_batch(dropped)``: called once the caller has taken a batch's last result (the partial files
-    of a resumable decode), with the batch's dropped (cut id, reason) pairs."""
+    of a resumable decode), with the batch's dropped (cut id, reason) pairs. ``engine``: a
+    :class:`llmasr.vllm_engine.VllmEngine` decoding in place of ``model.decode``."""
     from llmasr.data.dataset import speech_inputs
 
     device = next(model.parameters()).device
@@ -55,7 +58,7 @@ def decode_dataset(
                 on_batch(dropped)
             continue
         features, feature_lens, more = speech_inputs(batch, device)  # more: features_by_type (mixed front ends)
-        hyps = model.decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **more,
+        hyps = (engine or model).decode(features, feature_lens, beam_size=beam_size, max_new_tokens=max_new_tokens, **more,
                             **gen_opts)
         if len(hyps) != len(batch["cut_ids"]):
             raise RuntimeError(f"batch {batch_idx}: {len(hyps)} hypotheses for {len(batch['cut_ids'])} cuts")
@@ -122,6 +125,8 @@ def get_decode_parser(mose: bool = False, model_type: Optional[str] = None, reci
     parser.add_argument("--log-level", type=str, default="info")
     add_scale_arguments(parser)
     recipe.add_decode_arguments(parser)
+    if recipe.has_llm:
+        add_engine_arguments(parser)
     parser.set_defaults(model_type=recipe.name)
     hide_from_help(parser, DECODE_KNOBS)
     return parser
@@ -144,7 +149,8 @@ def add_scale_arguments(parser) -> None:
 
 def _options_tag(args) -> str:
     dtype_tag = f"-{args.decode_dtype}" if getattr(args, "decode_dtype", None) not in (None, "float32") else ""
-    return recipe_of(args).decoding_options_tag(args) + dtype_tag
+    engine_tag = "-vllm" if getattr(args, "engine", "hf") == "vllm" else ""  # its hypotheses may differ from hf's
+    return recipe_of(args).decoding_options_tag(args) + dtype_tag + engine_tag
 
 
 def _test_set_name(args, name: str) -> str:
@@ -257,6 +263,9 @@ def run_decode(args, mose: bool = False, recipe=None) -> Dict[str, float]:
             raise UserError("--ctc-weight needs the aux CTC's mode: --ctc-mode, or --ctc-compress-frames")
         if recipe.multi_encoder:
             raise UserError(f"--ctc-weight supports one speech encoder (not {recipe.decode_script})")
+    if getattr(args, "engine", "hf") == "vllm":  # before the model is built: options, then the install
+        check_vllm_options(**generation_options_from_args(args))
+        import_vllm()
     # 1. the checkpoint files
     ckpt_path = choose_checkpoint(args)
     # 2. the recipe's directories (LLM, encoders; FireRedASR-AED: its package), the test sets
@@ -371,14 +380,19 @@ def _run_decode(args, recipe, decode_dir, suffix, data, test_sets, cuts, ckpt_pa
     # 3. the weights (averaging happens here, before the model is built; rank 0 writes the average), 4. the model
     state_dict, source = load_weights(args, ckpt_path, save=shard.is_main)
     model, encoder_feature_types = load_for_inference(recipe, args, state_dict, source)
+    engine = make_engine(args, model, generation_options_from_args(args))  # None: --engine hf
     rates = {}
-    for name in test_sets:
-        set_name = _test_set_name(args, name)
-        set_fp = fingerprint({**(fp or {}), "test_set": file_identity(data.cuts_path(name))})
-        rate = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
-                                decode_dir, suffix, shard.partial(decode_dir, set_name, set_fp))
-        if rate is not None:
-            rates[set_name] = rate
+    try:
+        for name in test_sets:
+            set_name = _test_set_name(args, name)
+            set_fp = fingerprint({**(fp or {}), "test_set": file_identity(data.cuts_path(name))})
+            rate = _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts[name],
+                                    decode_dir, suffix, shard.partial(decode_dir, set_name, set_fp), engine)
+            if rate is not None:
+                rates[set_name] = rate
+    finally:
+        if engine is not None:
+            engine.close()
     if shard.is_main:  # (every set has its result files: nothing left to resume)
         remove_partials(decode_dir, [_test_set_name(args, name) for name in test_sets])
     logging.info("Done!")
@@ -409,7 +423,7 @@ def _loader_over(full, batches):
 
 
 def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cuts, decode_dir, suffix,
-                     partial=None) -> Optional[float]:
+                     partial=None, engine=None) -> Optional[float]:
     """Decode and score one test set (its result files in ``decode_dir``); returns its error rate.
     ``partial`` (llmasr.decoding_shards.PartialResults): this rank decodes its share of the cuts
     that earlier runs' partial files do not hold, appending each batch to its partial file; rank 0
@@ -443,7 +457,7 @@ def _decode_test_set(args, recipe, model, encoder_feature_types, data, name, cut
         partial.open()
         loader = _loader_over(full, mine) if mine else []
         for cut_id, ref, hyp in decode_dataset(model, loader, num_cuts=num_mine, skipped=dropped,
-                                               on_batch=partial.commit, **gen):
+                                               on_batch=partial.commit, engine=engine, **gen):
             # the reference as the model was trained to write it (e.g. lower-cased, no spaces)
             if recipe.has_llm:
                 ref = model.prompt_format.transform_text(ref)

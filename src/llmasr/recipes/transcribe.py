@@ -237,26 +237,34 @@ def _transcribe_share(args, items, shard) -> List[Tuple[str, str]]:
     from llmasr.recipes.decode import decode_dataset, generation_options_from_args
     from llmasr.recipes.inference import choose_checkpoint, load_for_inference, load_weights
     from llmasr.recipes.recipe import recipe_of
+    from llmasr.vllm_engine import check_vllm_options, import_vllm, make_engine
 
     order = {uid: i for i, (uid, _) in enumerate(items)}
     if shard.world_size > 1:
         mine = set(balance_by_duration([(uid, _duration(path)) for uid, path in items], shard.world_size)[shard.rank])
         items = [(uid, path) for uid, path in items if uid in mine]
         logging.info(f"rank {shard.rank} of {shard.world_size}: {len(items)} files")
-    files, hyps, error = [], {}, None
+    gen = generation_options_from_args(args)
+    if getattr(args, "engine", "hf") == "vllm":  # before the model is built: options, then the install
+        check_vllm_options(**gen)
+        import_vllm()
+    files, hyps, error, engine = [], {}, None, None
     try:
         state_dict, source = load_weights(args, choose_checkpoint(args), save=shard.is_main)
         files, cuts = segment_inputs(items, args)
         model, _ = load_for_inference(recipe_of(args), args, state_dict, source)
         if len(cuts):
-            decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(cuts),
-                                     **generation_options_from_args(args))
+            engine = make_engine(args, model, gen)  # None: --engine hf
+            decoded = decode_dataset(model, feature_loader(args, cuts), num_cuts=len(cuts), engine=engine, **gen)
             # one line per file: a newline or tab the LLM wrote inside a transcript becomes a space
             hyps = {cut_id: " ".join(hyp.split()) for cut_id, _, hyp in decoded}
     except Exception as e:  # noqa: BLE001 - every rank stops with a line naming the failed one
         if shard.world_size == 1:
             raise
         error = e
+    finally:
+        if engine is not None:
+            engine.close()
     parts = shard.gather_to_main((files, hyps), error, what="transcribing its files")
     if parts is None:
         return []
