@@ -186,6 +186,26 @@ def test_unsupported_options_refused_before_the_model_is_built(sl, exp_dir, llm6
     assert line in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_transcribe_refuses_what_vllm_cannot_serve_before_the_model_is_built(sl, exp_dir, llm64_dir, monkeypatch,
+                                                                             capsys, tmp_path):
+    import numpy as np
+    import soundfile as sf
+
+    from llmasr.recipes import inference, transcribe
+
+    def never(*a, **k):
+        raise AssertionError("the model was built")
+
+    wav = tmp_path / "a.wav"
+    sf.write(str(wav), np.zeros(8000, dtype=np.float32), 16000)
+    monkeypatch.setattr(inference, "load_weights", never)
+    monkeypatch.chdir(sl)
+    with pytest.raises(SystemExit) as e:
+        transcribe.main(_decode_argv(exp_dir, llm64_dir, "--engine", "vllm", "--beam-size", "4", str(wav)))
+    assert e.value.code == 1
+    assert "--beam-size 4 is not supported with --engine vllm" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_missing_vllm_named_with_the_install_command(sl, exp_dir, llm64_dir, monkeypatch, capsys):
     import decode  # src/decode.py
 
