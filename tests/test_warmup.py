@@ -1,5 +1,5 @@
 """The projector warm-up (llmasr.training.warmup) on the shared training step reproduces the
-warm-up's own loop it replaced, bit for bit, and writes its metrics records."""
+warm-up's own loop it replaced, and writes its metrics records."""
 from __future__ import annotations
 
 import hashlib
@@ -16,7 +16,10 @@ from tests.test_training import build_model, env, first_batches, train  # noqa: 
 
 # Recorded from the warm-up loop of commit 58830ad (llmasr.aux_ctc.projector_warmup, its own
 # optimizer, clipping and cosine line) on the setup of _run below: the losses of each log interval
-# (float.hex) and the sha256 of the projector's state after the warm-up.
+# (float.hex) and the sha256 of the projector's state after the warm-up. Bit-identical on the CPU
+# that recorded them (an Intel Xeon with AVX-512); other CPUs' kernels round differently (an AMD
+# EPYC without AVX-512: ~1e-6 relative), so the losses are compared to 1e-5 - a changed schedule,
+# clipping or optimizer moves them by 1e-3 and more (cosine vs constant differ by 1 % at step 4).
 EXPECTED = {
     "cosine": ("0x1.a087820000000p+3",
                [(2, "0x1.e1b55a0000000p+3"), (4, "0x1.bbbc410000000p+3"), (6, "0x1.a3281e0000000p+3"),
@@ -44,17 +47,19 @@ def _run(env, schedule, metrics=None):
 
 
 @pytest.mark.parametrize("schedule", ["cosine", "constant"])
-def test_warmup_on_the_training_step_is_bit_identical_to_its_old_loop(env, tmp_path, schedule):  # noqa: F811
+def test_warmup_on_the_training_step_reproduces_its_old_loop(env, tmp_path, schedule):  # noqa: F811
     metrics = MetricsFile(tmp_path / METRICS_FILE, rank=0)
     out, logs, digest = _run(env, schedule, metrics)
     final, intervals, weights = EXPECTED[schedule]
     assert out["steps"] == 7
-    assert out["loss"].hex() == final
-    assert [(s, l.hex()) for s, l in logs] == intervals
-    assert digest == weights
+    if out["loss"].hex() == final:  # (the recording CPU: the projector is bit-identical too)
+        assert digest == weights
+    assert out["loss"] == pytest.approx(float.fromhex(final), rel=1e-5)
+    assert [s for s, _ in logs] == [s for s, _ in intervals]
+    assert [l for _, l in logs] == pytest.approx([float.fromhex(l) for _, l in intervals], rel=1e-5)
     recs = read_metrics(tmp_path, "warmup")
     assert [(r["epoch"], r["batch"]) for r in recs] == [(0, 2), (0, 4), (0, 6), (0, 7)]
-    assert [r["loss"] for r in recs] == [r["aux_ctc"] for r in recs] == [float.fromhex(l) for _, l in intervals]
+    assert [r["loss"] for r in recs] == [r["aux_ctc"] for r in recs] == [l for _, l in logs]
     if schedule == "cosine":  # the lr each logged step ran at: 3e-3 * cos^2(pi * done / 2 / total)
         assert [r["lr"] for r in recs] == pytest.approx([1.5e-3 * (1 + math.cos(math.pi * s / 7)) for s in (1, 3, 5, 6)])
     else:
